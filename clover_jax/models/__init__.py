@@ -1,0 +1,1 @@
+"""Flax modules of the Clover network: Swin3D video encoder, BERT text and fusion encoders, heads."""

@@ -1,0 +1,1 @@
+"""Datasets, TFDS builders and the tf.data input pipeline for Clover."""
