@@ -1,0 +1,721 @@
+"""Readers for the video-text and VideoQA annotation files researchers hold, returning plain records.
+
+Every reader returns a `Records` list (a plain `list` subclass) whose `.bad` attribute is a
+`collections.Counter` of skipped rows by reason, so bad rows (empty caption, non-UTF-8 bytes, missing
+fields, unparsable values) never crash a build and never vanish silently; each reader also logs one
+warning line per file that had bad rows. Pass `bad=<Counter>` to accumulate several files into one.
+
+Reasons used: "empty_caption", "non_utf8", "missing_field", "bad_json", "bad_value",
+"unknown_video" (a QA or split id with no annotation), "no_valid_caption" (a video whose captions
+were all bad; its captions were counted too).
+
+Files are read as bytes and decoded with `surrogateescape`, so one undecodable byte only marks the
+row or caption it sits in.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import io
+import json
+import logging
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+TGIF_TASKS = ("action", "transition", "frameqa", "count")
+TGIF_FRAMEQA_TYPES = ("object", "number", "color", "location")
+
+
+@dataclasses.dataclass
+class VideoText:
+    """One video (or image, as a 1-frame clip) and its captions."""
+
+    video: str
+    captions: list[str]
+    split: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class QAExample:
+    """One VideoQA item: open-ended (options None) or multiple choice (options + answer_index)."""
+
+    video: str
+    question: str
+    answer: str
+    options: list[str] | None = None
+    answer_index: int | None = None
+    qid: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class Records(list):
+    """A list of records; `.bad` counts the rows that were skipped, by reason."""
+
+    def __init__(self, items: Iterable = (), bad: collections.Counter | None = None):
+        super().__init__(items)
+        self.bad: collections.Counter = bad if bad is not None else collections.Counter()
+
+
+class _Collector:
+    """Accumulates records and bad-row reasons for one file, then reports them."""
+
+    def __init__(self, path: PathLike, bad: collections.Counter | None):
+        self.path = str(path)
+        self.records = Records(bad=collections.Counter())
+        self._shared = bad
+
+    def skip(self, reason: str) -> None:
+        self.records.bad[reason] += 1
+
+    def add(self, record: Any) -> None:
+        self.records.append(record)
+
+    def done(self) -> Records:
+        if self.records.bad:
+            logger.warning(
+                "%s: kept %d records, skipped %d rows: %s",
+                self.path, len(self.records), sum(self.records.bad.values()), dict(self.records.bad),
+            )
+        if self._shared is not None:
+            self._shared.update(self.records.bad)
+        return self.records
+
+
+# ----------------------------------------------------------------------------- text helpers
+
+
+def _read_text(path: PathLike) -> str:
+    """File contents as str; undecodable bytes become lone surrogates (see `_is_valid_utf8`)."""
+    text = pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _is_valid_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _clean_text(value: Any) -> tuple[str | None, str | None]:
+    """(stripped text, None) or (None, bad-row reason) for a caption/question/answer field."""
+    if value is None:
+        return None, "missing_field"
+    if not isinstance(value, str):
+        return None, "bad_value"
+    if not _is_valid_utf8(value):
+        return None, "non_utf8"
+    value = value.strip()
+    if not value:
+        return None, "empty_caption"
+    return value, None
+
+
+def _clean_id(value: Any) -> tuple[str | None, str | None]:
+    """A non-empty identifier (video id, path) as str, or a bad-row reason."""
+    if value is None:
+        return None, "missing_field"
+    value = str(value).strip()
+    if not value:
+        return None, "missing_field"
+    if not _is_valid_utf8(value):
+        return None, "non_utf8"
+    return value, None
+
+
+def _jsonl_rows(path: PathLike, col: _Collector) -> Iterator[tuple[int, dict]]:
+    """(line number, parsed object) per non-blank line; bad lines are counted, not yielded."""
+    for lineno, line in enumerate(_read_text(path).splitlines()):
+        if not line.strip():
+            continue
+        if not _is_valid_utf8(line):
+            col.skip("non_utf8")
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            col.skip("bad_json")
+            continue
+        if not isinstance(row, dict):
+            col.skip("bad_json")
+            continue
+        yield lineno, row
+
+
+def _load_json(path: PathLike) -> Any:
+    """Whole-file JSON; non-UTF-8 bytes survive as lone surrogates inside strings (caught per field)."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); check you passed the right file") from err
+
+
+def _csv_rows(
+    path: PathLike, required: Sequence[str], delimiter: str = ","
+) -> Iterator[dict[str, str | None]]:
+    """Dict rows of a headed CSV/TSV; raises if the header lacks a required column (wrong file)."""
+    # TSV files (TGIF-QA) use no quoting: a question may start with a double quote.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ValueError(f"{path}: header {header} lacks column(s) {missing}; is this the right file/reader?")
+    yield from reader
+
+
+def _tsv_lines(path: PathLike) -> Iterator[list[str]]:
+    """Tab-split fields of each non-blank line (no CSV quoting: LSMDC/CC3M captions contain quotes)."""
+    for line in _read_text(path).splitlines():
+        if line.strip():
+            yield line.split("\t")
+
+
+_ISO_DURATION = re.compile(r"^P(?:(\d+)D)?T?(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?$")
+
+
+def _parse_duration(value: str | None) -> float | None:
+    """Seconds from '12.5' or ISO-8601 'PT00H00M11S' (WebVid); None when absent or unparsable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    m = _ISO_DURATION.match(value)
+    if not m or not any(m.groups()):
+        return None
+    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    return d * 86400 + h * 3600 + mi * 60 + s
+
+
+# ----------------------------------------------------------------------------- pre-training corpora
+
+
+def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """WebVid-2M/10M CSV `videoid,contentUrl,duration,page_dir,name` -> VideoText per row.
+
+    `video` is the videoid; extra holds `relpath` ("{page_dir}/{videoid}.mp4", the layout of the
+    common download scripts), `content_url`, `page_dir` and `duration` in seconds (None if unparsable).
+    """
+    col = _Collector(path, bad)
+    for row in _csv_rows(path, required=("videoid", "name")):
+        video, reason = _clean_id(row.get("videoid"))
+        if reason:
+            col.skip(reason)
+            continue
+        caption, reason = _clean_text(row.get("name"))
+        if reason:
+            col.skip(reason)
+            continue
+        page_dir = (row.get("page_dir") or "").strip()
+        col.add(VideoText(video, [caption], split, {
+            "relpath": f"{page_dir}/{video}.mp4" if page_dir else f"{video}.mp4",
+            "content_url": row.get("contentUrl"),
+            "page_dir": page_dir,
+            "duration": _parse_duration(row.get("duration")),
+        }))
+    return col.done()
+
+
+def read_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """CC3M TSV `caption<TAB>url-or-path` (no header; a `caption<TAB>url` header line is skipped).
+
+    Images become 1-frame clips: `video` is the url/path, extra = {"is_image": True, "num_frames": 1,
+    "row": line index}.
+    """
+    col = _Collector(path, bad)
+    for index, fields in enumerate(_tsv_lines(path)):
+        if index == 0 and fields[0].strip().lower() in ("caption", "text", "title"):
+            continue
+        if len(fields) < 2:
+            col.skip("missing_field")
+            continue
+        caption, reason = _clean_text(fields[0])
+        if reason:
+            col.skip(reason)
+            continue
+        video, reason = _clean_id(fields[1])
+        if reason:
+            col.skip(reason)
+            continue
+        col.add(VideoText(video, [caption], split, {"is_image": True, "num_frames": 1, "row": index}))
+    return col.done()
+
+
+def read_generic_jsonl(
+    path: PathLike,
+    split: str = "train",
+    bad: collections.Counter | None = None,
+    video_key: str = "video",
+    text_key: str = "text",
+) -> Records:
+    """JSONL with one `{"video": ..., "text": str | [str, ...]}` per line -> VideoText.
+
+    Bad captions inside a list are counted one by one; a line left with none counts as
+    "no_valid_caption". Other keys of the line go to extra.
+    """
+    col = _Collector(path, bad)
+    for _, row in _jsonl_rows(path, col):
+        video, reason = _clean_id(row.get(video_key))
+        if reason:
+            col.skip(reason)
+            continue
+        text = row.get(text_key)
+        if text is None:
+            col.skip("missing_field")
+            continue
+        captions = _clean_caption_list([text] if isinstance(text, str) else text, col)
+        if captions is None:
+            continue
+        extra = {k: v for k, v in row.items() if k not in (video_key, text_key)}
+        col.add(VideoText(video, captions, split, extra))
+    return col.done()
+
+
+def _clean_caption_list(texts: Any, col: _Collector) -> list[str] | None:
+    """Valid captions of a list (bad ones counted); None (and counted) when none is left."""
+    if not isinstance(texts, (list, tuple)):
+        col.skip("bad_value")
+        return None
+    captions = []
+    for text in texts:
+        caption, reason = _clean_text(text)
+        if reason:
+            col.skip(reason)
+        else:
+            captions.append(caption)
+    if not captions:
+        col.skip("no_valid_caption")
+        return None
+    return captions
+
+
+# ----------------------------------------------------------------------------- MSR-VTT
+
+
+def read_video_id_list(path: PathLike) -> list[str]:
+    """Video ids, one per line (MSVD `*_list.txt`, MSR-VTT `train.9k.csv` with its `video_id` header)."""
+    ids = []
+    for index, line in enumerate(_read_text(path).splitlines()):
+        line = line.strip().split(",")[0].strip()
+        if not line or (index == 0 and line.lower() in ("video_id", "videoid", "video", "clip_name")):
+            continue
+        if not _is_valid_utf8(line):
+            raise ValueError(f"{path}: line {index + 1} is not UTF-8; a split list must be clean")
+        ids.append(line)
+    return ids
+
+
+def read_msrvtt_jsfusion_csv(
+    path: PathLike, split: str = "test", bad: collections.Counter | None = None
+) -> Records:
+    """MSR-VTT 1k-A test CSV `key,vid_key,video_id,sentence` -> one VideoText (one caption) per row."""
+    col = _Collector(path, bad)
+    for row in _csv_rows(path, required=("video_id", "sentence")):
+        video, reason = _clean_id(row.get("video_id"))
+        if reason:
+            col.skip(reason)
+            continue
+        caption, reason = _clean_text(row.get("sentence"))
+        if reason:
+            col.skip(reason)
+            continue
+        col.add(VideoText(video, [caption], split, {"key": row.get("key"), "vid_key": row.get("vid_key")}))
+    return col.done()
+
+
+def read_msrvtt_captions_json(
+    path: PathLike,
+    video_ids: Sequence[str] | None = None,
+    split: str = "train",
+    bad: collections.Counter | None = None,
+) -> Records:
+    """MSR-VTT `MSRVTT_data.json` (`{"sentences": [{"video_id", "caption"}, ...], ...}`) -> VideoText.
+
+    Captions are grouped per video in file order. With `video_ids` (e.g. from `read_video_id_list` on
+    `MSRVTT_train.9k.csv`), only those videos are kept, in that order; ids without captions count as
+    "unknown_video".
+    """
+    col = _Collector(path, bad)
+    data = _load_json(path)
+    sentences = data.get("sentences") if isinstance(data, dict) else None
+    if not isinstance(sentences, list):
+        raise ValueError(f"{path}: expected an object with a 'sentences' list (MSRVTT_data.json)")
+    grouped: dict[str, list[str]] = {}
+    for sent in sentences:
+        if not isinstance(sent, dict):
+            col.skip("bad_json")
+            continue
+        video, reason = _clean_id(sent.get("video_id"))
+        if reason:
+            col.skip(reason)
+            continue
+        caption, reason = _clean_text(sent.get("caption"))
+        if reason:
+            col.skip(reason)
+            continue
+        grouped.setdefault(video, []).append(caption)
+    for video in (video_ids if video_ids is not None else list(grouped)):
+        if video not in grouped:
+            col.skip("unknown_video")
+            continue
+        col.add(VideoText(video, grouped[video], split))
+    return col.done()
+
+
+def read_msrvtt_mc_jsonl(path: PathLike, split: str = "test", bad: collections.Counter | None = None) -> Records:
+    """MSR-VTT multiple choice JSONL `{qid, clip_name, options: [5 captions], answer: "i"}` -> QAExample.
+
+    `question` is "" (the task ranks captions), `answer` is the correct option's text.
+    """
+    col = _Collector(path, bad)
+    for _, row in _jsonl_rows(path, col):
+        video, reason = _clean_id(row.get("clip_name"))
+        if reason:
+            col.skip(reason)
+            continue
+        options = row.get("options")
+        if not isinstance(options, list) or not options:
+            col.skip("missing_field")
+            continue
+        cleaned = [_clean_text(o) for o in options]
+        reasons = [r for _, r in cleaned if r]
+        if reasons:
+            col.skip(reasons[0])
+            continue
+        try:
+            index = int(row.get("answer"))
+        except (TypeError, ValueError):
+            col.skip("bad_value")
+            continue
+        if not 0 <= index < len(options):
+            col.skip("bad_value")
+            continue
+        opts = [o for o, _ in cleaned]
+        col.add(QAExample(video, "", opts[index], opts, index, str(row.get("qid", "")),
+                          {"title": row.get("title"), "split": split}))
+    return col.done()
+
+
+def read_msrvtt_qa_jsonl(path: PathLike, split: str = "val", bad: collections.Counter | None = None) -> Records:
+    """MSRVTT-QA JSONL, ClipBERT format `{question, answer, video_id, answer_type}` -> QAExample.
+
+    The file has no question ids: qid is "{split}_{line number}".
+    """
+    col = _Collector(path, bad)
+    for lineno, row in _jsonl_rows(path, col):
+        qa = _open_ended(row, "video_id", col)
+        if qa is None:
+            continue
+        video, question, answer = qa
+        col.add(QAExample(video, question, answer, qid=f"{split}_{lineno}",
+                          extra={"answer_type": row.get("answer_type"), "split": split}))
+    return col.done()
+
+
+def _open_ended(row: Mapping, video_key: str, col: _Collector) -> tuple[str, str, str] | None:
+    """(video, question, answer) of an open-ended QA row, or None with the reason counted."""
+    video, reason = _clean_id(row.get(video_key))
+    if reason:
+        col.skip(reason)
+        return None
+    question, reason = _clean_text(row.get("question"))
+    if reason:
+        col.skip(reason)
+        return None
+    answer, reason = _clean_text(None if row.get("answer") is None else str(row.get("answer")))
+    if reason:
+        col.skip(reason)
+        return None
+    return video, question, answer
+
+
+def read_ans2label(path: PathLike) -> dict[str, int]:
+    """An answer vocabulary `{answer: label}` JSON (MSRVTT-QA `msrvtt_train_ans2label.json`)."""
+    data = _load_json(path)
+    if not isinstance(data, dict) or not all(isinstance(v, int) for v in data.values()):
+        raise ValueError(f"{path}: expected a JSON object mapping answer strings to int labels")
+    if sorted(data.values()) != list(range(len(data))):
+        raise ValueError(f"{path}: labels must be exactly 0..{len(data) - 1}, each once")
+    return dict(data)
+
+
+# ----------------------------------------------------------------------------- MSVD
+
+
+def read_msvd_captions(
+    path: PathLike,
+    video_ids: Sequence[str] | None = None,
+    split: str = "all",
+    bad: collections.Counter | None = None,
+) -> Records:
+    """MSVD `captions_msvd.json` (`{clip_name: [captions]}`) -> VideoText per clip.
+
+    With `video_ids` (from `read_video_id_list` on `{train,val,test}_list.txt`) only those clips are
+    kept, in that order; ids absent from the JSON count as "unknown_video".
+    """
+    col = _Collector(path, bad)
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object {{clip_name: [captions]}} (captions_msvd.json)")
+    for video in (video_ids if video_ids is not None else list(data)):
+        if video not in data:
+            col.skip("unknown_video")
+            continue
+        captions = _clean_caption_list(data[video], col)
+        if captions is not None:
+            col.add(VideoText(video, captions, split))
+    return col.done()
+
+
+def read_msvd_youtube_mapping(path: PathLike) -> dict[str, str]:
+    """`msvd_youtube_mapping.txt` lines `clip_name vidN` -> {"vidN": clip_name}."""
+    mapping = {}
+    for index, line in enumerate(_read_text(path).splitlines()):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ValueError(f"{path}: line {index + 1} should be 'clip_name vidN', got {line!r}")
+        mapping[fields[1]] = fields[0]
+    return mapping
+
+
+def read_msvd_qa(
+    path: PathLike,
+    mapping_path: PathLike | None = None,
+    split: str = "test",
+    bad: collections.Counter | None = None,
+) -> Records:
+    """MSVD-QA JSON list `[{id, video_id: int, question, answer}, ...]` -> QAExample.
+
+    `video` is the clip name when `mapping_path` (msvd_youtube_mapping.txt) is given, else "vid{N}";
+    with a mapping, ids it lacks count as "unknown_video". extra["video_index"] keeps the integer id.
+    """
+    col = _Collector(path, bad)
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of QA objects (msvd_*_qa_encode.json)")
+    mapping = read_msvd_youtube_mapping(mapping_path) if mapping_path is not None else None
+    for row in data:
+        if not isinstance(row, dict):
+            col.skip("bad_json")
+            continue
+        try:
+            index = int(row["video_id"])
+        except KeyError:
+            col.skip("missing_field")
+            continue
+        except (TypeError, ValueError):
+            col.skip("bad_value")
+            continue
+        vid = f"vid{index}"
+        if mapping is not None and vid not in mapping:
+            col.skip("unknown_video")
+            continue
+        qa = _open_ended({**row, "video_id": mapping[vid] if mapping else vid}, "video_id", col)
+        if qa is None:
+            continue
+        video, question, answer = qa
+        col.add(QAExample(video, question, answer, qid=str(row.get("id", "")),
+                          extra={"video_index": index, "split": split}))
+    return col.done()
+
+
+def read_answer_set(path: PathLike) -> dict[str, int]:
+    """A one-answer-per-line vocabulary (MSVD-QA `msvd_answer_set.txt`) -> {answer: line index}."""
+    answers = [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+    if len(set(answers)) != len(answers):
+        dupes = [a for a, n in collections.Counter(answers).items() if n > 1]
+        raise ValueError(f"{path}: duplicate answers {dupes[:5]}; an answer set must be unique")
+    return {answer: index for index, answer in enumerate(answers)}
+
+
+# ----------------------------------------------------------------------------- DiDeMo, LSMDC
+
+
+def read_didemo_json(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """DiDeMo `{train,val,test}_data.json` -> one VideoText per video with the paragraph as caption.
+
+    Accepts the LocalizingMoments list `[{"video", "description", "times", ...}, ...]` (sentences of a
+    video joined in file order) or a mapping `{video: {"sentences": [...], "timestamps": [...]}}`.
+    The paragraph is the sentences joined by a space; extra holds "sentences" and "times".
+    """
+    col = _Collector(path, bad)
+    data = _load_json(path)
+    grouped: dict[str, dict[str, list]] = {}
+    if isinstance(data, list):
+        for row in data:
+            if not isinstance(row, dict):
+                col.skip("bad_json")
+                continue
+            video, reason = _clean_id(row.get("video"))
+            if reason:
+                col.skip(reason)
+                continue
+            sentence, reason = _clean_text(row.get("description"))
+            if reason:
+                col.skip(reason)
+                continue
+            entry = grouped.setdefault(video, {"sentences": [], "times": []})
+            entry["sentences"].append(sentence)
+            entry["times"].append(row.get("times"))
+    elif isinstance(data, dict):
+        for video, row in data.items():
+            if not isinstance(row, dict) or "sentences" not in row:
+                col.skip("missing_field")
+                continue
+            sentences = _clean_caption_list(row["sentences"], col)
+            if sentences is not None:
+                grouped[video] = {"sentences": sentences, "times": list(row.get("timestamps") or [])}
+    else:
+        raise ValueError(f"{path}: expected a DiDeMo list of moments or a {{video: {{sentences}}}} object")
+    for video, entry in grouped.items():
+        col.add(VideoText(video, [" ".join(entry["sentences"])], split, entry))
+    return col.done()
+
+
+def read_lsmdc_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """LSMDC16 `clip_id<TAB>start_aligned<TAB>end_aligned<TAB>start<TAB>end<TAB>sentence` -> VideoText.
+
+    Two-column `clip_id<TAB>sentence` lines are accepted too. extra: "movie" (clip id up to its last
+    "_"), "relpath" ("{movie}/{clip_id}.avi", the LSMDC release layout) and "times" (the 4 time stamps).
+    """
+    col = _Collector(path, bad)
+    for fields in _tsv_lines(path):
+        if len(fields) < 2:
+            col.skip("missing_field")
+            continue
+        video, reason = _clean_id(fields[0])
+        if reason:
+            col.skip(reason)
+            continue
+        caption, reason = _clean_text(fields[-1])
+        if reason:
+            col.skip(reason)
+            continue
+        movie = video.rsplit("_", 1)[0]
+        col.add(VideoText(video, [caption], split, {
+            "movie": movie, "relpath": f"{movie}/{video}.avi", "times": fields[1:-1],
+        }))
+    return col.done()
+
+
+# ----------------------------------------------------------------------------- TGIF-QA
+
+
+def tgif_task_from_filename(path: PathLike) -> str:
+    """'action' | 'transition' | 'frameqa' | 'count' from a TGIF-QA file name like Train_action_question.csv."""
+    name = pathlib.Path(path).name.lower()
+    found = [t for t in TGIF_TASKS if t in name]
+    if len(found) != 1:
+        raise ValueError(f"cannot tell the TGIF-QA task from {name!r}; pass task= one of {TGIF_TASKS}")
+    return found[0]
+
+
+def read_tgif_qa_tsv(
+    path: PathLike,
+    task: str | None = None,
+    split: str = "train",
+    bad: collections.Counter | None = None,
+) -> Records:
+    """TGIF-QA `{Train,Test}_{task}_question.csv` (tab separated, headed) -> QAExample.
+
+    action/transition: `gif_name question a1..a5 answer vid_id key` -> 5 options, answer_index.
+    frameqa: `gif_name question answer type vid_id key description` -> open-ended; extra["type"] is
+    object/number/color/location. count: `gif_name question answer vid_id key` -> open-ended, extra
+    ["count"] is the int. `task` defaults to the one named in the file name; qid is vid_id.
+    """
+    task = task or tgif_task_from_filename(path)
+    if task not in TGIF_TASKS:
+        raise ValueError(f"TGIF-QA task must be one of {TGIF_TASKS}, got {task!r}")
+    multiple_choice = task in ("action", "transition")
+    option_keys = [f"a{i}" for i in range(1, 6)]
+    required = ("gif_name", "question", "answer", *(option_keys if multiple_choice else ()))
+    col = _Collector(path, bad)
+    for row in _csv_rows(path, required=required, delimiter="\t"):
+        if None in row:  # more fields than the header
+            col.skip("bad_value")
+            continue
+        extra: dict[str, Any] = {"task": task, "key": row.get("key"), "split": split}
+        qid = (row.get("vid_id") or "").strip()
+        if multiple_choice:
+            example = _tgif_multiple_choice(row, qid, extra, col)
+            if example is not None:
+                col.add(example)
+            continue
+        qa = _open_ended(row, "gif_name", col)
+        if qa is None:
+            continue
+        video, question, answer = qa
+        if task == "count":
+            try:
+                extra["count"] = int(answer)
+            except ValueError:
+                col.skip("bad_value")
+                continue
+        else:
+            try:
+                extra["type"] = TGIF_FRAMEQA_TYPES[int((row.get("type") or "").strip())]
+            except (ValueError, IndexError):
+                col.skip("bad_value")
+                continue
+            extra["description"] = row.get("description")
+        col.add(QAExample(video, question, answer, qid=qid, extra=extra))
+    return col.done()
+
+
+def _tgif_multiple_choice(row: Mapping, qid: str, extra: dict, col: _Collector) -> QAExample | None:
+    """A TGIF Action/Transition row (5 options, answer = option index) or None with the reason counted."""
+    video, reason = _clean_id(row.get("gif_name"))
+    question, question_reason = _clean_text(row.get("question"))
+    cleaned = [_clean_text(row.get(f"a{i}")) for i in range(1, 6)]
+    reasons = [r for r in (reason, question_reason, *(r for _, r in cleaned)) if r]
+    if reasons:
+        col.skip(reasons[0])
+        return None
+    try:
+        index = int((row.get("answer") or "").strip())
+    except ValueError:
+        col.skip("bad_value")
+        return None
+    if not 0 <= index < 5:
+        col.skip("bad_value")
+        return None
+    options = [o for o, _ in cleaned]
+    return QAExample(video, question, options[index], options, index, qid, extra)
+
+
+# ----------------------------------------------------------------------------- answer vocabularies
+
+
+def answer_vocabulary(examples: Iterable[QAExample], top_k: int) -> dict[str, int]:
+    """The `top_k` most frequent answers -> labels 0..k-1 (ties broken alphabetically, deterministic)."""
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    counts = collections.Counter(ex.answer for ex in examples)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
+    return {answer: label for label, (answer, _) in enumerate(ranked)}
+
+
+def answer_coverage(examples: Iterable[QAExample], vocab: Mapping[str, int] | Iterable[str]) -> float:
+    """Fraction of examples whose answer is in `vocab` (the accuracy ceiling of a classifier head)."""
+    vocab = set(vocab)
+    total = hits = 0
+    for ex in examples:
+        total += 1
+        hits += ex.answer in vocab
+    if total == 0:
+        raise ValueError("answer_coverage needs at least one example")
+    return hits / total
