@@ -1,0 +1,76 @@
+"""Shared layer constructors that attach logical axis names to every parameter.
+
+Logical axis vocabulary (the sharding rules table in `clover_jax/sharding.py` maps these to mesh axes):
+  "embed"  hidden/channel width of a transformer (BERT hidden, Swin stage channels)
+  "mlp"    feed-forward inner width
+  "heads"  fused attention width (num_heads * head_dim) of q/k/v and the attention output's input
+  "vocab"  vocabulary rows / logits
+  "classes" answer classes of QA heads
+  None     never sharded (position rows, relative-position tables, conv taps, token types, ...)
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Axes = Sequence[str | None]
+Dtype = Any
+
+TRUNC_NORMAL_02 = nn.initializers.truncated_normal(stddev=0.02)
+NORMAL_02 = nn.initializers.normal(stddev=0.02)
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    use_bias: bool = True,
+    kernel_init: Callable = TRUNC_NORMAL_02,
+) -> nn.Dense:
+    """nn.Dense whose (in, out) kernel carries `axes` and whose bias carries `axes[1]`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(
+    *,
+    name: str,
+    eps: float = 1e-5,
+    axis: str | None = "embed",
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+) -> nn.LayerNorm:
+    """LayerNorm (statistics always in float32) whose scale and bias carry the logical axis `axis`."""
+    del dtype  # Normalisation runs in float32 for stability; the caller casts the output.
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,)),
+        name=name,
+    )
+
+
+def param_with_axes(
+    module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: Axes, dtype: Dtype
+) -> jnp.ndarray:
+    """`module.param` with logical axis names attached (for embeddings, tokens and tables)."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), shape, dtype)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact (erf) GELU, as in PyTorch nn.GELU() and HF BERT's "gelu"."""
+    return nn.gelu(x, approximate=False)
