@@ -204,6 +204,8 @@ def tf_encode_and_mask(
     tok = tokenizer or load_tokenizer()
 
     def _numpy_fn(caption_bytes, ws, we, cand, st, seed_value):
+        if isinstance(caption_bytes, np.ndarray):  # eager calls pass a 0-d object array
+            caption_bytes = caption_bytes.item()
         text = caption_bytes.decode("utf-8") if isinstance(caption_bytes, bytes) else str(caption_bytes)
         out = encode_and_mask(
             text, {"word_start": ws, "word_end": we, "candidate": cand, "stop": st},
