@@ -140,12 +140,16 @@ def test_remat_and_dropout_paths(tiny):
     model = BertModel(config, remat=True)
     ids, mask = golden["input_ids"][:2, :8], golden["attention_mask"][:2, :8]
 
-    def loss(p, rng):
-        out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng})
-        return jnp.mean(out**2)
+    @jax.jit
+    def run(p, rng):
+        def loss(p):
+            out = model.apply({"params": p}, ids, mask, deterministic=False, rngs={"dropout": rng})
+            return jnp.mean(out**2), out
 
-    grads = jax.jit(jax.grad(loss))(params, jax.random.key(1))
+        grads, dropped = jax.grad(loss, has_aux=True)(p)
+        return grads, dropped, model.apply({"params": p}, ids, mask)
+
+    grads, dropped, clean = run(params, jax.random.key(1))
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-    a = model.apply({"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
-    b = model.apply({"params": params}, ids, mask)
-    assert not np.allclose(np.asarray(a), np.asarray(b))
+    assert float(np.abs(np.asarray(grads["encoder"]["layer_0"]["attention"]["query"]["kernel"])).max()) > 0
+    assert not np.allclose(np.asarray(dropped), np.asarray(clean))
