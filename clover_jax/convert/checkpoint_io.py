@@ -39,7 +39,7 @@ class _StorageType:
 def _rebuild_tensor(storage, offset, size, stride, *unused):
     itemsize = storage.dtype.itemsize
     if not size:
-        return storage[offset].copy()
+        return np.array(storage[offset])
     return np.lib.stride_tricks.as_strided(
         storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
     ).copy()
