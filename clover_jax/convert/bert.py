@@ -69,8 +69,10 @@ def bert_encoder_plan(num_layers: int, dst_prefix: str, src_prefix: str) -> Plan
     return plan
 
 
-def hf_bert_plan(config: BertConfig, dst_prefix: str, *, src_prefix: str = "", add_pooler: bool = True) -> Plan:
-    """HF `BertModel` names (`{src_prefix}embeddings.…`, `encoder.layer.N.…`, `pooler.dense`) onto BertModel.
+def hf_bert_plan(
+    config: BertConfig, dst_prefix: str, *, src_prefix: str = "", add_pooler: bool = True
+) -> Plan:
+    """HF `BertModel` names (`{src_prefix}embeddings.…`, `encoder.layer.N.…`, `pooler.dense`) -> BertModel.
 
     `src_prefix` is "" for a bare BertModel state dict (MiniLM's safetensors), "bert." for
     BertFor* checkpoints; `detect_hf_prefix` finds it.
@@ -103,7 +105,9 @@ def load_hf_bert_dir(path: str | os.PathLike) -> tuple[BertConfig, dict[str, np.
     path = os.fspath(path)
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} not found: the folder must hold config.json and model.safetensors")
+        raise FileNotFoundError(
+            f"{weights} not found: the folder must hold config.json and model.safetensors"
+        )
     return BertConfig.from_hf_json(os.path.join(path, "config.json")), load_file(weights)
 
 
@@ -142,6 +146,16 @@ def clover_text_encoder_plan(config: BertConfig, dst_prefix: str, *, add_pooler:
     return hf_bert_plan(config, dst_prefix, src_prefix=CLOVER_TEXT_SRC, add_pooler=add_pooler)
 
 
+def _spatial_pos(w: np.ndarray) -> np.ndarray:
+    """vis_space_pos (1, 1, S, H) -> (S, H)."""
+    return w.reshape(w.shape[2], w.shape[3])
+
+
+def _temporal_pos(w: np.ndarray) -> np.ndarray:
+    """vis_tempor_pos (1, T, 1, H) -> (T, H)."""
+    return w.reshape(w.shape[1], w.shape[3])
+
+
 def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str) -> Plan:
     """`multimodal_backbone.*` onto our FusionEncoder (`bert_embedding.*` is unused: ignore it).
 
@@ -152,8 +166,8 @@ def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str) -> P
     plan: Plan = {}
     if video_dim != config.hidden_size:
         _dense(plan, _join(dst_prefix, "fc_in"), f"{src}fc_in")
-    plan[_join(dst_prefix, "spatial_pos")] = (f"{src}vis_space_pos", lambda w: w.reshape(w.shape[2], w.shape[3]))
-    plan[_join(dst_prefix, "temporal_pos")] = (f"{src}vis_tempor_pos", lambda w: w.reshape(w.shape[1], w.shape[3]))
+    plan[_join(dst_prefix, "spatial_pos")] = (f"{src}vis_space_pos", _spatial_pos)
+    plan[_join(dst_prefix, "temporal_pos")] = (f"{src}vis_tempor_pos", _temporal_pos)
     plan[_join(dst_prefix, "token_type_embeddings")] = (f"{src}token_type_embeddings.weight", identity)
     _norm(plan, _join(dst_prefix, "norm"), f"{src}norm")
     plan.update(bert_encoder_plan(config.num_layers, _join(dst_prefix, "encoder"), f"{src}bert_encoder."))
@@ -179,7 +193,7 @@ def clover_text_projector_plan(dst_prefix: str) -> Plan:
 
 
 def clover_fused_video_head_plan(dst_prefix: str) -> Plan:
-    """`mlm_ssl_V_head.{img_fc1, img_bn1, img_fc2, img_bn2}` (LayerNorms despite the name) onto FusedVideoHead."""
+    """`mlm_ssl_V_head.{img_fc1, img_bn1, img_fc2, img_bn2}` (LayerNorms despite the name) -> FusedVideoHead."""
     plan: Plan = {}
     _dense(plan, _join(dst_prefix, "fc1"), "mlm_ssl_V_head.img_fc1")
     _norm(plan, _join(dst_prefix, "ln1"), "mlm_ssl_V_head.img_bn1")

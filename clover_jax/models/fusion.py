@@ -119,6 +119,8 @@ class FusionEncoder(nn.Module):
                 f"text_states must be (B, L, {self.config.hidden_size}), got shape {text_states.shape}"
             )
         if text_mask.shape != text_states.shape[:2]:
-            raise ValueError(f"text_mask shape {text_mask.shape} must equal text_states' (B, L) {text_states.shape[:2]}")
+            raise ValueError(
+                f"text_mask shape {text_mask.shape} must equal text_states' (B, L) {text_states.shape[:2]}"
+            )
         if video.shape[0] != text_states.shape[0]:
             raise ValueError(f"batch sizes differ: video {video.shape[0]}, text {text_states.shape[0]}")

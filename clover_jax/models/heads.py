@@ -20,7 +20,9 @@ TORCH_LN_EPS = 1e-5
 BERT_LN_EPS = 1e-12
 
 
-def _xavier_dense(features: int, axes: tuple[str | None, str | None], name: str, module: nn.Module) -> nn.Dense:
+def _xavier_dense(
+    features: int, axes: tuple[str | None, str | None], name: str, module: nn.Module
+) -> nn.Dense:
     return dense(features, axes, name=name, dtype=module.dtype, param_dtype=module.param_dtype,
                  kernel_init=XAVIER)
 
@@ -68,7 +70,9 @@ class TextProjector(nn.Module):
     @nn.compact
     def __call__(self, text_states: jnp.ndarray) -> jnp.ndarray:
         if text_states.ndim != 3:
-            raise ValueError(f"TextProjector wants text hidden states (B, L, H), got shape {text_states.shape}")
+            raise ValueError(
+                f"TextProjector wants text hidden states (B, L, H), got shape {text_states.shape}"
+            )
         cls = text_states[:, 0].astype(self.dtype)
         x = gelu(_xavier_dense(cls.shape[-1], ("embed", "mlp"), "fc1", self)(cls))
         return _xavier_dense(self.embed_dim, ("mlp", "embed"), "fc2", self)(x)
