@@ -2,7 +2,7 @@
 
 Each clip shows `count` (1–3) copies of one shape in one colour, all doing one motion (move
 left/right/up/down, bounce, spin, stay still). Captions are generated from those attributes with
-several templates ("two red circles move to the left", "a blue square is bouncing"), so text→video
+several templates ("two red circles move to the left", "a blue square is bouncing up and down"), so text→video
 retrieval is learnable and captions hold nouns and verbs for semantic masking. Per-clip attributes
 (colour, shape, count, motion) are kept as metadata for QA-style questions.
 
@@ -38,15 +38,16 @@ MOTIONS = ("left", "right", "up", "down", "bounce", "spin", "still")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
 
-# (plural verb, singular verb, participle) per motion.
+# (plural verb, singular verb, participle) per motion; phrased so that spaCy's small English model
+# tags the verbs as VERB (bare "bounces"/"spins" after a noun are often tagged NOUN).
 MOTION_PHRASES = {
     "left": ("move to the left", "moves to the left", "moving to the left"),
     "right": ("move to the right", "moves to the right", "moving to the right"),
-    "up": ("move up", "moves up", "moving up"),
-    "down": ("move down", "moves down", "moving down"),
-    "bounce": ("bounce", "bounces", "bouncing"),
-    "spin": ("spin", "spins", "spinning"),
-    "still": ("stay still", "stays still", "staying still"),
+    "up": ("move upwards", "moves upwards", "moving upwards"),
+    "down": ("move downwards", "moves downwards", "moving downwards"),
+    "bounce": ("bounce up and down", "bounces up and down", "bouncing up and down"),
+    "spin": ("spin around", "spins around", "spinning around"),
+    "still": ("stay in place", "stays in place", "staying in place"),
 }
 BACKGROUND = (16, 16, 24)
 
@@ -106,16 +107,17 @@ def _caption(template: int, spec: ClipSpec) -> str:
     be = "are" if plural else "is"
     det = COUNT_WORDS[spec.count] if plural else "a"
     colour = spec.colour
-    if template == 0:
+    count = COUNT_WORDS[spec.count]
+    if template == 0:  # "two red circles move to the left"
         return f"{det} {colour} {noun} {verb}"
-    if template == 1:
+    if template == 1:  # "a blue square is bouncing up and down"
         return f"{det} {colour} {noun} {be} {participle}"
     if template == 2:
-        return f"there {be} {COUNT_WORDS[spec.count]} {colour} {noun} {participle}"
+        return f"there {be} {count} {colour} {noun} {participle}"
     if template == 3:
-        return f"{det} {noun} that {be} {colour} {verb}"
+        return f"{det} {noun} that {be} {colour} {be} {participle}"
     if template == 4:
-        return f"the {COUNT_WORDS[spec.count] + ' ' if plural else ''}{colour} {noun} {verb}"
+        return f"we can see {count} {colour} {noun} {participle}"
     raise ValueError(f"unknown caption template {template}")
 
 
@@ -205,11 +207,13 @@ def render_clip(spec: ClipSpec, cfg: SyntheticConfig) -> np.ndarray:
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
     """H.264 MP4, single-threaded x264 (reproducible bytes), near-lossless (crf 12)."""
-    with av.open(os.fspath(path), mode="w", format="mp4") as container:
+    # bitexact: no creation time or encoder version in the file, so equal frames give equal bytes.
+    with av.open(os.fspath(path), mode="w", format="mp4", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=int(round(fps)))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
+        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.codec_context.thread_count = 1  # x264 frame threads make the bytes run-dependent
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

