@@ -8,7 +8,7 @@ retrieval is learnable and captions hold nouns and verbs for semantic masking. P
 
 Everything is a pure function of (seed, split, index): `clip_spec` draws the attributes,
 `render_clip` draws uint8 frames, `captions_for` picks the captions. `ensure_synthetic` writes the
-clips once as MP4 (H.264, single-threaded so the bytes are reproducible) plus one JSONL annotation
+clips once as lossless MP4 (H.264 4:4:4, so decoded frames are reproducible) plus one JSONL annotation
 file per split into a cache folder, and reuses them afterwards; `build_synthetic` then runs them
 through the same TFDS builder as real data (`data_pipelines.builder`).
 """
@@ -206,13 +206,17 @@ def render_clip(spec: ClipSpec, cfg: SyntheticConfig) -> np.ndarray:
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """H.264 MP4, single-threaded x264 (reproducible bytes), near-lossless (crf 12)."""
+    """Lossless H.264 (qp 0, 4:4:4) MP4 written by single-threaded x264.
+
+    Decoded frames are a pure function of `frames`. The bytes may still differ between processes:
+    x264's floating-point mode decisions see the FPU state, which TensorFlow changes (flush-to-zero).
+    """
     # bitexact: no creation time or encoder version in the file, so equal frames give equal bytes.
     with av.open(os.fspath(path), mode="w", format="mp4", container_options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=int(round(fps)))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12", "preset": "veryfast"}
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"qp": "0", "preset": "veryfast"}
         stream.codec_context.thread_count = 1  # x264 frame threads make the bytes run-dependent
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
