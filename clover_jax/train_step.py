@@ -1,0 +1,111 @@
+"""The jitted, sharded training step: TrainState, its shardings, and `make_train_step`.
+
+One pure step under one `jax.jit` with explicit in/out shardings and the state donated (no pmap).
+Losses see global-batch arrays; GSPMD inserts the collectives (jax-anchors §11.1).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+
+from clover_jax import sharding as shard_lib
+
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+RESERVED_METRICS = ("loss", "grad_norm", "param_norm", "lr", "finite")
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes across steps. `params` stay float32; compute dtype is the model's business."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def train_state_shardings(
+    tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any, mesh: Mesh
+) -> TrainState:
+    """TrainState of shardings: step replicated, params as given, optimizer state following params."""
+    return TrainState(
+        step=shard_lib.replicated(mesh),
+        params=param_shardings,
+        opt_state=shard_lib.opt_state_shardings(tx, abstract_params, param_shardings, mesh),
+    )
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, state_shardings: TrainState) -> TrainState:
+    """TrainState at step 0 with `tx.init(params)`, placed on `state_shardings` (donates `params`)."""
+    init = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+        out_shardings=state_shardings,
+        donate_argnums=0,
+    )
+    return init(params)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    state_shardings: TrainState,
+    batch_sharding: NamedSharding,
+    mesh: Mesh,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    rules: shard_lib.Rules = shard_lib.LOGICAL_RULES,
+    skip_nonfinite: bool = False,
+) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted `step(state, batch, rng) -> (state, metrics)`; the input state is donated.
+
+    `loss_fn(params, batch, rng) -> (loss, aux_metrics)` is traced under `mesh` and the logical axis
+    `rules`, so `nn.with_logical_constraint` inside the model is effective. Every leaf of `batch` has the
+    global batch as its leading dimension (sharded by `batch_sharding`; `sharding.shard_batch` checks it
+    divides by the data replicas, as does jit itself); `rng` is replicated and folded
+    with `state.step`. Metrics: loss, every aux entry, grad_norm (before clipping), param_norm (after the
+    update), lr (`schedule(step)`; only when `schedule` is given), and `finite` (loss and every gradient
+    finite). With `skip_nonfinite`, a non-finite step leaves params and optimizer state unchanged (the
+    step counter still advances).
+    """
+    replicated = shard_lib.replicated(mesh)
+    mesh_rules = shard_lib.rules_for_mesh(rules, mesh)
+
+    def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(rng, state.step)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules):
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        clash = sorted(set(aux) & set(RESERVED_METRICS))
+        if clash:
+            raise ValueError(f"loss_fn aux metrics {clash} clash with the step's own metrics {RESERVED_METRICS}")
+        finite = jnp.isfinite(loss) & _all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics = {
+            "loss": loss,
+            **aux,
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(params),
+            "finite": finite,
+        }
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
