@@ -112,3 +112,24 @@ def test_skip_reasons(tmp_path, real_data_dir):
         assert err.value.reason == reason
     with pytest.raises(ValueError, match="short_clip_policy"):
         DecodeConfig(short_clip_policy="repeat")
+
+
+def test_webm_roundtrip(tmp_path):
+    import av
+
+    frames = np.zeros((6, 32, 48, 3), np.uint8)
+    for t in range(6):
+        frames[t, :, t * 8 : t * 8 + 8] = 255
+    path = tmp_path / "clip.webm"
+    with av.open(str(path), mode="w", format="webm") as container:
+        stream = container.add_stream("libvpx", rate=6)
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = decode_video(path, DecodeConfig(fps=None, short_side=None))
+    assert clip.frames.shape == (6, 32, 48, 3) and clip.fps == pytest.approx(6.0)
+    assert np.abs(clip.frames.astype(int) - frames).mean() < 20
+    assert decode_video(path, DecodeConfig(fps=3.0, short_side=16)).frames.shape == (3, 16, 24, 3)
