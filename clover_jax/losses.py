@@ -26,7 +26,8 @@ OUTPUT_KEYS = ("v", "t", "v_masked", "t_masked", "z_v", "z_t", "mlm_logits")
 
 def _float(x: Array) -> Array:
     """Promotes to at least float32 (keeps float64 when x64 is on and the input is float64)."""
-    return jnp.asarray(x).astype(jnp.promote_types(jnp.asarray(x).dtype, jnp.float32))
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def l2_normalize(x: Array, eps: float = 1e-8) -> Array:
@@ -102,7 +103,9 @@ def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_inde
     reference) when no position is labelled. p_k = exp(-CE_k) keeps its gradient, as in the reference.
     """
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"focal_mlm_loss: logits {logits.shape} do not match labels {labels.shape} (want (..., V) and (...))")
+        raise ValueError(
+            f"focal_mlm_loss: logits {logits.shape} do not match labels {labels.shape} (want (..., V) and (...))"
+        )
     logits = _float(logits)
     valid = labels != ignore_index
     safe_labels = jnp.where(valid, labels, 0)

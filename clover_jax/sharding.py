@@ -119,7 +119,8 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
     """
     for leaf in jax.tree.leaves(batch):
         if not getattr(leaf, "ndim", 0):
-            raise ValueError(f"shard_batch: every batch leaf needs a leading batch dimension, got shape {getattr(leaf, 'shape', ())}")
+            shape = getattr(leaf, "shape", ())
+            raise ValueError(f"shard_batch: every batch leaf needs a leading batch dimension, got shape {shape}")
         check_global_batch(leaf.shape[0], mesh, rules)
     return jax.device_put(batch, batch_sharding(mesh, rules))
 
@@ -178,7 +179,9 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh, rules: Rules = LOGIC
     return shardings
 
 
-def create_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = LOGICAL_RULES, *args: Any) -> tuple[Any, Any]:
+def create_sharded(
+    init_fn: Callable[..., Any], mesh: Mesh, rules: Rules = LOGICAL_RULES, *args: Any
+) -> tuple[Any, Any]:
     """(unboxed variables born sharded, their shardings): eval_shape(init_fn), then jit with out_shardings.
 
     `init_fn(*args)` returns boxed (logically partitioned) variables, e.g.
