@@ -141,7 +141,8 @@ def scale_gradient(x: Array, factor: float) -> Array:
     return x * factor + jax.lax.stop_gradient(x - x * factor)
 
 
-def _retrieval_metrics(video: Array, text: Array) -> dict[str, Array]:
+def in_batch_metrics(video: Array, text: Array) -> dict[str, Array]:
+    """In-batch top-1 accuracy both ways and mean positive / negative cosine (monitoring only)."""
     cos = l2_normalize(video) @ l2_normalize(text).T
     batch = cos.shape[0]
     eye = jnp.eye(batch, dtype=bool)
@@ -216,5 +217,5 @@ def pretrain_objective(
 
     terms = {k: jax.lax.stop_gradient(x) for k, x in terms.items()}
     terms["total"] = jax.lax.stop_gradient(total)
-    terms.update(jax.lax.stop_gradient(_retrieval_metrics(v, t)))
+    terms.update(jax.lax.stop_gradient(in_batch_metrics(v, t)))
     return total, terms

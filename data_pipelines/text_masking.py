@@ -67,11 +67,15 @@ class WordPieceTokenizer:
         offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
         return np.asarray(enc.ids, np.int32), offsets[:, 0], offsets[:, 1]
 
+    def decode(self, ids: Any) -> str:
+        """Text of token ids, special tokens and padding dropped, "##" pieces joined (for reports)."""
+        return self.backend.decode([int(i) for i in ids if int(i) >= self.first_regular_id])
+
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(vocab_path: str | None = None) -> WordPieceTokenizer:
     """The bert-base-uncased WordPiece tokenizer from the shipped vocab (lowercase, accents stripped)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     path = pathlib.Path(vocab_path) if vocab_path else VOCAB_PATH
     if not path.is_file():
@@ -80,6 +84,7 @@ def load_tokenizer(vocab_path: str | None = None) -> WordPieceTokenizer:
     backend = Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]", max_input_chars_per_word=100))
     backend.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
     ids = {}
     for token in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"):
         ids[token] = backend.token_to_id(token)

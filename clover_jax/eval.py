@@ -1,0 +1,152 @@
+"""Evaluation: dual-encoder text<->video retrieval over a whole split, metrics table, JSON and HTML report.
+
+  python -m clover_jax.eval --workdir=WORKDIR            # the run's config and its latest checkpoint
+  python -m clover_jax.eval --workdir=W --checkpoint=PATH --config=configs/pretrain.py:base
+
+Every clip of the split is embedded once (v = g_v(pool Swin)), every caption once (t = g_t(CLS)); the
+last batch is padded with `valid=False` rows, never dropped. Text->video and video->text R@1/5/10,
+median and mean rank are computed over the full similarity matrix (`evaluators.retrieval`), with
+multiple captions per video. Results go to `WORKDIR/eval/retrieval_step{N}.json` and a report
+`WORKDIR/eval/retrieval_step{N}.html` with the top-5 clips of sampled queries as thumbnail strips.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clover_jax import data as data_glue
+from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
+from clover_jax.evaluators.retrieval import retrieval_metrics, top_k
+from clover_jax.models.clover import Clover, CloverConfig
+from data_pipelines.input_pipeline import InputConfig, make_eval_dataset, to_global
+
+THUMB_FRAMES = 4
+THUMB_SIZE = 64
+
+
+def _thumbnails(video: np.ndarray, cfg: InputConfig) -> np.ndarray:
+    """Normalised (B, T, H, W, 3) -> uint8 (B, <=4, <=64, <=64, 3) frames for the report."""
+    frames = video[:, np.linspace(0, video.shape[1] - 1, min(THUMB_FRAMES, video.shape[1])).astype(int)]
+    frames = frames * np.asarray(cfg.std, np.float32) + np.asarray(cfg.mean, np.float32)
+    stride = max(1, video.shape[2] // THUMB_SIZE)
+    return np.clip(frames[:, :, ::stride, ::stride], 0, 255).astype(np.uint8)
+
+
+def _valid_rows(batch_host: dict[str, np.ndarray]) -> np.ndarray:
+    return np.asarray(batch_host["valid"], bool)
+
+
+def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch_sharding: Any,
+                *, thumbnails: bool = False) -> dict[str, Any]:
+    """Embeds every clip and every caption of `cfg.split`; returns numpy arrays on every process:
+    video_emb (Nclips, E), text_emb (Ncaptions, E), text_to_video (Ncaptions,), captions (token ids),
+    and, with `thumbnails`, uint8 thumbnail strips per clip (process 0's own clips)."""
+    model = Clover(model_config)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    video_fn = jax.jit(lambda p, v: model.apply({"params": p}, v, method=Clover.encode_video)[1],
+                       out_shardings=replicated)
+    text_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=Clover.encode_text)[1],
+                      out_shardings=replicated)
+
+    def gather(local: np.ndarray) -> np.ndarray:
+        return np.asarray(jax.device_get(jax.jit(lambda x: x, out_shardings=replicated)(
+            to_global({"x": local}, batch_sharding)["x"])))
+
+    clips: dict[int, np.ndarray] = {}
+    thumbs: dict[int, np.ndarray] = {}
+    for batch in make_eval_dataset(cfg, mode="clips", include_video=True):
+        emb = np.asarray(jax.device_get(video_fn(params, to_global({"v": batch["video"]}, batch_sharding)["v"])))
+        index, valid = gather(batch["clip_index"]), gather(batch["valid"])
+        for i, ok, e in zip(index, valid, emb):
+            if ok:
+                clips[int(i)] = e
+        if thumbnails:
+            for i, ok, t in zip(batch["clip_index"], batch["valid"], _thumbnails(batch["video"], cfg)):
+                if ok:
+                    thumbs[int(i)] = t
+    texts: list[tuple[int, int, np.ndarray, np.ndarray]] = []
+    for batch in make_eval_dataset(cfg, mode="pairs", include_video=False):
+        g = to_global({"i": batch["text_ids"], "m": batch["text_mask"]}, batch_sharding)
+        emb = np.asarray(jax.device_get(text_fn(params, g["i"], g["m"])))
+        clip, cap, valid, ids = (gather(batch[k]) for k in ("clip_index", "caption_index", "valid", "text_ids"))
+        texts += [(int(c), int(k), e, t) for c, k, ok, e, t in zip(clip, cap, valid, emb, ids) if ok]
+    order = sorted(clips)
+    position = {c: n for n, c in enumerate(order)}
+    texts.sort(key=lambda x: (x[0], x[1]))
+    return dict(
+        clip_ids=np.asarray(order),
+        video_emb=np.stack([clips[c] for c in order]),
+        text_emb=np.stack([t[2] for t in texts]),
+        text_to_video=np.asarray([position[t[0]] for t in texts]),
+        text_ids=np.stack([t[3] for t in texts]),
+        thumbnails={position[c]: v for c, v in thumbs.items()},
+    )
+
+
+def format_table(metrics: dict[str, Any], title: str) -> str:
+    lines = [title, f"{'direction':<10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MdR':>8}{'MnR':>9}"]
+    for d, name in (("t2v", "text->video"), ("v2t", "video->text")):
+        lines.append(f"{name:<10}{metrics[f'{d}_r1']:8.2f}{metrics[f'{d}_r5']:8.2f}{metrics[f'{d}_r10']:8.2f}"
+                     f"{metrics[f'{d}_median_rank']:8.1f}{metrics[f'{d}_mean_rank']:9.2f}")
+    lines.append(f"chance R@10 (text->video): {100 * min(10, metrics['num_videos']) / metrics['num_videos']:.2f}")
+    return "\n".join(lines)
+
+
+def evaluate_retrieval(model_config: CloverConfig, params: Any, cfg: InputConfig, batch_sharding: Any,
+                       out_dir: pathlib.Path | None, step: int, *, report_queries: int = 20) -> dict[str, Any]:
+    """Zero-shot / fine-tuned retrieval on one split; prints the table; writes JSON + HTML on process 0."""
+    emb = embed_split(model_config, params, cfg, batch_sharding, thumbnails=out_dir is not None)
+    metrics = retrieval_metrics(emb["video_emb"], emb["text_emb"], emb["text_to_video"])
+    metrics.update(step=step, split=cfg.split, dataset=cfg.dataset)
+    title = (f"retrieval on {pathlib.Path(cfg.dataset).name}/{cfg.split}: {metrics['num_videos']} clips, "
+             f"{metrics['num_texts']} captions, step {step}")
+    print(format_table(metrics, title), flush=True)
+    if out_dir is not None and jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"retrieval_step{step}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        from data_pipelines.text_masking import load_tokenizer
+
+        tokenizer = load_tokenizer()
+        captions = [tokenizer.decode(ids) for ids in emb["text_ids"]]
+        k = min(5, len(emb["video_emb"]))
+        ranked = top_k(emb["video_emb"], emb["text_emb"], k)
+        needed = videos_for_report(ranked, report_queries, 0)
+        thumbs = {i: emb["thumbnails"][i] for i in needed if i in emb["thumbnails"]}
+        write_retrieval_report(out_dir / f"retrieval_step{step}.html", captions, emb["text_to_video"], ranked,
+                               thumbs, metrics={k2: metrics[k2] for k2 in ("t2v_r1", "t2v_r5", "t2v_r10",
+                                                                            "t2v_median_rank")},
+                               num_queries=report_queries, seed=0,
+                               video_names=[f"clip {c}" for c in emb["clip_ids"]], title=title)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: evaluate a run's checkpoint with the run's own eval settings."""
+    import argparse
+
+    from clover_jax import train as train_lib
+
+    parser = argparse.ArgumentParser(prog="python -m clover_jax.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="the training workdir (holds config.json, checkpoints/)")
+    parser.add_argument("--checkpoint", default="", help="a checkpoint (workdir, checkpoints/ or step folder)")
+    parser.add_argument("--config", default="", help="config file[:arg], when the workdir has no config.json")
+    args = parser.parse_args(argv)
+    workdir = pathlib.Path(args.workdir).absolute()
+    config = train_lib.load_run_config(workdir, args.config)
+    run = train_lib.setup_run(config)
+    params, step = train_lib.load_params_for_eval(run, args.checkpoint or workdir)
+    dataset = data_glue.resolve_dataset(config.eval.dataset, config.data)
+    cfg = data_glue.eval_input(config.eval, config.data, dataset)
+    evaluate_retrieval(run.model_config, params, cfg, run.batch_sharding, workdir / "eval", step,
+                       report_queries=config.eval.report_queries)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Training entry point: `python -m clover_jax.train --config=configs/pretrain.py[:variant] --workdir=DIR`.
+
+One readable loop (big_vision style): set up the mesh and the model, create or restore the state
+(workdir -> config.resume -> config.init_from -> fresh), then run the jitted step over the input
+stream, logging every `log_every` steps (metrics fetched one step late, so the host never stalls the
+device), checkpointing asynchronously every `checkpoint_every` steps, and finally evaluating retrieval.
+
+SIGTERM / SIGINT: the current step finishes, a checkpoint is written and waited for, and the process
+exits 0; rerunning the same command resumes exactly (same batches, same rngs). A non-finite loss or
+gradient stops the run naming the step and the last good checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from clover_jax import checkpoint as ckpt_lib
+from clover_jax import data as data_glue
+from clover_jax import sharding as shard_lib
+from clover_jax import tasks
+from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
+from clover_jax.optim import make_optimizer
+from clover_jax.train_step import TrainState, create_train_state, make_train_step, train_state_shardings
+from data_pipelines.input_pipeline import make_mixture_iterator
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says what to change."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What every entry point derives from a config: mesh, model config, shardings."""
+
+    config: ml_collections.ConfigDict
+    mesh: Any
+    batch_sharding: Any
+    model_config: CloverConfig
+    abstract_params: Any  # boxed (logical axes), from eval_shape
+    param_shardings: Any
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
+    m = config.model
+    return clover_config(m.preset, num_frames=config.data.num_frames, image_size=config.data.image_size,
+                         dtype=m.dtype, remat=m.remat, h_v_input=m.h_v_input, **m.get("overrides", {}))
+
+
+def setup_run(config: ml_collections.ConfigDict) -> Run:
+    """Mesh, model config and parameter shardings; config errors surface here as one-line messages."""
+    mesh = shard_lib.make_mesh(dict(config.mesh))
+    try:
+        shard_lib.check_global_batch(config.data.batch_size, mesh)
+        shard_lib.check_global_batch(config.eval.batch_size, mesh)
+    except ValueError as err:
+        raise ConfigError(f"data.batch_size / eval.batch_size: {err}") from None
+    model_config = model_config_from(config)
+    batch = dummy_batch(model_config)
+    abstract = jax.eval_shape(lambda r: init_params(model_config, r, batch), jax.random.key(0))
+    return Run(config, mesh, shard_lib.batch_sharding(mesh), model_config, abstract,
+               shard_lib.param_shardings(abstract, mesh))
+
+
+def load_run_config(workdir: pathlib.Path, config_arg: str = "") -> ml_collections.ConfigDict:
+    """The config a run saved in its workdir, or one loaded from `file.py[:arg]`."""
+    if config_arg:
+        return load_config_file(config_arg)
+    path = workdir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass --config=configs/<file>.py[:arg]")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    file, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("run_config", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def load_params_for_eval(run: Run, path: str | pathlib.Path) -> tuple[Any, int]:
+    """(params placed on the run's shardings, step) from a training checkpoint or a converter output."""
+    fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(run.abstract_params))
+    path = pathlib.Path(path)
+    params, loaded = ckpt_lib.params_from_init(path, fresh, run.param_shardings)
+    missing = sorted(set(ckpt_lib.flatten(fresh)) - set(loaded))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} parameters of this model, e.g. {missing[:3]}")
+    try:
+        step = ckpt_lib.checkpoint_dir_and_step(path)[1]
+    except FileNotFoundError:
+        step = 0
+    return params, step
+
+
+def _loss_fn(run: Run, config: ml_collections.ConfigDict):
+    replicas = shard_lib.num_data_replicas(run.mesh)
+    if config.task == "pretrain":
+        return tasks.pretrain_loss_fn(run.model_config, config.loss, replicas)
+    if config.task == "retrieval":
+        return tasks.retrieval_loss_fn(run.model_config, config.loss, replicas)
+    raise ConfigError(f"config.task={config.task!r}; valid: 'pretrain', 'retrieval'")
+
+
+def _initial_state(run: Run, config, workdir: pathlib.Path, tx, manager, state_shardings) -> tuple[TrainState, str]:
+    """Restore order: workdir -> config.resume -> config.init_from -> fresh. Returns (state, source)."""
+    abstract_state = jax.eval_shape(
+        lambda p: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p)),
+        nn.unbox(run.abstract_params))
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  abstract_state, state_shardings)
+    if manager.latest_step() is not None:
+        state, meta = ckpt_lib.restore(manager, manager.latest_step(), abstract_state)
+        return state, f"workdir checkpoint step {meta['step']}"
+    if config.resume:
+        ckpt_dir, step = ckpt_lib.checkpoint_dir_and_step(config.resume)
+        other = ckpt_lib.make_manager(ckpt_dir.parent, save_every=1, keep=1000, async_save=False)
+        state, _ = ckpt_lib.restore(other, step, abstract_state)
+        return state, f"resume {config.resume} step {step}"
+    rng = jax.random.key(config.seed)
+    batch = dummy_batch(run.model_config)
+    params, _ = shard_lib.create_sharded(lambda r: init_params(run.model_config, r, batch), run.mesh,
+                                         shard_lib.LOGICAL_RULES, rng)
+    source = "fresh initialisation"
+    if config.init_from:
+        params, loaded = ckpt_lib.params_from_init(config.init_from, params, run.param_shardings,
+                                                   include=tuple(config.init_from_include))
+        source = f"init_from {config.init_from} ({len(loaded)} tensors)"
+    return create_train_state(params, tx, state_shardings), source
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _format_metrics(m: dict[str, float]) -> str:
+    keys = ["loss", "mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor", "rank_text_anchor",
+            "infonce", "acc_t2v", "grad_norm", "lr"]
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+class MetricWriter:
+    """Progress scalars to TensorBoard (workdir/tb) and a JSONL copy (workdir/metrics.jsonl), process 0."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._tb = tf.summary.create_file_writer(str(workdir / "tb"))
+            self._jsonl = open(workdir / "metrics.jsonl", "a")
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default():
+            for k, v in scalars.items():
+                self._tf.summary.scalar(k, v, step=step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Runs (or resumes) training to `config.total_steps`, then evaluates; returns the final metrics."""
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = setup_run(config)
+    mixture = data_glue.train_mixture(config.data)
+    total = config.total_steps
+    if total < 1:
+        raise ConfigError(f"total_steps={total} must be >= 1")
+    tx, schedule = make_optimizer(config.optim, total)
+    state_shardings = train_state_shardings(tx, nn.unbox(run.abstract_params), run.param_shardings, run.mesh)
+    manager = ckpt_lib.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+    state, source = _initial_state(run, config, workdir, tx, manager, state_shardings)
+    start = int(jax.device_get(state.step))
+    ckpt_lib.write_json(workdir / "config.json", config.to_dict())
+    print(f"clover_jax: {source}; steps {start} -> {total}; mesh {dict(run.mesh.shape)}; "
+          f"{jax.device_count()} devices, {jax.process_count()} processes", flush=True)
+
+    step_fn = make_train_step(_loss_fn(run, config), tx, state_shardings=state_shardings,
+                              batch_sharding=run.batch_sharding, mesh=run.mesh, schedule=schedule)
+    rng = jax.random.key(config.seed + 1)
+    batches = make_mixture_iterator(mixture, start, run.batch_sharding)
+    writer = MetricWriter(workdir)
+    stop = _StopRequest()
+    last_good = manager.latest_step()
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked on the host
+    t0, t_steps, clips = time.time(), 0, 0
+    batch_size = config.data.batch_size
+
+    def drain(upto_all: bool) -> None:
+        """Fetches pending metrics (all, or all but the newest), checks finiteness, logs log_every steps."""
+        nonlocal t0, t_steps, clips
+        keep = 0 if upto_all else 1
+        while len(pending) > keep:
+            s, m = pending.pop(0)
+            host = jax.device_get(m)
+            if not bool(host["finite"]):
+                where = (f"last good checkpoint: {manager.directory / str(last_good)}" if last_good is not None
+                         else "no checkpoint was written yet")
+                raise NonFiniteLossError(f"non-finite loss or gradient at step {s + 1} "
+                                         f"(loss={float(host['loss'])}); {where}")
+            if (s + 1) % config.log_every == 0 or s + 1 == total:
+                dt = time.time() - t0
+                rate = t_steps / dt if dt > 0 else float("nan")
+                scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0 and k != "finite"}
+                scalars.update(steps_per_s=rate, clips_per_s=clips / dt if dt > 0 else float("nan"))
+                eta = (total - s - 1) / rate if rate > 0 else float("nan")
+                print(f"step {s + 1}/{total} {_format_metrics(scalars)} steps/s={rate:.2f} "
+                      f"clips/s={scalars['clips_per_s']:.1f} eta={eta:.0f}s", flush=True)
+                writer.write(s + 1, scalars)
+                t0, t_steps, clips = time.time(), 0, 0
+
+    step = start
+    try:
+        while step < total:
+            _, batch = next(batches)
+            state, metrics = step_fn(state, batch, rng)
+            pending.append((step, metrics))
+            step += 1
+            t_steps, clips = t_steps + 1, clips + batch_size
+            drain(upto_all=False)
+            if step % config.checkpoint_every == 0 or step == total or stop.signal is not None:
+                drain(upto_all=True)  # never checkpoint a non-finite state
+                ckpt_lib.save(manager, step, state, {"step": step, "data_step": step, "seed": config.seed},
+                              force=True)
+                last_good = step
+            if stop.signal is not None:
+                manager.wait_until_finished()
+                print(f"clover_jax: received signal {stop.signal}; saved step {step}; exiting", flush=True)
+                writer.close()
+                return {"stopped_at": step}
+        drain(upto_all=True)
+    finally:
+        manager.wait_until_finished()
+    writer.close()
+
+    from clover_jax.eval import evaluate_retrieval
+
+    eval_dataset = data_glue.resolve_dataset(config.eval.dataset, config.data)
+    eval_cfg = data_glue.eval_input(config.eval, config.data, eval_dataset)
+    return evaluate_retrieval(run.model_config, state.params, eval_cfg, run.batch_sharding, workdir / "eval",
+                              step, report_queries=config.eval.report_queries)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        train(config, workdir)
+    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/pretrain.py", "run config file[:arg]", lock_config=True)
+    flags.DEFINE_string("workdir", os.path.join("workdirs", "demo"), "checkpoints, logs and reports go here")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
