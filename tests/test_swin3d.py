@@ -8,7 +8,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from clover_jax.convert.common import CheckpointMismatchError, flatten, unflatten
-from clover_jax.convert.swin3d import load_swin3d
+from clover_jax.convert.swin3d import load_swin3d, official_plan, torchvision_plan
 from clover_jax.models.swin3d import (
     SwinTransformer3D,
     abstract_params,
@@ -273,3 +273,16 @@ def test_drop_path_and_remat():
     assert float(loss_a) != float(loss_b)  # drop path is active and follows the 'dropout' key
     with pytest.raises(Exception, match="dropout"):  # traced abstractly: no compile
         jax.eval_shape(lambda p: plain.apply({"params": p}, video, deterministic=False), params)
+
+
+def test_plan_root_and_boxed_target(tv_state_dict):
+    config = swin3d_config("tiny")
+    plan = official_plan(config, prefix="backbone.", root="video_encoder")
+    assert plan["video_encoder/mask_token"][0] == "backbone.mask_token"
+    assert all(dst.startswith("video_encoder/") for dst in plan)
+    assert torchvision_plan(config)["layers_1/downsample/reduction/kernel"][0] == "features.3.reduction.weight"
+    # A boxed (logically partitioned) eval_shape tree is accepted as the shape target.
+    model = SwinTransformer3D(swin3d_config("tiny", use_mask_token=False))
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 2, 4, 4, 3), jnp.float32))
+    params, report = load_swin3d(tv_state_dict, model.config, target=boxed["params"])
+    assert report.missing == [] and params["layers_0"]["blocks_1"]["attn"]["qkv"]["kernel"].shape == (32, 96)

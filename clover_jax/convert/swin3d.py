@@ -96,22 +96,28 @@ def _official_downsample(i: int) -> str:
     return f"layers.{i}.downsample"
 
 
-def torchvision_plan(config: Swin3DConfig, prefix: str = "") -> Plan:
+def _reroot(plan: Plan, root: str) -> Plan:
+    """Prefixes our param paths with `root` ("video_encoder" -> "video_encoder/patch_embed/...")."""
+    return {f"{root}/{dst}": entry for dst, entry in plan.items()} if root else plan
+
+
+def torchvision_plan(config: Swin3DConfig, prefix: str = "", root: str = "") -> Plan:
     """torchvision names: blocks `features.{2i}.{j}`, PatchMerging `features.{2i+1}`, MLP `mlp.0` / `mlp.3`.
 
     torchvision has no mask token, so with `config.use_mask_token` our `mask_token` stays unplanned
-    (reported missing; see `load_swin3d(strict=False)`).
+    (reported missing; see `load_swin3d(strict=False)`). `root` places our params under a sub-tree.
     """
-    return _shared_plan(config, prefix, _torchvision_block, _torchvision_downsample, ("0", "3"))
+    return _reroot(_shared_plan(config, prefix, _torchvision_block, _torchvision_downsample, ("0", "3")), root)
 
 
-def official_plan(config: Swin3DConfig, prefix: str = "backbone.") -> Plan:
+def official_plan(config: Swin3DConfig, prefix: str = "backbone.", root: str = "") -> Plan:
     """Official Video Swin / Clover names: `{prefix}layers.N.blocks.M…`, `{prefix}layers.N.downsample…`,
-    MLP `fc1` / `fc2`, and `{prefix}mask_token` (1, C, 1, 1, 1) when the config has a mask token."""
+    MLP `fc1` / `fc2`, and `{prefix}mask_token` (1, C, 1, 1, 1) when the config has a mask token.
+    `root` places our params under a sub-tree of a larger model (e.g. the whole Clover network)."""
     plan = _shared_plan(config, prefix, _official_block, _official_downsample, ("fc1", "fc2"))
     if config.use_mask_token:
         plan["mask_token"] = (f"{prefix}mask_token", mask_token_weight)
-    return plan
+    return _reroot(plan, root)
 
 
 def ignored_keys(config: Swin3DConfig, source: str, prefix: str) -> list[str]:
