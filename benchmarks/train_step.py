@@ -1,0 +1,256 @@
+"""Benchmark: compile time, step time and clips/s of the pre-training step, against the CPU's matmul peak.
+
+  .venv/bin/python -m benchmarks.train_step [--presets tiny,small] [--batch 8] [--steps 5] [--text-length 30]
+
+Runs the real step (`tasks.pretrain_loss_fn` + `optim.make_optimizer` + `train_step.make_train_step`) on
+one device (XLA's CPU backend threads each op over every core). Reports, per preset: AOT compile time
+(lower + compile), the median step time after two warm-up steps, clips/s, an analytic model-FLOP count
+and the achieved model FLOP/s as a fraction of a large float32 matmul's FLOP/s measured in the same run.
+XLA's own `compiled.cost_analysis()` flop count is printed next to the analytic one as a sanity check.
+
+Analytic count (`clover_train_flops`): matmul FLOPs only, 2*m*n*k, of the forward, times 3 for forward +
+backward (maxtext's convention; the backward of the patch-embedding conv w.r.t. the video is counted
+although XLA skips it). Swin windows are counted at their padded size, as executed. Excluded: LayerNorm,
+softmax, GELU, residual adds, dropout, embedding/bias-table gathers, the loss's elementwise math and the
+optimizer update (AdamW: ~15 FLOPs per parameter) — XLA's count includes those, so it reads higher.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clover_jax import losses, optim, tasks
+from clover_jax import sharding as shard_lib
+from clover_jax import train_step as ts
+from clover_jax.models import clover
+from clover_jax.models.bert import BertConfig
+from clover_jax.models.swin3d import Swin3DConfig, window_and_shift
+
+# ---- analytic FLOPs (pure functions of the configs) -------------------------------------------------
+
+
+def dense_flops(tokens: int, d_in: int, d_out: int) -> int:
+    return 2 * tokens * d_in * d_out
+
+
+def swin3d_forward_flops(cfg: Swin3DConfig, frames: int, height: int, width: int) -> int:
+    """Matmul FLOPs of one clip through Video Swin: patch conv, window attention, MLPs, patch merging."""
+    pt, ph, pw = cfg.patch_size
+    t, h, w = math.ceil(frames / pt), math.ceil(height / ph), math.ceil(width / pw)
+    flops = dense_flops(t * h * w, pt * ph * pw * 3, cfg.embed_dim)  # Conv3d with kernel = stride
+    for stage, depth in enumerate(cfg.depths):
+        c, tokens = cfg.stage_dim(stage), t * h * w
+        for block in range(depth):
+            shift = (0, 0, 0) if block % 2 == 0 else tuple(s // 2 for s in cfg.window_size)
+            window, _ = window_and_shift((t, h, w), cfg.window_size, shift)
+            padded = math.prod(math.ceil(s / k) * k for s, k in zip((t, h, w), window))
+            volume = math.prod(window)
+            flops += dense_flops(padded, c, 3 * c) + dense_flops(padded, c, c)  # qkv, proj (padded windows)
+            flops += 2 * 2 * padded * volume * c  # q k^T and probs v, summed over heads
+            flops += 2 * dense_flops(tokens, c, int(c * cfg.mlp_ratio))  # fc1, fc2
+        if stage < cfg.num_stages - 1:
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+            flops += dense_flops(t * h * w, 4 * c, 2 * c)  # PatchMerging reduction
+    return flops
+
+
+def bert_layers_forward_flops(cfg: BertConfig, length: int, layers: int) -> int:
+    """Matmul FLOPs of one sequence through `layers` BERT layers (q, k, v, scores, context, out, FFN)."""
+    hidden = cfg.hidden_size
+    per_layer = (
+        4 * dense_flops(length, hidden, hidden)
+        + 2 * 2 * length * length * hidden
+        + 2 * dense_flops(length, hidden, cfg.intermediate_size)
+    )
+    return layers * per_layer
+
+
+def clover_train_flops(config: clover.CloverConfig, batch: int, text_length: int) -> dict[str, int]:
+    """Forward matmul FLOPs of one pre-training step by component, and `train` = 3 x the forward total.
+
+    Per step the Swin and BERT encoders each run on 2B inputs (full and masked), the fusion on 2B
+    [video ; text] sequences, h_V and h_T on B vectors each, the MLM head on B x L tokens.
+    """
+    video_cfg, text_cfg = config.video, config.text
+    hidden, embed = text_cfg.hidden_size, config.embed_dim
+    temporal, spatial = config.video_token_shape
+    video_tokens = temporal * spatial
+    v_out = video_cfg.out_dim
+    parts = {
+        "swin": 2 * batch * swin3d_forward_flops(video_cfg, config.num_frames, config.image_size, config.image_size),
+        "g_v": 2 * batch * (dense_flops(1, v_out, 2 * embed) + dense_flops(1, 2 * embed, embed)),
+        "bert": 2 * batch * bert_layers_forward_flops(text_cfg, text_length, text_cfg.num_layers),
+        "g_t": 2 * batch * (dense_flops(1, hidden, hidden) + dense_flops(1, hidden, embed)),
+        "fusion": 2 * batch * (
+            (dense_flops(video_tokens, v_out, hidden) if v_out != hidden else 0)
+            + bert_layers_forward_flops(text_cfg, video_tokens + text_length, config.fusion_layers)
+        ),
+        "h_v+h_t": batch * (dense_flops(1, hidden, 2 * embed) + dense_flops(1, 2 * embed, embed)
+                            + dense_flops(1, hidden, hidden) + dense_flops(1, hidden, embed)),
+        "mlm_head": batch * (dense_flops(text_length, hidden, hidden)
+                             + dense_flops(text_length, hidden, text_cfg.vocab_size)),
+        # 2 NCE calls x 3 similarity matrices, plus the monitoring cosine matrix.
+        "losses": 7 * 2 * batch * batch * embed,
+    }
+    parts["forward"] = sum(parts.values())
+    parts["train"] = 3 * parts["forward"]
+    return parts
+
+
+# ---- measurements --------------------------------------------------------------------------------
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of an n x n x n float32 jnp.dot under jit (the reference 'peak' for this machine)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))
+    return 2 * n**3 / _median_seconds(lambda: dot(a, b), repeats)
+
+
+def random_batch(config: clover.CloverConfig, batch: int, text_length: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hp, wp = config.token_grid
+    ids = rng.integers(1000, config.text.vocab_size, size=(batch, text_length)).astype(np.int32)
+    masked = rng.uniform(size=ids.shape) < 0.15
+    return dict(
+        video=rng.normal(size=(batch, config.num_frames, config.image_size, config.image_size, 3)).astype(np.float32),
+        video_mask=(rng.uniform(size=(batch, hp, wp)) < 0.4).astype(np.float32),
+        text_ids=ids,
+        text_ids_masked=np.where(masked, config.mask_token_id, ids).astype(np.int32),
+        text_mask=np.ones_like(ids),
+        mlm_labels=np.where(masked, ids, -100).astype(np.int32),
+    )
+
+
+@dataclasses.dataclass
+class StepTiming:
+    preset: str
+    params: int
+    batch: int
+    compile_s: float
+    step_s: float
+    analytic_flops: int
+    xla_flops: float
+
+
+def _xla_flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def time_train_step(preset: str, batch: int, text_length: int, steps: int) -> StepTiming:
+    """Builds params, optimizer and the jitted step on one device; times compile and steady-state steps."""
+    config = clover.clover_config(preset)
+    mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
+    params, param_sh = shard_lib.create_sharded(
+        lambda rng: clover.init_params(config, rng), mesh, shard_lib.LOGICAL_RULES, jax.random.key(0)
+    )
+    num_params = clover.count_params(params)
+    optim_cfg = optim.default_optim_config()
+    optim_cfg.lr = 1e-4
+    tx, schedule = optim.make_optimizer(optim_cfg, total_steps=1000)
+    state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
+    state = ts.create_train_state(params, tx, state_sh)
+    loss_fn = tasks.pretrain_loss_fn(config, losses.default_loss_config(), shard_lib.num_data_replicas(mesh))
+    step = ts.make_train_step(loss_fn, tx, state_shardings=state_sh, batch_sharding=shard_lib.batch_sharding(mesh),
+                              mesh=mesh, schedule=schedule)
+    host_batch = shard_lib.shard_batch(random_batch(config, batch, text_length), mesh)
+    rng = jax.random.key(1)
+
+    start = time.perf_counter()
+    compiled = step.lower(state, host_batch, rng).compile()
+    compile_s = time.perf_counter() - start
+
+    for _ in range(2):  # warm-up
+        state, metrics = compiled(state, host_batch, rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, host_batch, rng)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    if not bool(metrics["finite"]):
+        raise RuntimeError(f"{preset}: the benchmark step produced a non-finite loss or gradient")
+    return StepTiming(preset, num_params, batch, compile_s, statistics.median(times),
+                      clover_train_flops(config, batch, text_length)["train"], _xla_flops(compiled))
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="tiny,small", help="comma-separated clover_config presets")
+    p.add_argument("--batch", type=int, default=8, help="global batch (clips per step)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (median reported)")
+    p.add_argument("--text-length", type=int, default=30)
+    p.add_argument("--matmul-size", type=int, default=2048)
+    args = p.parse_args()
+    presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+
+    # The matmul rate is measured before, between and after the presets; the best is the machine's peak
+    # (other processes on a shared CPU only ever lower it).
+    peaks = [matmul_flops_per_second(args.matmul_size)]
+    timings = []
+    for name in presets:
+        timings.append(time_train_step(name, args.batch, args.text_length, args.steps))
+        peaks.append(matmul_flops_per_second(args.matmul_size))
+    peak = max(peaks)
+
+    device = jax.devices()[0]
+    print(f"\ndevice: {device.device_kind} ({device.platform}), {os.cpu_count()} cores, jax {jax.__version__}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"float32 {args.matmul_size}^3 matmul GFLOP/s: {', '.join(f'{x / 1e9:.0f}' for x in peaks)} "
+          f"(peak = {peak / 1e9:.0f})")
+    print(f"batch {args.batch} clips, text length {args.text_length}, median of {args.steps} steps\n")
+    rows = []
+    for t in timings:
+        achieved = t.analytic_flops / t.step_s
+        rows.append([
+            t.preset, f"{t.params / 1e6:.1f}M", str(t.batch), f"{t.compile_s:.1f}", f"{t.step_s:.3f}",
+            f"{t.batch / t.step_s:.2f}", f"{t.analytic_flops / 1e9:.1f}", f"{t.xla_flops / 1e9:.1f}",
+            f"{t.xla_flops / t.analytic_flops:.2f}", f"{achieved / 1e9:.1f}", f"{100 * achieved / peak:.0f}%",
+        ])
+    print(_table(["preset", "params", "batch", "compile s", "step s", "clips/s", "model GFLOP/step",
+                  "XLA GFLOP/step", "XLA/model", "model GFLOP/s", "of matmul peak"], rows))
+
+    print("\nanalytic forward GFLOP per step by component:")
+    breakdown_rows = []
+    for t in timings:
+        parts = clover_train_flops(clover.clover_config(t.preset), t.batch, args.text_length)
+        keys = [k for k in parts if k not in ("forward", "train")]
+        breakdown_rows.append([t.preset] + [f"{parts[k] / 1e9:.2f}" for k in keys] + [f"{parts['forward'] / 1e9:.2f}"])
+    print(_table(["preset"] + keys + ["forward"], breakdown_rows))
+
+
+if __name__ == "__main__":
+    main()
