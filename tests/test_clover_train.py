@@ -162,6 +162,10 @@ def test_one_step_matches_single_device(mesh_name):
           f"grad_norm {float(got.metrics['grad_norm']):.4f} vs {float(ref.metrics['grad_norm']):.4f}; "
           f"max |param diff| after one step {worst[0]:.2e} at {worst[1]}")
     assert worst[0] <= 1e-5, worst
+    # The parameters really are split on this mesh (vocab x embed over model x fsdp where present).
+    words = got.live_state.params["text_encoder"]["embeddings"]["word_embeddings"]["embedding"]
+    assert not words.sharding.is_fully_replicated
+    assert words.sharding.spec == P("model", "fsdp" if "fsdp" in MESHES[mesh_name] else None)
     # The step really moved the parameters (else equality would prove nothing).
     moved = max(float(np.max(np.abs(a - b))) for (_, a), (_, b) in zip(_flat(ref.params), _flat(host_params0())))
     assert moved > 1e-4
