@@ -19,7 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from clover_jax.models.layers import NORMAL_02, dense, gelu, layer_norm
+from clover_jax.models.layers import dense, gelu, layer_norm
 
 Dtype = Any
 
@@ -41,6 +41,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    initializer_range: float = 0.02  # std of the (truncated) normal init of embeddings and kernels, as HF
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -81,6 +82,7 @@ class BertConfig:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
             attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+            initializer_range=hf.get("initializer_range", 0.02),
         )
 
 
@@ -112,6 +114,11 @@ def bert_config(name: str, **overrides: Any) -> BertConfig:
     return dataclasses.replace(BERT_SIZES[name], **overrides)
 
 
+def kernel_init(config: BertConfig):
+    """Truncated-normal kernel init with the config's initializer_range (HF BERT: 0.02 at every width)."""
+    return nn.initializers.truncated_normal(stddev=config.initializer_range)
+
+
 def attention_bias(attention_mask: jnp.ndarray) -> jnp.ndarray:
     """(B, L) mask of 1 (attend) / 0 (padding) -> (B, 1, 1, L) float32 additive bias."""
     keep = attention_mask.astype(jnp.float32)
@@ -128,7 +135,8 @@ class BertEmbeddings(nn.Module):
     def _embed(self, num: int, axes: tuple[str | None, str | None], name: str) -> nn.Embed:
         return nn.Embed(
             num, self.config.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=nn.with_logical_partitioning(NORMAL_02, axes), name=name,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(self.config.initializer_range), axes),
+            name=name,
         )
 
     @nn.compact
@@ -164,7 +172,8 @@ class BertResidualOutput(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, residual: jnp.ndarray, deterministic: bool) -> jnp.ndarray:
         cfg = self.config
-        y = dense(cfg.hidden_size, self.axes, name="dense", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        y = dense(cfg.hidden_size, self.axes, name="dense", dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=kernel_init(cfg))(x)
         y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
         y = layer_norm(name="LayerNorm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(
             y.astype(jnp.float32) + residual.astype(jnp.float32)
@@ -185,7 +194,7 @@ class BertAttention(nn.Module):
         batch, length, _ = x.shape
 
         def project(name: str) -> jnp.ndarray:
-            y = dense(cfg.hidden_size, ("embed", "heads"), name=name, dtype=self.dtype,
+            y = dense(cfg.hidden_size, ("embed", "heads"), name=name, dtype=self.dtype, kernel_init=kernel_init(cfg),
                       param_dtype=self.param_dtype)(x)
             return y.reshape(batch, length, cfg.num_heads, cfg.head_dim)
 
@@ -211,6 +220,7 @@ class BertIntermediate(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = dense(self.config.intermediate_size, ("embed", "mlp"), name="dense", dtype=self.dtype,
+                  kernel_init=kernel_init(self.config),
                   param_dtype=self.param_dtype)(x)
         return gelu(y)
 
@@ -270,6 +280,7 @@ class BertPooler(nn.Module):
     def __call__(self, hidden_states: jnp.ndarray) -> jnp.ndarray:
         first = hidden_states[:, 0]
         y = dense(self.config.hidden_size, ("embed", None), name="dense", dtype=self.dtype,
+                  kernel_init=kernel_init(self.config),
                   param_dtype=self.param_dtype)(first)
         return jnp.tanh(y)
 

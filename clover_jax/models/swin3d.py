@@ -34,6 +34,7 @@ class Swin3DConfig:
     drop_path_rate: float = 0.0
     use_mask_token: bool = True
     layer_norm_eps: float = 1e-5
+    init_std: float = 0.02  # truncated-normal std of linear kernels (torchvision/official: 0.02 at every width)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -155,6 +156,10 @@ def pad_to_multiple(x: jnp.ndarray, multiple: Sequence[int]) -> jnp.ndarray:
 # Modules
 
 
+def _init(std: float):
+    return nn.initializers.truncated_normal(stddev=std)
+
+
 class PatchEmbed3D(nn.Module):
     """Zero-pad to patch multiples, Conv3d with kernel = stride = patch, then LayerNorm."""
 
@@ -190,6 +195,7 @@ class WindowAttention3D(nn.Module):
     shift_size: Triple
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -212,7 +218,8 @@ class WindowAttention3D(nn.Module):
         n = windows.shape[2]
 
         head_dim = c // self.num_heads
-        qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype)(windows)
+        qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_init(self.init_std))(windows)
         qkv = qkv.reshape(*windows.shape[:3], 3, self.num_heads, head_dim)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         q = q * jnp.asarray(head_dim**-0.5, q.dtype)
@@ -227,7 +234,8 @@ class WindowAttention3D(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
 
         out = jnp.einsum("bwhqk,bwkhd->bwqhd", probs, v).reshape(*windows.shape[:3], c)
-        out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(out)
+        out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_init(self.init_std))(out)
         out = merge_windows(out, window, padded)
         if any(shift):
             out = jnp.roll(out, shift, axis=(1, 2, 3))
@@ -238,13 +246,16 @@ class Mlp(nn.Module):
     hidden_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
-        x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype, param_dtype=self.param_dtype,
+                  kernel_init=_init(self.init_std))(x)
         x = gelu(x)
-        return dense(dim, ("mlp", "embed"), name="fc2", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return dense(dim, ("mlp", "embed"), name="fc2", dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=_init(self.init_std))(x)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, deterministic: bool) -> jnp.ndarray:
@@ -268,16 +279,18 @@ class SwinBlock3D(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         y = layer_norm(name="norm1", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
         y = WindowAttention3D(
-            self.dim, self.num_heads, self.window_size, self.shift_size, self.dtype, self.param_dtype, name="attn"
+            self.dim, self.num_heads, self.window_size, self.shift_size, self.dtype, self.param_dtype,
+            init_std=self.init_std, name="attn",
         )(y)
         x = x + drop_path(self, y, self.drop_path_rate, deterministic)
         y = layer_norm(name="norm2", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
-        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(y)
+        y = Mlp(int(self.dim * self.mlp_ratio), self.dtype, self.param_dtype, self.init_std, name="mlp")(y)
         return x + drop_path(self, y, self.drop_path_rate, deterministic)
 
 
@@ -287,6 +300,7 @@ class PatchMerging(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_std: float = 0.02
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -298,7 +312,8 @@ class PatchMerging(nn.Module):
         )
         x = layer_norm(name="norm", eps=self.eps, axis=None, param_dtype=self.param_dtype)(x).astype(self.dtype)
         return dense(
-            2 * c, (None, "embed"), name="reduction", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
+            2 * c, (None, "embed"), name="reduction", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=_init(self.init_std),
         )(x)
 
 
@@ -330,13 +345,14 @@ class SwinStage3D(nn.Module):
                 mlp_ratio=cfg.mlp_ratio,
                 drop_path_rate=self.drop_path_rates[j],
                 eps=cfg.layer_norm_eps,
+                init_std=cfg.init_std,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{j}",
             )(x, deterministic)
         if not self.downsample:
             return x, None
-        merged = PatchMerging(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="downsample")(x)
+        merged = PatchMerging(cfg.layer_norm_eps, self.dtype, self.param_dtype, cfg.init_std, name="downsample")(x)
         return x, merged
 
 
