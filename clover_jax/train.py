@@ -277,12 +277,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                               step, report_queries=config.eval.report_queries)
 
 
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
+                     auto: bool = False) -> None:
+    """Joins a multi-process run. Flags win; else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID; `auto` lets JAX detect the cluster (TPU pod slices, SLURM, Open MPI). Every process
+    runs the same command; nothing happens for a single process."""
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    if process_id < 0:
+        process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if coordinator:
+        if num_processes < 1 or process_id < 0:
+            raise ConfigError("a coordinator address needs --num_processes and --process_id "
+                              "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif auto:
+        jax.distributed.initialize()
+
+
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
+        init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+                         flags.FLAGS.distributed_auto)
         train(config, workdir)
     except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -295,6 +316,10 @@ def _define_flags() -> None:
 
     config_flags.DEFINE_config_file("config", "configs/pretrain.py", "run config file[:arg]", lock_config=True)
     flags.DEFINE_string("workdir", os.path.join("workdirs", "demo"), "checkpoints, logs and reports go here")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs")
+    flags.DEFINE_integer("num_processes", 0, "number of processes of a multi-process run")
+    flags.DEFINE_integer("process_id", -1, "this process's index in a multi-process run")
+    flags.DEFINE_bool("distributed_auto", False, "let JAX detect the cluster (TPU pod, SLURM, Open MPI)")
 
 
 if __name__ == "__main__":
