@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import sys
 import time
@@ -305,7 +306,7 @@ def main(argv: list[str]) -> None:
         init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          flags.FLAGS.distributed_auto)
         train(config, workdir)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError) as err:
+    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
 
@@ -322,8 +323,25 @@ def _define_flags() -> None:
     flags.DEFINE_bool("distributed_auto", False, "let JAX detect the cluster (TPU pod, SLURM, Open MPI)")
 
 
+def _one_line_flag_error(err: Exception, argv: list[str]) -> str:
+    """A flag-parsing failure as one line naming the offending argument (absl/ml_collections wrap the
+    real message in reprs and tracebacks)."""
+    raw = str(err).replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip() for line in raw.splitlines() if line.strip()]
+    text = (lines[-1] if "Traceback" in raw else " ".join(lines)).strip("'\"")
+    text = re.sub(r"(\w)'(\s)", r"\1:\2", text)  # "lrr' Did you mean" -> "lrr: Did you mean"
+    culprits = [a for a in argv[1:] if a.startswith("--config") and
+                any(f"'{part}'" in raw or part in text for part in a.split("=")[0].split(".")[1:])]
+    return f"error: {culprits[0] if culprits else 'bad flags'}: {text}"
+
+
 if __name__ == "__main__":
-    from absl import app
+    from absl import app, flags
 
     _define_flags()
-    app.run(main)
+    try:
+        flags.FLAGS(sys.argv)  # parse here so a config typo is one line, not a traceback
+    except Exception as err:  # noqa: BLE001 - absl/ml_collections raise several types for bad flags
+        print(_one_line_flag_error(err, sys.argv), file=sys.stderr)
+        sys.exit(2)
+    app.run(main, flags_parser=lambda argv: list(argv))  # already parsed above
