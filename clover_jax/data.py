@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Iterator
 
-from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource
+import numpy as np
+
+from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource, QAItems
 from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
 
 SYNTHETIC = "synthetic"
+QA_TASKS = ("qa_open_ended", "qa_multiple_choice")
 
 
 def cache_dir(data_cfg: Any) -> pathlib.Path:
@@ -84,3 +87,46 @@ def train_mixture(data_cfg: Any) -> MixtureConfig:
     if not sources:
         raise ValueError("config.data.sources is empty: name at least one training dataset")
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
+
+
+def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
+    """Synthetic VideoQA items of `split` for `config.task` (`config.qa`: dataset, seed, text_length,
+    mc_format, mc_per_clip) and facts for evaluation: info["answers"] (answer text per item; for
+    multiple choice the true option), info["kinds"], and for open-ended info["vocab"] (the
+    `num_answers` most frequent answers of `config.data.split`) and info["train_answers"]."""
+    from data_pipelines import synthetic_qa as sqa
+
+    if config.task not in QA_TASKS:
+        raise ValueError(f"config.task={config.task!r} is not a QA task {QA_TASKS}")
+    qa = config.qa
+    folder = resolve_dataset(qa.dataset, config.data)
+    attributes = sqa.clip_attributes(folder, split)
+    if config.task == "qa_open_ended":
+        if num_answers < 1:
+            raise ValueError("open-ended QA needs model.overrides.num_answers >= 1 (the answer-vocabulary size)")
+        train = sqa.open_ended_questions(sqa.clip_attributes(folder, config.data.split), qa.seed)
+        vocab = sqa.answer_vocab([q.answer for q in train], num_answers)
+        questions = sqa.open_ended_questions(attributes, qa.seed)
+        ids, mask = sqa.encode_texts([q.question for q in questions], qa.text_length)
+        answers = [q.answer for q in questions]
+        items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids, mask,
+                        sqa.answer_indices(answers, vocab))
+        return items, dict(answers=answers, kinds=[q.kind for q in questions], vocab=vocab,
+                           train_answers=[q.answer for q in train])
+    per_clip = qa.mc_per_clip if split == config.data.split else 1
+    questions = sqa.multiple_choice_questions(attributes, qa.seed, per_clip)
+    k = sqa.NUM_OPTIONS
+    texts = [sqa.mc_option_text(q.question, q.options, o, qa.mc_format) for q in questions for o in q.options]
+    ids, mask = sqa.encode_texts(texts, qa.text_length)
+    items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids.reshape(len(questions), k, -1),
+                    mask.reshape(len(questions), k, -1), np.asarray([q.answer_index for q in questions], np.int32))
+    return items, dict(answers=[q.options[q.answer_index] for q in questions], kinds=["mc"] * len(questions))
+
+
+def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
+    """(name, global batch) per step from `start_step`, like `make_mixture_iterator` for one QA source."""
+    from data_pipelines.input_pipeline import device_iterator, make_qa_train_dataset, numpy_batches
+
+    cfg = train_input(config.data, resolve_dataset(config.qa.dataset, config.data))
+    for batch in device_iterator(numpy_batches(make_qa_train_dataset(cfg, items, start_step)), sharding, cfg.prefetch):
+        yield "qa", batch

@@ -8,6 +8,10 @@ last batch is padded with `valid=False` rows, never dropped. Text->video and vid
 median and mean rank are computed over the full similarity matrix (`evaluators.retrieval`), with
 multiple captions per video. Results go to `WORKDIR/eval/retrieval_step{N}.json` and a report
 `WORKDIR/eval/retrieval_step{N}.html` with the top-5 clips of sampled queries as thumbnail strips.
+
+For a VideoQA run (config.task "qa_open_ended" / "qa_multiple_choice") it scores every question of the
+eval split instead (`evaluate_qa`): accuracy (answers outside the vocabulary count wrong, never dropped)
+next to the majority-answer baseline or 1/K chance, into `WORKDIR/eval/qa_step{N}.json`.
 """
 from __future__ import annotations
 
@@ -126,6 +130,68 @@ def evaluate_retrieval(model_config: CloverConfig, params: Any, cfg: InputConfig
     return metrics
 
 
+def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: Any, batch_sharding: Any) -> np.ndarray:
+    """Answer logits (N, num_answers) or option scores (N, K) of every QA item, in item order."""
+    from data_pipelines.input_pipeline import make_qa_eval_dataset
+
+    model = Clover(model_config)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    if items.multiple_choice:
+        score = lambda p, b: model.apply({"params": p}, b["video"], b["option_ids"], b["option_mask"],  # noqa: E731
+                                         method=Clover.qa_multiple_choice)
+    else:
+        score = lambda p, b: model.apply({"params": p}, b["video"], b["text_ids"], b["text_mask"],  # noqa: E731
+                                         method=Clover.qa_open_ended)
+    score_fn = jax.jit(score, out_shardings=replicated)
+    gather = jax.jit(lambda x: x, out_shardings=replicated)
+    scores: dict[int, np.ndarray] = {}
+    for batch in make_qa_eval_dataset(cfg, items):
+        inputs = {k: v for k, v in batch.items() if k in ("video", "text_ids", "text_mask", "option_ids", "option_mask")}
+        out = np.asarray(jax.device_get(score_fn(params, to_global(inputs, batch_sharding))))
+        rows = to_global({"i": batch["item_index"], "v": batch["valid"]}, batch_sharding)
+        for i, ok, row in zip(np.asarray(gather(rows["i"])), np.asarray(gather(rows["v"])), out):
+            if ok:
+                scores[int(i)] = row
+    if sorted(scores) != list(range(len(items))):
+        raise RuntimeError(f"QA eval scored {len(scores)} of {len(items)} items: the eval pass lost some")
+    return np.stack([scores[i] for i in range(len(items))])
+
+
+def evaluate_qa(config: Any, model_config: CloverConfig, params: Any, batch_sharding: Any,
+                out_dir: pathlib.Path | None, step: int) -> dict[str, Any]:
+    """VideoQA accuracy on `config.eval.split`; prints it with its baseline; writes JSON on process 0."""
+    from clover_jax.evaluators import qa as qa_metrics
+
+    items, info = data_glue.qa_items(config, config.eval.split, model_config.num_answers)
+    dataset = data_glue.resolve_dataset(config.qa.dataset, config.data)
+    scores = qa_scores(model_config, params, data_glue.eval_input(config.eval, config.data, dataset), items,
+                       batch_sharding)
+    correct = np.argmax(scores, axis=1) == items.answer_index  # -1 (out of vocabulary) never matches
+    metrics: dict[str, Any] = dict(task=config.task, step=step, split=config.eval.split, num=len(items))
+    if items.multiple_choice:
+        metrics["accuracy"] = qa_metrics.multiple_choice_qa_accuracy(scores, items.answer_index)
+        metrics["chance"] = 100.0 / scores.shape[1]
+        lines = [f"multiple-choice QA accuracy {metrics['accuracy']:.2f}% "
+                 f"(chance {metrics['chance']:.2f}%, {scores.shape[1]} options)"]
+    else:
+        metrics.update(qa_metrics.open_ended_accuracy(scores, items.answer_index))
+        majority = qa_metrics.majority_baseline(info["train_answers"], info["answers"])
+        metrics.update(majority_baseline=majority["accuracy"], majority_answer=majority["answer"],
+                       vocab_size=len(info["vocab"]))
+        kinds = np.asarray(info["kinds"])
+        metrics["accuracy_by_kind"] = {k: float(100 * correct[kinds == k].mean()) for k in sorted(set(kinds))}
+        lines = [f"open-ended QA accuracy {metrics['accuracy']:.2f}% (majority answer {majority['answer']!r}: "
+                 f"{majority['accuracy']:.2f}%; {metrics['num_out_of_vocab']} answers outside the "
+                 f"{len(info['vocab'])}-answer vocabulary, counted wrong)",
+                 "  by question kind: " + ", ".join(f"{k} {v:.1f}%" for k, v in metrics["accuracy_by_kind"].items())]
+    print(f"VideoQA on {pathlib.Path(dataset).parent.name}/{config.eval.split}: {len(items)} questions, step {step}\n"
+          + "\n".join(lines), flush=True)
+    if out_dir is not None and jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"qa_step{step}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: evaluate a run's checkpoint with the run's own eval settings."""
     import argparse
@@ -141,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     config = train_lib.load_run_config(workdir, args.config)
     run = train_lib.setup_run(config)
     params, step = train_lib.load_params_for_eval(run, args.checkpoint or workdir)
+    if config.get("task", "pretrain") in data_glue.QA_TASKS:
+        evaluate_qa(config, run.model_config, params, run.batch_sharding, workdir / "eval", step)
+        return 0
     dataset = data_glue.resolve_dataset(config.eval.dataset, config.data)
     cfg = data_glue.eval_input(config.eval, config.data, dataset)
     evaluate_retrieval(run.model_config, params, cfg, run.batch_sharding, workdir / "eval", step,

@@ -1,13 +1,16 @@
 """Loss functions `(params, batch, rng) -> (loss, metrics)` binding the Clover model to each objective.
 
 `pretrain` is the paper's objective (tri-modal NCE + ranking + focal MLM, reference §2);
-`retrieval` is the symmetric InfoNCE of retrieval fine-tuning on the dual encoder (§5.1).
+`retrieval` is the symmetric InfoNCE of retrieval fine-tuning on the dual encoder (§5.1);
+`qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import optax
 
 from clover_jax import losses
 from clover_jax.models.clover import Clover, CloverConfig
@@ -43,3 +46,41 @@ def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_rep
         return loss, {"infonce": jax.lax.stop_gradient(loss), **metrics}
 
     return loss_fn
+
+
+def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+    """Cross-entropy over the answer vocabulary (`Clover.qa_open_ended`) on video, text_ids, text_mask,
+    answer_index. Questions whose answer is outside the vocabulary (-1) are left out of the loss but
+    counted wrong in `accuracy`."""
+    del loss_config, num_data_replicas
+    model = Clover(model_config)
+
+    def loss_fn(params, batch, rng):
+        logits = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
+                             deterministic=False, rngs={"dropout": rng}, method=Clover.qa_open_ended)
+        return _classification_loss(logits, batch["answer_index"])
+
+    return loss_fn
+
+
+def qa_multiple_choice_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+    """Cross-entropy over the K option scores (`Clover.qa_multiple_choice`) on video, option_ids,
+    option_mask (B, K, L) and answer_index (the true option)."""
+    del loss_config, num_data_replicas
+    model = Clover(model_config)
+
+    def loss_fn(params, batch, rng):
+        scores = model.apply({"params": params}, batch["video"], batch["option_ids"], batch["option_mask"],
+                             deterministic=False, rngs={"dropout": rng}, method=Clover.qa_multiple_choice)
+        return _classification_loss(scores, batch["answer_index"])
+
+    return loss_fn
+
+
+def _classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over rows with a label >= 0, and accuracy over all rows (label -1 is wrong)."""
+    known = labels >= 0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    loss = jnp.sum(jnp.where(known, ce, 0.0)) / jnp.maximum(jnp.sum(known), 1)
+    accuracy = 100.0 * jnp.mean(known & (jnp.argmax(logits, axis=-1) == labels))
+    return loss, {"accuracy": jax.lax.stop_gradient(accuracy)}

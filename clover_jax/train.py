@@ -114,7 +114,12 @@ def _loss_fn(run: Run, config: ml_collections.ConfigDict):
         return tasks.pretrain_loss_fn(run.model_config, config.loss, replicas)
     if config.task == "retrieval":
         return tasks.retrieval_loss_fn(run.model_config, config.loss, replicas)
-    raise ConfigError(f"config.task={config.task!r}; valid: 'pretrain', 'retrieval'")
+    if config.task == "qa_open_ended":
+        return tasks.qa_open_ended_loss_fn(run.model_config, config.loss, replicas)
+    if config.task == "qa_multiple_choice":
+        return tasks.qa_multiple_choice_loss_fn(run.model_config, config.loss, replicas)
+    raise ConfigError(f"config.task={config.task!r}; valid: 'pretrain', 'retrieval', 'qa_open_ended', "
+                      "'qa_multiple_choice'")
 
 
 def _initial_state(run: Run, config, workdir: pathlib.Path, tx, manager, state_shardings) -> tuple[TrainState, str]:
@@ -162,7 +167,7 @@ class NonFiniteLossError(RuntimeError):
 
 def _format_metrics(m: dict[str, float]) -> str:
     keys = ["loss", "mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor", "rank_text_anchor",
-            "infonce", "acc_t2v", "grad_norm", "lr"]
+            "infonce", "acc_t2v", "accuracy", "grad_norm", "lr"]
     return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
@@ -215,7 +220,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     step_fn = make_train_step(_loss_fn(run, config), tx, state_shardings=state_shardings,
                               batch_sharding=run.batch_sharding, mesh=run.mesh, schedule=schedule)
     rng = jax.random.key(config.seed + 1)
-    batches = make_mixture_iterator(mixture, start, run.batch_sharding)
+    if config.task in data_glue.QA_TASKS:
+        qa_items, _ = data_glue.qa_items(config, config.data.split, run.model_config.num_answers)
+        batches = data_glue.qa_train_batches(config, qa_items, start, run.batch_sharding)
+    else:
+        batches = make_mixture_iterator(mixture, start, run.batch_sharding)
     writer = MetricWriter(workdir)
     stop = _StopRequest()
     last_good = manager.latest_step()
@@ -270,6 +279,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         manager.wait_until_finished()
     writer.close()
 
+    if config.task in data_glue.QA_TASKS:
+        from clover_jax.eval import evaluate_qa
+
+        return evaluate_qa(config, run.model_config, state.params, run.batch_sharding, workdir / "eval", step)
     from clover_jax.eval import evaluate_retrieval
 
     eval_dataset = data_glue.resolve_dataset(config.eval.dataset, config.data)

@@ -30,6 +30,8 @@ Batch contract (numpy per process; global jax.Arrays through `to_global` / `devi
   video float32 (B,T,H,W,3) normalised; video_mask float32 (B,Hp,Wp) 1 = masked (Hp = image_size/4);
   text_ids, text_mask, text_ids_masked, mlm_labels int32 (B,L); valid bool (B,); clip_index int32 (B,);
   eval batches also carry caption_index int32 (B,) (-1 for a clip without captions).
+VideoQA batches (`make_qa_train_dataset` / `make_qa_eval_dataset` over `QAItems`): the same frames,
+with fixed question / option texts and an answer index instead of captions (see `QAItems`).
 """
 
 from __future__ import annotations
@@ -284,6 +286,28 @@ def _crop_window(height, width, cfg: InputConfig, train: bool, seed):
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
+def _decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
+    """Sampled, decoded, cropped, resized, flipped, normalised float32 (T, S, S, 3) frames of a parsed example
+    (`aug_seeds`: 3 stateless seeds for frame sampling, crop and flip)."""
+    import tensorflow as tf
+
+    indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, train, aug_seeds[0])
+    jpegs = tf.gather(ex["frames"], indices)
+    window = _crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
+    frames = tf.map_fn(
+        lambda b: tf.image.decode_and_crop_jpeg(b, window, channels=3),
+        jpegs,
+        fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
+    )
+    video = tf.image.resize(frames, [cfg.image_size, cfg.image_size], method="bilinear")
+    if train and cfg.flip_prob > 0:
+        flip = tf.random.stateless_uniform([], seed=aug_seeds[2]) < cfg.flip_prob
+        video = tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)
+    video = (video - tf.constant(cfg.mean, tf.float32)) / tf.constant(cfg.std, tf.float32)
+    video.set_shape([cfg.num_frames, cfg.image_size, cfg.image_size, 3])
+    return video
+
+
 def _make_map_fn(cfg: InputConfig, features, train: bool, include_video: bool, caption_index_out: bool) -> Callable:
     import tensorflow as tf
     import tensorflow_datasets as tfds
@@ -292,8 +316,6 @@ def _make_map_fn(cfg: InputConfig, features, train: bool, include_video: bool, c
 
     tokens = token_grid_size(cfg.image_size, cfg.mask)
     cell = tokens // cfg.mask.grid
-    mean = tf.constant(cfg.mean, tf.float32)
-    std = tf.constant(cfg.std, tf.float32)
     placeholder_tags = {
         "word_start": [0], "word_end": [len(NO_CAPTION_TEXT)], "candidate": [0], "stop": [1],
     }
@@ -303,21 +325,7 @@ def _make_map_fn(cfg: InputConfig, features, train: bool, include_video: bool, c
         out = {}
         aug_seeds = tf.random.experimental.stateless_split(tf.cast(elem["aug_seed"], tf.int64), 3)
         if include_video:
-            indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, train, aug_seeds[0])
-            jpegs = tf.gather(ex["frames"], indices)
-            window = _crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
-            frames = tf.map_fn(
-                lambda b: tf.image.decode_and_crop_jpeg(b, window, channels=3),
-                jpegs,
-                fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
-            )
-            video = tf.image.resize(frames, [cfg.image_size, cfg.image_size], method="bilinear")
-            if train and cfg.flip_prob > 0:
-                flip = tf.random.stateless_uniform([], seed=aug_seeds[2]) < cfg.flip_prob
-                video = tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)
-            video = (video - mean) / std
-            video.set_shape([cfg.num_frames, cfg.image_size, cfg.image_size, 3])
-            out["video"] = video
+            out["video"] = _decoded_video(ex, cfg, train, aug_seeds)
             grid = tf.cast(elem["mask_grid"], tf.float32)
             out["video_mask"] = tf.repeat(tf.repeat(grid, cell, axis=0), cell, axis=1)
         # Caption -1 (clip without captions) selects the appended placeholder row.
@@ -443,6 +451,146 @@ def make_train_iterator(
     """Global training batches (jax.Arrays) from step `start_step`, prefetched `cfg.prefetch` deep."""
     ds = make_train_dataset(cfg, start_step, process_index, process_count)
     return device_iterator(numpy_batches(ds), sharding, cfg.prefetch)
+
+
+# ----------------------------------------------------------------------------- VideoQA items
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItems:
+    """Fixed-text items over the clips of one split (VideoQA): item i pairs clip `clip_index[i]` (storage
+    order) with token ids/mask `text_ids[i]`, `text_mask[i]` — (L,) for an open-ended question, (K, L)
+    for K multiple-choice options — and label `answer_index[i]` (answer-vocabulary index, -1 = outside
+    the vocabulary; or the index of the true option).
+
+    QA batches: video, valid, clip_index, item_index, answer_index int32 (B,) and text_ids/text_mask
+    (B, L) (open-ended) or option_ids/option_mask (B, K, L) (multiple choice); no masks for MLM."""
+
+    clip_index: np.ndarray
+    text_ids: np.ndarray
+    text_mask: np.ndarray
+    answer_index: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.clip_index)
+        if n == 0:
+            raise ValueError("QAItems is empty: no question to train or evaluate on")
+        if self.text_ids.ndim not in (2, 3) or self.text_ids.shape != self.text_mask.shape:
+            raise ValueError(f"QAItems text_ids/text_mask must both be (N, L) or (N, K, L), got "
+                             f"{self.text_ids.shape} and {self.text_mask.shape}")
+        if self.text_ids.shape[0] != n or np.shape(self.answer_index) != (n,):
+            raise ValueError(f"QAItems: {n} clip indices, {self.text_ids.shape[0]} texts, "
+                             f"{np.shape(self.answer_index)} answers; they must agree")
+
+    def __len__(self) -> int:
+        return len(self.clip_index)
+
+    @property
+    def multiple_choice(self) -> bool:
+        return self.text_ids.ndim == 3
+
+
+def _qa_signature(items: QAItems):
+    import tensorflow as tf
+
+    text = tf.TensorSpec(items.text_ids.shape[1:], tf.int32)
+    return {"serialized": tf.TensorSpec([], tf.string), "clip_index": tf.TensorSpec([], tf.int32),
+            "item_index": tf.TensorSpec([], tf.int32), "valid": tf.TensorSpec([], tf.bool),
+            "aug_seed": tf.TensorSpec([2], tf.int64), "text_ids": text, "text_mask": text,
+            "answer_index": tf.TensorSpec([], tf.int32)}
+
+
+def _qa_element(cfg: InputConfig, items: QAItems, item: int, epoch: int, serialized: bytes, valid: bool) -> dict:
+    _, _, _, aug_seed = _example_randomness(cfg.seed, epoch, item, 0, cfg, with_mask=False)
+    return {"serialized": serialized, "clip_index": int(items.clip_index[item]), "item_index": item, "valid": valid,
+            "aug_seed": aug_seed, "text_ids": items.text_ids[item].astype(np.int32),
+            "text_mask": items.text_mask[item].astype(np.int32), "answer_index": int(items.answer_index[item])}
+
+
+def _qa_train_elements(cfg: InputConfig, source: _Source, items: QAItems, start_step: int, process_index: int,
+                       process_count: int):
+    """The training stream over items (epoch permutations of the items, as `_train_elements` over clips)."""
+    perms: dict[int, np.ndarray] = {}
+    step = start_step
+    while True:
+        chosen = []
+        for pos in train_positions(step, cfg.batch_size, process_index, process_count):
+            epoch, offset = divmod(pos, len(items))
+            if epoch not in perms:
+                perms.clear()
+                perms[epoch] = epoch_permutation(len(items), cfg.seed, epoch, cfg.shuffle)
+            chosen.append((epoch, int(perms[epoch][offset])))
+        raw = source.records.__getitems__([int(items.clip_index[i]) for _, i in chosen])
+        for (epoch, item), serialized in zip(chosen, raw):
+            yield _qa_element(cfg, items, item, epoch, serialized, True)
+        step += 1
+
+
+def _qa_eval_elements(cfg: InputConfig, source: _Source, items: QAItems, rows: Sequence[int], num_rows: int):
+    padded = list(rows) + [rows[0] if rows else 0] * (num_rows - len(rows))
+    last_clip, last_raw = None, None
+    for row, item in enumerate(padded):
+        clip = int(items.clip_index[item])
+        if clip != last_clip:
+            last_clip, last_raw = clip, source.records[clip]
+        yield _qa_element(cfg, items, item, 0, last_raw, row < len(rows))
+
+
+def _make_qa_map_fn(cfg: InputConfig, features, train: bool, multiple_choice: bool) -> Callable:
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    prefix = "option" if multiple_choice else "text"
+
+    def fn(elem):
+        ex = features.deserialize_example(elem["serialized"], decoders={"frames": tfds.decode.SkipDecoding()})
+        aug_seeds = tf.random.experimental.stateless_split(tf.cast(elem["aug_seed"], tf.int64), 3)
+        out = {"video": _decoded_video(ex, cfg, train, aug_seeds),
+               f"{prefix}_ids": elem["text_ids"], f"{prefix}_mask": elem["text_mask"]}
+        out.update({k: elem[k] for k in ("answer_index", "valid", "clip_index", "item_index")})
+        return out
+
+    return fn
+
+
+def make_qa_train_dataset(cfg: InputConfig, items: QAItems, start_step: int = 0, process_index: int | None = None,
+                          process_count: int | None = None):
+    """Infinite tf.data.Dataset of this process's local QA training batches from global step `start_step`
+    (exact resume; every item once per epoch; augmentation as for pre-training, no block masks)."""
+    import tensorflow as tf
+
+    process_index, process_count, local_batch = _process_layout(cfg, process_index, process_count)
+    source = _Source(cfg.dataset, cfg.split)
+    _check_qa_clips(items, source)
+    ds = tf.data.Dataset.from_generator(
+        lambda: _qa_train_elements(cfg, source, items, start_step, process_index, process_count),
+        output_signature=_qa_signature(items),
+    )
+    return _finish(ds, cfg, _make_qa_map_fn(cfg, source.features, True, items.multiple_choice), local_batch)
+
+
+def make_qa_eval_dataset(cfg: InputConfig, items: QAItems, process_index: int | None = None,
+                         process_count: int | None = None) -> EvalData:
+    """Every item once (uniform frames, centre crop); the last batches are padded with valid=False rows."""
+    import tensorflow as tf
+
+    process_index, process_count, local_batch = _process_layout(cfg, process_index, process_count)
+    source = _Source(cfg.dataset, cfg.split)
+    _check_qa_clips(items, source)
+    chunk, num_batches = eval_chunk(len(items), local_batch, process_index, process_count)
+    ds = tf.data.Dataset.from_generator(
+        lambda: _qa_eval_elements(cfg, source, items, list(chunk), num_batches * local_batch),
+        output_signature=_qa_signature(items),
+    )
+    map_fn = _make_qa_map_fn(cfg, source.features, False, items.multiple_choice)
+    return EvalData(_finish(ds, cfg, map_fn, local_batch), num_batches, len(items))
+
+
+def _check_qa_clips(items: QAItems, source: _Source) -> None:
+    bad = np.flatnonzero((items.clip_index < 0) | (items.clip_index >= len(source.index)))
+    if bad.size:
+        raise ValueError(f"QA item {int(bad[0])} names clip {int(items.clip_index[bad[0]])}, but {source.folder} "
+                         f"has {len(source.index)} clips in that split")
 
 
 # ----------------------------------------------------------------------------- mixtures
