@@ -130,6 +130,9 @@ def evaluate_retrieval(model_config: CloverConfig, params: Any, cfg: InputConfig
     return metrics
 
 
+QA_MODEL_INPUTS = ("video", "text_ids", "text_mask", "option_ids", "option_mask")
+
+
 def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: Any, batch_sharding: Any) -> np.ndarray:
     """Answer logits (N, num_answers) or option scores (N, K) of every QA item, in item order."""
     from data_pipelines.input_pipeline import make_qa_eval_dataset
@@ -146,7 +149,7 @@ def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: 
     gather = jax.jit(lambda x: x, out_shardings=replicated)
     scores: dict[int, np.ndarray] = {}
     for batch in make_qa_eval_dataset(cfg, items):
-        inputs = {k: v for k, v in batch.items() if k in ("video", "text_ids", "text_mask", "option_ids", "option_mask")}
+        inputs = {k: v for k, v in batch.items() if k in QA_MODEL_INPUTS}
         out = np.asarray(jax.device_get(score_fn(params, to_global(inputs, batch_sharding))))
         rows = to_global({"i": batch["item_index"], "v": batch["valid"]}, batch_sharding)
         for i, ok, row in zip(np.asarray(gather(rows["i"])), np.asarray(gather(rows["v"])), out):
