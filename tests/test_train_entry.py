@@ -1,0 +1,134 @@
+"""End-to-end tests of `python -m clover_jax.train` / `python -m clover_jax.eval` on the `:tiny` config.
+
+One uninterrupted run is the reference. A second run is stopped by SIGTERM, resumed, killed with
+SIGKILL while checkpoints are being written every step, and resumed again: its loss sequence and final
+parameters must equal the reference's exactly. The eval CLI must reproduce the run's printed metrics.
+"""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from clover_jax.checkpoint import checkpoint_dir_and_step, load_params
+from clover_jax.convert.common import flatten
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TOTAL = 6
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    e = dict(os.environ)
+    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    e["CLOVER_TEST_DATA_CACHE"] = str(cache / "data")
+    return e
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "clover_jax.train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+            "--config.log_every=1", "--config.checkpoint_every=100", *extra]
+
+
+def _run(env, workdir, *extra, timeout=600):
+    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={env['CLOVER_TEST_DATA_CACHE']}"]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run_until(env, workdir, marker, sig, *extra):
+    """Starts training, sends `sig` once stdout shows `marker`; returns (returncode, stdout)."""
+    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={env['CLOVER_TEST_DATA_CACHE']}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(marker):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    return proc.returncode, "".join(lines) + (rest or "")
+
+
+def _losses(workdir) -> dict[int, float]:
+    """Step -> loss from metrics.jsonl (a re-logged step keeps its last value)."""
+    out = {}
+    for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+def _table(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("retrieval on "))
+    return lines[start:start + 5]
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    proc = _run(env, workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, proc.stdout
+
+
+def test_resume_after_sigterm_and_kill9_matches_uninterrupted_run(env, reference, tmp_path):
+    ref_dir, _ = reference
+    want = _losses(ref_dir)
+    assert sorted(want) == list(range(1, TOTAL + 1))
+
+    # SIGTERM: the step finishes, a checkpoint is saved and waited for, exit 0.
+    code, out = _run_until(env, tmp_path, "step 2/", signal.SIGTERM)
+    assert code == 0 and "received signal" in out, out
+    stopped = checkpoint_dir_and_step(tmp_path)[1]
+    assert 2 <= stopped < TOTAL
+
+    # Resume with a checkpoint every step and SIGKILL it mid-run (saves are async, so one is in flight).
+    code, out = _run_until(env, tmp_path, f"step {stopped + 1}/", signal.SIGKILL, "--config.checkpoint_every=1")
+    assert code == -signal.SIGKILL
+    assert f"workdir checkpoint step {stopped}" in out
+    survived = checkpoint_dir_and_step(tmp_path)[1]  # the newest *finished* checkpoint
+    assert survived >= stopped
+    load_params(tmp_path)  # restorable
+
+    proc = _run(env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"workdir checkpoint step {survived}" in proc.stdout
+    got = _losses(tmp_path)
+    print(f"stopped at {stopped} (SIGTERM), resumed from {survived} after SIGKILL; losses {got}")
+    assert got == want  # bit-identical loss sequence
+    ref_params, params = flatten(load_params(ref_dir)), flatten(load_params(tmp_path))
+    assert ref_params.keys() == params.keys()
+    for key in ref_params:
+        np.testing.assert_array_equal(params[key], ref_params[key], err_msg=key)
+
+
+def test_eval_cli_reproduces_the_run_metrics(env, reference):
+    ref_dir, train_out = reference
+    trained = json.loads((ref_dir / "eval" / f"retrieval_step{TOTAL}.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _table(proc.stdout) == _table(train_out)
+    assert json.loads((ref_dir / "eval" / f"retrieval_step{TOTAL}.json").read_text()) == trained
+    html = (ref_dir / "eval" / f"retrieval_step{TOTAL}.html").read_text()
+    assert html.count("<img") >= 5 and "data:image/png;base64," in html
+
+
+def test_config_typo_and_bad_batch_fail_in_one_line(env, tmp_path):
+    proc = _run(env, tmp_path, "--config.optim.lrr=1", timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "lrr" in lines[0] and '"lr"' in lines[0], proc.stderr[-2000:]
+
+    proc = _run(env, tmp_path, "--config.data.batch_size=3", timeout=300)  # 2 devices
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and "batch size 3" in lines[0] and "by 2" in lines[0], proc.stderr[-2000:]
