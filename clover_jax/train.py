@@ -58,8 +58,18 @@ def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
                          dtype=m.dtype, remat=m.remat, h_v_input=m.h_v_input, **m.get("overrides", {}))
 
 
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """Persistent XLA cache (`config.compilation_cache_dir`): a rerun or resume skips recompiling.
+    The JAX_COMPILATION_CACHE_DIR environment variable, when set, wins."""
+    path = config.get("compilation_cache_dir", "")
+    if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def setup_run(config: ml_collections.ConfigDict) -> Run:
     """Mesh, model config and parameter shardings; config errors surface here as one-line messages."""
+    enable_compilation_cache(config)
     mesh = shard_lib.make_mesh(dict(config.mesh))
     try:
         shard_lib.check_global_batch(config.data.batch_size, mesh)
