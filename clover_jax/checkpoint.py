@@ -63,14 +63,23 @@ def checkpoint_dir_and_step(path: str | pathlib.Path) -> tuple[pathlib.Path, int
     return path, steps[-1]
 
 
+def _restore_numpy(directory: pathlib.Path) -> Any:
+    """A saved pytree as host numpy arrays. Restoring onto the saved shardings would fail whenever the
+    devices differ from the writer's (another device count, or a multi-process run's device ids)."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
 def load_params(path: str | pathlib.Path) -> dict:
-    """Params (numpy, unsharded) from a converter output folder (`params/`) or a training checkpoint."""
+    """Params (numpy, unsharded) from a converter output folder (`params/`) or a training checkpoint,
+    whatever devices and processes wrote it."""
     path = pathlib.Path(path).absolute()
     if (path / "params").is_dir() and (path / "conversion.json").exists():
-        return jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(path / "params"))
+        return _restore_numpy(path / "params")
     ckpt_dir, step = checkpoint_dir_and_step(path)
-    tree = ocp.StandardCheckpointer().restore(ckpt_dir / str(step) / "state")
-    return jax.tree.map(np.asarray, tree["params"])
+    return _restore_numpy(ckpt_dir / str(step) / "state")["params"]
 
 
 def params_from_init(path: str | pathlib.Path, fresh_params: Any, shardings: Any,
