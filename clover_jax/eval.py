@@ -50,7 +50,7 @@ def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch
                 *, thumbnails: bool = False) -> dict[str, Any]:
     """Embeds every clip and every caption of `cfg.split`; returns numpy arrays on every process:
     video_emb (Nclips, E), text_emb (Ncaptions, E), text_to_video (Ncaptions,), captions (token ids),
-    and, with `thumbnails`, uint8 thumbnail strips per clip (process 0's own clips)."""
+    and, with `thumbnails`, uint8 thumbnail strips of every clip (gathered from all processes)."""
     model = Clover(model_config)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     video_fn = jax.jit(lambda p, v: model.apply({"params": p}, v, method=Clover.encode_video)[1],
@@ -71,7 +71,8 @@ def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch
             if ok:
                 clips[int(i)] = e
         if thumbnails:
-            for i, ok, t in zip(batch["clip_index"], batch["valid"], _thumbnails(batch["video"], cfg)):
+            # The report may show any clip, not only this process's: gather them like the indices.
+            for i, ok, t in zip(index, valid, gather(_thumbnails(batch["video"], cfg))):
                 if ok:
                     thumbs[int(i)] = t
     texts: list[tuple[int, int, np.ndarray, np.ndarray]] = []
