@@ -62,6 +62,11 @@ def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
     """Persistent XLA cache (`config.compilation_cache_dir`): a rerun or resume skips recompiling.
     The JAX_COMPILATION_CACHE_DIR environment variable, when set, wins."""
     path = config.get("compilation_cache_dir", "")
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # On CPU the cache key differs per process and only process 0 writes, so only process 0 ever
+        # hits: it would reach the first cross-process collective a whole compile ahead of the others,
+        # past gloo's fixed 30 s rendezvous deadline ("Gloo context initialization failed").
+        return
     if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
