@@ -5,6 +5,7 @@ use under `config.data.cache_dir`) or the folder printed by `python -m data_pipe
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 from typing import Any, Iterator
@@ -23,6 +24,19 @@ def cache_dir(data_cfg: Any) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(data_cfg.cache_dir or "~/.cache/clover_jax")).absolute()
 
 
+_barrier_ids = itertools.count()
+
+
+def _wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Barrier of the distributed coordination service. Not a device collective
+    (`multihost_utils.sync_global_devices`): on CPU that gives up when one process arrives 30 s after
+    another (gloo's rendezvous deadline), and building a dataset takes longer."""
+    import orbax.checkpoint as ocp
+
+    # Every process calls this in the same order, so the counter gives each barrier one unique id.
+    ocp.multihost.get_barrier_sync_fn()(key=f"clover_jax {name} {next(_barrier_ids)}", timeout_ms=timeout_s * 1000)
+
+
 def resolve_dataset(name_or_folder: str, data_cfg: Any) -> str:
     """Dataset folder for a config entry; builds the synthetic dataset on first use."""
     if not name_or_folder:
@@ -38,9 +52,7 @@ def resolve_dataset(name_or_folder: str, data_cfg: Any) -> str:
         # One process builds; multi-host runs need a shared cache_dir (the others wait at the barrier).
         folder = build_synthetic(cache_dir(data_cfg), cfg) if jax.process_index() == 0 else None
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("synthetic dataset built")
+            _wait_for_all_processes("synthetic dataset built")
             folder = build_synthetic(cache_dir(data_cfg), cfg)  # cached: only looks the folder up
         return str(folder)
     folder = pathlib.Path(os.path.expanduser(name_or_folder))
