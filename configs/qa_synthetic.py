@@ -1,6 +1,7 @@
 """VideoQA fine-tuning on the synthetic clips (reference §5.2), from the demo pre-training checkpoint.
 
-  python -m clover_jax.train --workdir=/tmp/h9_demo --config.data.cache_dir=/tmp/clover_cache   # demo ckpt
+  python -m clover_jax.train --workdir=/tmp/h9_demo --config.data.cache_dir=/tmp/clover_cache \
+      --config.total_steps=500   # the demo checkpoint the figures below started from
   python -m clover_jax.train --config=configs/qa_synthetic.py:open --workdir=/tmp/h9_open \
       --config.init_from=/tmp/h9_demo --config.data.cache_dir=/tmp/clover_cache
   python -m clover_jax.train --config=configs/qa_synthetic.py:mc --workdir=/tmp/h9_mc \
