@@ -47,7 +47,7 @@ def _valid_rows(batch_host: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch_sharding: Any,
-                *, thumbnails: bool = False) -> dict[str, Any]:
+                *, thumbnails: bool = False, captions: bool = True) -> dict[str, Any]:
     """Embeds every clip and every caption of `cfg.split`; returns numpy arrays on every process:
     video_emb (Nclips, E), text_emb (Ncaptions, E), text_to_video (Ncaptions,), captions (token ids),
     and, with `thumbnails`, uint8 thumbnail strips of every clip (gathered from all processes)."""
@@ -76,7 +76,7 @@ def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch
                 if ok:
                     thumbs[int(i)] = t
     texts: list[tuple[int, int, np.ndarray, np.ndarray]] = []
-    for batch in make_eval_dataset(cfg, mode="pairs", include_video=False):
+    for batch in make_eval_dataset(cfg, mode="pairs", include_video=False) if captions else ():
         g = to_global({"i": batch["text_ids"], "m": batch["text_mask"]}, batch_sharding)
         emb = np.asarray(jax.device_get(text_fn(params, g["i"], g["m"])))
         clip, cap, valid, ids = (gather(batch[k]) for k in ("clip_index", "caption_index", "valid", "text_ids"))
@@ -87,9 +87,9 @@ def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch
     return dict(
         clip_ids=np.asarray(order),
         video_emb=np.stack([clips[c] for c in order]),
-        text_emb=np.stack([t[2] for t in texts]),
+        text_emb=np.stack([t[2] for t in texts]) if texts else None,
         text_to_video=np.asarray([position[t[0]] for t in texts]),
-        text_ids=np.stack([t[3] for t in texts]),
+        text_ids=np.stack([t[3] for t in texts]) if texts else None,
         thumbnails={position[c]: v for c, v in thumbs.items()},
     )
 
@@ -196,6 +196,67 @@ def evaluate_qa(config: Any, model_config: CloverConfig, params: Any, batch_shar
     return metrics
 
 
+def _encode_truncated(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] tokens [SEP] + padding, cut to max_length (as the reference tokenizer's truncation)."""
+    from data_pipelines.text_masking import load_tokenizer
+
+    tok = load_tokenizer()
+    ids = np.full((len(texts), max_length), tok.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_length), np.int32)
+    for row, text in enumerate(texts):
+        pieces = tok.tokenize(text)[0][: max_length - 2]
+        ids[row, : len(pieces) + 2] = [tok.cls_id, *pieces, tok.sep_id]
+        mask[row, : len(pieces) + 2] = 1
+    return ids, mask
+
+
+def evaluate_multiple_choice(model_config: CloverConfig, params: Any, cfg: InputConfig, examples: list,
+                             batch_sharding: Any, out_dir: pathlib.Path | None, step: int) -> dict[str, Any]:
+    """MSR-VTT multiple choice with the dual encoder (reference §5.2, `acc_for_msrvtt_mc`): per item, the
+    option caption with the highest cosine to its clip's v is the prediction. `examples` are
+    `annotations.QAExample`s (`read_msrvtt_mc_jsonl`); items whose clip is not in the split count wrong."""
+    from clover_jax.evaluators.retrieval import multiple_choice_accuracy
+    from data_pipelines.builder import split_index
+
+    if not examples:
+        raise ValueError("no multiple-choice items to evaluate")
+    emb = embed_split(model_config, params, cfg, batch_sharding, captions=False)
+    video_ids = split_index(cfg.dataset, cfg.split).video_id
+    row_of = {video_ids[c]: n for n, c in enumerate(emb["clip_ids"])}
+    present = [ex for ex in examples if ex.video in row_of]
+    k = len(present[0].options) if present else 0
+    if any(len(ex.options) != k for ex in present):
+        raise ValueError("multiple-choice items have different option counts")
+    accuracy_present = 0.0
+    if present:
+        ids, mask = _encode_truncated([o for ex in present for o in ex.options], cfg.text.max_length)
+        model = Clover(model_config)
+        replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+        text_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=Clover.encode_text)[1],
+                          out_shardings=replicated)
+        size = cfg.batch_size
+        chunks = []
+        for start in range(0, len(ids), size):  # fixed-size chunks: one compile; the tail is padded
+            i, m = ids[start:start + size], mask[start:start + size]
+            pad = size - len(i)
+            i, m = np.pad(i, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
+            out = text_fn(params, jax.device_put(i, replicated), jax.device_put(m, replicated))
+            chunks.append(np.asarray(jax.device_get(out))[: size - pad])
+        option_emb = np.concatenate(chunks).reshape(len(present), k, -1)
+        video_emb = emb["video_emb"][[row_of[ex.video] for ex in present]]
+        answers = np.asarray([ex.answer_index for ex in present])
+        accuracy_present = multiple_choice_accuracy(video_emb, option_emb, answers)
+    metrics = dict(mc_accuracy=accuracy_present * len(present) / len(examples), num_items=len(examples),
+                   num_missing_clip=len(examples) - len(present), step=step, split=cfg.split, dataset=cfg.dataset)
+    print(f"multiple choice (dual encoder) on {pathlib.Path(cfg.dataset).name}/{cfg.split}: "
+          f"{metrics['mc_accuracy']:.2f}% of {len(examples)} items ({metrics['num_missing_clip']} clips missing, "
+          f"counted wrong; chance {100 / max(k, 1):.1f}%), step {step}", flush=True)
+    if out_dir is not None and jax.process_index() == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"multiple_choice_step{step}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: evaluate a run's checkpoint with the run's own eval settings."""
     import argparse
@@ -206,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="the training workdir (holds config.json, checkpoints/)")
     parser.add_argument("--checkpoint", default="", help="a checkpoint (workdir, checkpoints/ or step folder)")
     parser.add_argument("--config", default="", help="config file[:arg], when the workdir has no config.json")
+    parser.add_argument("--msrvtt_mc", default="", help="also score this MSR-VTT multiple-choice JSONL "
+                        "(clips from the eval split) with the dual encoder")
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir).absolute()
     config = train_lib.load_run_config(workdir, args.config)
@@ -218,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = data_glue.eval_input(config.eval, config.data, dataset)
     evaluate_retrieval(run.model_config, params, cfg, run.batch_sharding, workdir / "eval", step,
                        report_queries=config.eval.report_queries)
+    if args.msrvtt_mc:
+        from data_pipelines.annotations import read_msrvtt_mc_jsonl
+
+        evaluate_multiple_choice(run.model_config, params, cfg, list(read_msrvtt_mc_jsonl(args.msrvtt_mc)),
+                                 run.batch_sharding, workdir / "eval", step)
     return 0
 
 

@@ -132,3 +132,28 @@ def test_config_typo_and_bad_batch_fail_in_one_line(env, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "batch size 3" in lines[0] and "by 2" in lines[0], proc.stderr[-2000:]
+
+
+def test_eval_cli_scores_msrvtt_style_multiple_choice(env, reference, tmp_path):
+    """The MSR-VTT MC format over the run's eval clips; an item whose clip is absent counts as wrong."""
+    from data_pipelines.builder import split_index
+
+    ref_dir, _ = reference
+    config = json.loads((ref_dir / "config.json").read_text())
+    folder = next(pathlib.Path(env["CLOVER_TEST_DATA_CACHE"]).glob("tfds/*/synthetic_*/*"))
+    assert config["eval"]["split"] == "test"
+    videos = split_index(folder, "test").video_id
+    options = ["a red circle moves to the left", "two blue squares spin around", "a green cross stays in place",
+               "three white diamonds bounce up and down", "a purple triangle moves upwards"]
+    rows = [{"qid": i, "clip_name": v, "options": options, "answer": str(i % 5)} for i, v in enumerate(videos)]
+    rows.append({"qid": len(rows), "clip_name": "not_in_the_split", "options": options, "answer": "0"})
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("\n".join(json.dumps(r) for r in rows))
+    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}", f"--msrvtt_mc={mc}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((ref_dir / "eval" / f"multiple_choice_step{TOTAL}.json").read_text())
+    print(proc.stdout.splitlines()[-1])
+    assert result["num_items"] == len(videos) + 1 and result["num_missing_clip"] == 1
+    assert 0.0 <= result["mc_accuracy"] <= 100.0 * len(videos) / (len(videos) + 1)
+    assert "multiple choice (dual encoder)" in proc.stdout
