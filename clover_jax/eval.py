@@ -196,20 +196,6 @@ def evaluate_qa(config: Any, model_config: CloverConfig, params: Any, batch_shar
     return metrics
 
 
-def _encode_truncated(texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """[CLS] tokens [SEP] + padding, cut to max_length (as the reference tokenizer's truncation)."""
-    from data_pipelines.text_masking import load_tokenizer
-
-    tok = load_tokenizer()
-    ids = np.full((len(texts), max_length), tok.pad_id, np.int32)
-    mask = np.zeros((len(texts), max_length), np.int32)
-    for row, text in enumerate(texts):
-        pieces = tok.tokenize(text)[0][: max_length - 2]
-        ids[row, : len(pieces) + 2] = [tok.cls_id, *pieces, tok.sep_id]
-        mask[row, : len(pieces) + 2] = 1
-    return ids, mask
-
-
 def evaluate_multiple_choice(model_config: CloverConfig, params: Any, cfg: InputConfig, examples: list,
                              batch_sharding: Any, out_dir: pathlib.Path | None, step: int) -> dict[str, Any]:
     """MSR-VTT multiple choice with the dual encoder (reference §5.2, `acc_for_msrvtt_mc`): per item, the
@@ -217,6 +203,7 @@ def evaluate_multiple_choice(model_config: CloverConfig, params: Any, cfg: Input
     `annotations.QAExample`s (`read_msrvtt_mc_jsonl`); items whose clip is not in the split count wrong."""
     from clover_jax.evaluators.retrieval import multiple_choice_accuracy
     from data_pipelines.builder import split_index
+    from data_pipelines.synthetic_qa import encode_texts
 
     if not examples:
         raise ValueError("no multiple-choice items to evaluate")
@@ -229,7 +216,7 @@ def evaluate_multiple_choice(model_config: CloverConfig, params: Any, cfg: Input
         raise ValueError("multiple-choice items have different option counts")
     accuracy_present = 0.0
     if present:
-        ids, mask = _encode_truncated([o for ex in present for o in ex.options], cfg.text.max_length)
+        ids, mask = encode_texts([o for ex in present for o in ex.options], cfg.text.max_length, truncate=True)
         model = Clover(model_config)
         replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
         text_fn = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m, method=Clover.encode_text)[1],

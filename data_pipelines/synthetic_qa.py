@@ -169,9 +169,9 @@ def answer_indices(answers: Sequence[str], vocab: Sequence[str]) -> np.ndarray:
     return np.asarray([position.get(a, -1) for a in answers], np.int32)
 
 
-def encode_texts(texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """[CLS] tokens [SEP] [PAD]... ids and masks, int32 (N, max_length). Raises when a text does not fit
-    (a cut multiple-choice text would lose the option it is about)."""
+def encode_texts(texts: Sequence[str], max_length: int, *, truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] tokens [SEP] [PAD]... ids and masks, int32 (N, max_length). A text that does not fit raises
+    (a cut multiple-choice text would lose the option it is about) unless `truncate` cuts it."""
     from data_pipelines.text_masking import load_tokenizer
 
     tok = load_tokenizer()
@@ -179,6 +179,8 @@ def encode_texts(texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.
     mask = np.zeros((len(texts), max_length), np.int32)
     for row, text in enumerate(texts):
         tokens = tok.tokenize(text)[0]
+        if truncate:
+            tokens = tokens[: max_length - 2]
         if len(tokens) + 2 > max_length:
             raise ValueError(f"text of {len(tokens) + 2} tokens does not fit text_length={max_length}: "
                              f"{text!r}; raise the QA text length")

@@ -31,6 +31,14 @@ def _norm(name: str, eps: float, axis: str | None, module: nn.Module) -> nn.Laye
     return layer_norm(name=name, eps=eps, axis=axis, param_dtype=module.param_dtype)
 
 
+def _ln_mlp(module: nn.Module, x: jnp.ndarray, hidden: int, out: int, eps: float) -> jnp.ndarray:
+    """fc1 -> ln1 -> GELU -> fc2 -> ln2 inside `module` (the shape of g_v and of h_V)."""
+    x = _xavier_dense(hidden, ("embed", "mlp"), "fc1", module)(x)
+    x = gelu(_norm("ln1", eps, "mlp", module)(x)).astype(module.dtype)
+    x = _xavier_dense(out, ("mlp", "embed"), "fc2", module)(x)
+    return _norm("ln2", eps, "embed", module)(x).astype(module.dtype)
+
+
 class VideoProjector(nn.Module):
     """g_v: mean of the Swin output over (T, H, W) -> Linear 2E -> LN -> GELU -> Linear E -> LN.
 
@@ -50,10 +58,7 @@ class VideoProjector(nn.Module):
             raise ValueError(f"VideoProjector wants the Swin output (B, T, H, W, C), got shape {video.shape}")
         x = jnp.mean(video.astype(jnp.float32), axis=(1, 2, 3))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
-        x = _xavier_dense(self.hidden_dim or 2 * self.embed_dim, ("embed", "mlp"), "fc1", self)(x)
-        x = gelu(_norm("ln1", self.layer_norm_eps, "mlp", self)(x)).astype(self.dtype)
-        x = _xavier_dense(self.embed_dim, ("mlp", "embed"), "fc2", self)(x)
-        return _norm("ln2", self.layer_norm_eps, "embed", self)(x).astype(self.dtype)
+        return _ln_mlp(self, x, self.hidden_dim or 2 * self.embed_dim, self.embed_dim, self.layer_norm_eps)
 
 
 class TextProjector(nn.Module):
@@ -114,10 +119,7 @@ class FusedVideoHead(nn.Module):
                 f"FusedVideoHead.input_kind={self.input_kind!r}; use 'text_cls' or 'video_token_mean'"
             )
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
-        x = _xavier_dense(self.hidden_dim or 2 * self.embed_dim, ("embed", "mlp"), "fc1", self)(x)
-        x = gelu(_norm("ln1", self.layer_norm_eps, "mlp", self)(x)).astype(self.dtype)
-        x = _xavier_dense(self.embed_dim, ("mlp", "embed"), "fc2", self)(x)
-        return _norm("ln2", self.layer_norm_eps, "embed", self)(x).astype(self.dtype)
+        return _ln_mlp(self, x, self.hidden_dim or 2 * self.embed_dim, self.embed_dim, self.layer_norm_eps)
 
 
 class FusedTextHead(nn.Module):
