@@ -53,9 +53,13 @@ class Run:
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
+    """The model of a run: its preset, sized for the training clips unless `model.overrides` says otherwise
+    (fine-tuning on longer clips keeps the pre-training fusion tables with overrides.num_frames)."""
     m = config.model
-    return clover_config(m.preset, num_frames=config.data.num_frames, image_size=config.data.image_size,
-                         dtype=m.dtype, remat=m.remat, h_v_input=m.h_v_input, **m.get("overrides", {}))
+    kw = dict(num_frames=config.data.num_frames, image_size=config.data.image_size, dtype=m.dtype,
+              remat=m.remat, h_v_input=m.h_v_input)
+    kw.update(m.get("overrides", {}))
+    return clover_config(m.preset, **kw)
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
