@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clover_jax import data as data_glue
@@ -40,10 +39,6 @@ def _thumbnails(video: np.ndarray, cfg: InputConfig) -> np.ndarray:
     frames = frames * np.asarray(cfg.std, np.float32) + np.asarray(cfg.mean, np.float32)
     stride = max(1, video.shape[2] // THUMB_SIZE)
     return np.clip(frames[:, :, ::stride, ::stride], 0, 255).astype(np.uint8)
-
-
-def _valid_rows(batch_host: dict[str, np.ndarray]) -> np.ndarray:
-    return np.asarray(batch_host["valid"], bool)
 
 
 def embed_split(model_config: CloverConfig, params: Any, cfg: InputConfig, batch_sharding: Any,

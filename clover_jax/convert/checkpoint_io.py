@@ -3,7 +3,8 @@
 Official Video Swin / Clover checkpoints are mmcv `torch.save` pickles holding `{"state_dict": …}`;
 torchvision and HF ship either those or safetensors. The zip reader below understands the pickle
 protocol torch uses for tensors (typed storages + `_rebuild_tensor_v2`) and nothing else: any other
-class in the pickle is refused, so loading a checkpoint never executes foreign code.
+class in the pickle (e.g. mmcv metadata) becomes an inert placeholder, so loading a checkpoint never
+imports or executes foreign code.
 """
 from __future__ import annotations
 
