@@ -174,14 +174,19 @@ def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str) -> P
     return plan
 
 
+def _ln_mlp_plan(dst_prefix: str, fc1: str, ln1: str, fc2: str, ln2: str) -> Plan:
+    """Source Linear/LN/Linear/LN onto the fc1/ln1/fc2/ln2 of `heads._ln_mlp` (g_v and h_V)."""
+    plan: Plan = {}
+    _dense(plan, _join(dst_prefix, "fc1"), fc1)
+    _norm(plan, _join(dst_prefix, "ln1"), ln1)
+    _dense(plan, _join(dst_prefix, "fc2"), fc2)
+    _norm(plan, _join(dst_prefix, "ln2"), ln2)
+    return plan
+
+
 def clover_video_projector_plan(dst_prefix: str) -> Plan:
     """`ssl_head.img_projector.{0: Linear, 1: LN, 3: Linear, 4: LN}` onto VideoProjector."""
-    plan: Plan = {}
-    _dense(plan, _join(dst_prefix, "fc1"), "ssl_head.img_projector.0")
-    _norm(plan, _join(dst_prefix, "ln1"), "ssl_head.img_projector.1")
-    _dense(plan, _join(dst_prefix, "fc2"), "ssl_head.img_projector.3")
-    _norm(plan, _join(dst_prefix, "ln2"), "ssl_head.img_projector.4")
-    return plan
+    return _ln_mlp_plan(dst_prefix, *(f"ssl_head.img_projector.{i}" for i in (0, 1, 3, 4)))
 
 
 def clover_text_projector_plan(dst_prefix: str) -> Plan:
@@ -194,12 +199,7 @@ def clover_text_projector_plan(dst_prefix: str) -> Plan:
 
 def clover_fused_video_head_plan(dst_prefix: str) -> Plan:
     """`mlm_ssl_V_head.{img_fc1, img_bn1, img_fc2, img_bn2}` (LayerNorms despite the name) -> FusedVideoHead."""
-    plan: Plan = {}
-    _dense(plan, _join(dst_prefix, "fc1"), "mlm_ssl_V_head.img_fc1")
-    _norm(plan, _join(dst_prefix, "ln1"), "mlm_ssl_V_head.img_bn1")
-    _dense(plan, _join(dst_prefix, "fc2"), "mlm_ssl_V_head.img_fc2")
-    _norm(plan, _join(dst_prefix, "ln2"), "mlm_ssl_V_head.img_bn2")
-    return plan
+    return _ln_mlp_plan(dst_prefix, *(f"mlm_ssl_V_head.img_{n}" for n in ("fc1", "bn1", "fc2", "bn2")))
 
 
 def clover_fused_text_head_plan(dst_prefix: str) -> Plan:
