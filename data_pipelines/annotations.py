@@ -7,7 +7,11 @@ warning line per file that had bad rows. Pass `bad=<Counter>` to accumulate seve
 
 Reasons used: "empty_caption", "non_utf8", "missing_field", "bad_json", "bad_value",
 "unknown_video" (a QA or split id with no annotation), "no_valid_caption" (a video whose captions
-were all bad; its captions were counted too).
+were all bad; its captions were counted too), "nothing_to_blank" (an LSMDC fill-in-the-blank row whose
+answer is the release's "NOTHINGTOBLANK" placeholder).
+
+`read_qa_examples(source, ...)` reads any QA file named in `QA_SOURCES`; `read_qa_videos` lists the
+unique videos of one (the clips `prepare --format qa` builds).
 
 Files are read as bytes and decoded with `surrogateescape`, so one undecodable byte only marks the
 row or caption it sits in.
@@ -31,6 +35,10 @@ PathLike = str | os.PathLike
 
 TGIF_TASKS = ("action", "transition", "frameqa", "count")
 TGIF_FRAMEQA_TYPES = ("object", "number", "color", "location")
+QA_SOURCES = ("msrvtt_qa", "msvd_qa", "tgif_frame", "tgif_action", "tgif_transition", "tgif_count",
+              "lsmdc_mc", "lsmdc_fib", "msrvtt_mc")
+LSMDC_NUM_OPTIONS = 5
+FIB_BLANK = "_____"  # the one spelling of the blank in QAExample.question of LSMDC-FiB
 
 
 @dataclasses.dataclass
@@ -175,9 +183,15 @@ def _csv_rows(
 
 def _tsv_lines(path: PathLike) -> Iterator[list[str]]:
     """Tab-split fields of each non-blank line (no CSV quoting: LSMDC/CC3M captions contain quotes)."""
-    for line in _read_text(path).splitlines():
+    for _, fields in _numbered_tsv_lines(path):
+        yield fields
+
+
+def _numbered_tsv_lines(path: PathLike) -> Iterator[tuple[int, list[str]]]:
+    """(0-based line number, tab-split fields) of each non-blank line; no CSV quoting."""
+    for lineno, line in enumerate(_read_text(path).splitlines()):
         if line.strip():
-            yield line.split("\t")
+            yield lineno, line.split("\t")
 
 
 _ISO_DURATION = re.compile(r"^P(?:(\d+)D)?T?(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?$")
@@ -697,6 +711,136 @@ def _tgif_multiple_choice(row: Mapping, qid: str, extra: dict, col: _Collector) 
     return QAExample(video, question, options[index], options, index, qid, extra)
 
 
+# ----------------------------------------------------------------------------- LSMDC multiple choice, fill-in-the-blank
+
+
+def _lsmdc_extra(video: str, split: str, times: Sequence[str]) -> dict:
+    """extra of an LSMDC QA row: split, time stamps, and the release layout "{movie}/{clip}.avi"."""
+    movie = video.rsplit("_", 1)[0]
+    return {"split": split, "times": [t.strip() for t in times], "movie": movie, "relpath": f"{movie}/{video}.avi"}
+
+
+def read_lsmdc_mc_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """LSMDC16 multiple choice (headerless, TAB separated) -> QAExample with 5 options, question "".
+
+    Layout per row, by field count: 10 fields `clip_id, 4 time stamps, correct sentence, 4 distractors`
+    (train/valid; answer_index 0), or 11 fields `clip_id, 4 time stamps, 5 sentences, answer index 1..5`
+    (test_randomized). Other counts: fewer -> "missing_field", more -> "bad_value". Options keep file
+    order (the consumer shuffles training options). qid is "{split}_{line number}"; extra holds "split",
+    "times" (the 4 time stamps), "movie" and "relpath" (as `read_lsmdc_tsv`).
+    """
+    col = _Collector(path, bad)
+    first_option = 5
+    for lineno, fields in _numbered_tsv_lines(path):
+        if len(fields) < 10:
+            col.skip("missing_field")
+            continue
+        if len(fields) > 11:
+            col.skip("bad_value")
+            continue
+        video, reason = _clean_id(fields[0])
+        if reason:
+            col.skip(reason)
+            continue
+        if not all(_is_valid_utf8(t) for t in fields[1:first_option]):
+            col.skip("non_utf8")
+            continue
+        cleaned = [_clean_text(o) for o in fields[first_option:first_option + LSMDC_NUM_OPTIONS]]
+        reasons = [r for _, r in cleaned if r]
+        if reasons:
+            col.skip(reasons[0])
+            continue
+        if len(fields) == 10:
+            index = 0
+        else:
+            try:
+                index = int(fields[10].strip()) - 1
+            except ValueError:
+                col.skip("bad_value")
+                continue
+            if not 0 <= index < LSMDC_NUM_OPTIONS:
+                col.skip("bad_value")
+                continue
+        options = [o for o, _ in cleaned]
+        col.add(QAExample(video, "", options[index], options, index, f"{split}_{lineno}",
+                          _lsmdc_extra(video, split, fields[1:first_option])))
+    return col.done()
+
+
+_BLANK_RUN = re.compile(r"_{3,}")
+
+
+def _fib_rows(path: PathLike, col: _Collector) -> Iterator[tuple[int, Any, Any, Any, list[str]]]:
+    """(row number, video, sentence, answer, time stamps) of a FiB file, JSON/JSONL or TSV by content."""
+    text = _read_text(path)
+    first = next((line.lstrip() for line in text.splitlines() if line.strip()), "")
+    if first.startswith("["):
+        data = _load_json(path)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of fill-in-the-blank rows")
+        rows: Iterable[tuple[int, Any]] = enumerate(data)
+    elif first.startswith("{"):
+        rows = _jsonl_rows(path, col)
+    else:
+        for lineno, fields in _numbered_tsv_lines(path):
+            if len(fields) < 3:
+                col.skip("missing_field")
+                continue
+            yield lineno, fields[0], fields[-2], fields[-1], fields[1:-2]
+        return
+    for number, row in rows:
+        if not isinstance(row, dict):
+            col.skip("bad_json")
+            continue
+        video = next((row[k] for k in ("video", "clip_id", "clip_name") if row.get(k) is not None), None)
+        sentence = next((row[k] for k in ("question", "sentence") if row.get(k) is not None), None)
+        answer = row.get("answer")
+        yield number, video, sentence, None if answer is None else str(answer), []
+
+
+def read_lsmdc_fib(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """LSMDC fill-in-the-blank (MovieFIB) -> open-ended QAExample whose question holds one blank.
+
+    The release layout is unconfirmed, so two are accepted, chosen by the first non-blank line: JSON
+    (a list, or JSONL) rows `{video|clip_id|clip_name, question|sentence, answer}`, or headerless TAB
+    rows `clip_id, [any fields, e.g. time stamps], sentence, answer`. The blank is a run of 3+ "_",
+    written as exactly "_____" (FIB_BLANK) in `question`. Rows with no blank or several -> "bad_value";
+    an empty answer -> "bad_value"; answer "NOTHINGTOBLANK" -> "nothing_to_blank". qid is
+    "{split}_{line number}" (list index for a JSON list); extra as `read_lsmdc_mc_tsv` ("times" holds the
+    TSV middle fields, empty for JSON).
+    """
+    col = _Collector(path, bad)
+    for number, raw_video, raw_sentence, raw_answer, times in _fib_rows(path, col):
+        video, reason = _clean_id(raw_video)
+        if reason:
+            col.skip(reason)
+            continue
+        sentence, reason = _clean_text(raw_sentence)
+        if reason:
+            col.skip(reason)
+            continue
+        if raw_answer is None:
+            col.skip("missing_field")
+            continue
+        answer, reason = _clean_text(raw_answer)
+        if reason == "empty_caption":
+            reason = "bad_value"
+        elif reason is None and answer.upper() == "NOTHINGTOBLANK":
+            reason = "nothing_to_blank"
+        if reason:
+            col.skip(reason)
+            continue
+        if not all(_is_valid_utf8(t) for t in times):
+            col.skip("non_utf8")
+            continue
+        if len(_BLANK_RUN.findall(sentence)) != 1:
+            col.skip("bad_value")
+            continue
+        question = _BLANK_RUN.sub(FIB_BLANK, sentence)
+        col.add(QAExample(video, question, answer, qid=f"{split}_{number}", extra=_lsmdc_extra(video, split, times)))
+    return col.done()
+
+
 # ----------------------------------------------------------------------------- answer vocabularies
 
 
@@ -719,3 +863,64 @@ def answer_coverage(examples: Iterable[QAExample], vocab: Mapping[str, int] | It
     if total == 0:
         raise ValueError("answer_coverage needs at least one example")
     return hits / total
+
+
+# ----------------------------------------------------------------------------- one entry point for QA files
+
+_TGIF_SOURCE_TASKS = {"tgif_frame": "frameqa", "tgif_action": "action", "tgif_transition": "transition",
+                      "tgif_count": "count"}
+
+
+def read_qa_examples(
+    source: str,
+    path: PathLike,
+    split: str,
+    *,
+    mapping_path: PathLike | None = None,
+    bad: collections.Counter | None = None,
+) -> Records:
+    """QAExamples of one QA file of `source` (one of QA_SOURCES), through that source's reader.
+
+    `mapping_path` is msvd_youtube_mapping.txt, used (and only accepted) for "msvd_qa": with it
+    MSVD-QA videos are clip names, without it "vid{N}".
+    """
+    if source not in QA_SOURCES:
+        raise ValueError(f"unknown QA source {source!r}; choose one of {QA_SOURCES}")
+    if mapping_path is not None and source != "msvd_qa":
+        raise ValueError(f"mapping_path is only used by 'msvd_qa' (msvd_youtube_mapping.txt), not {source!r}")
+    if source == "msrvtt_qa":
+        return read_msrvtt_qa_jsonl(path, split=split, bad=bad)
+    if source == "msvd_qa":
+        return read_msvd_qa(path, mapping_path=mapping_path, split=split, bad=bad)
+    if source in _TGIF_SOURCE_TASKS:
+        return read_tgif_qa_tsv(path, task=_TGIF_SOURCE_TASKS[source], split=split, bad=bad)
+    if source == "lsmdc_mc":
+        return read_lsmdc_mc_tsv(path, split=split, bad=bad)
+    if source == "lsmdc_fib":
+        return read_lsmdc_fib(path, split=split, bad=bad)
+    return read_msrvtt_mc_jsonl(path, split=split, bad=bad)
+
+
+def read_qa_videos(
+    source: str,
+    path: PathLike,
+    split: str,
+    *,
+    mapping_path: PathLike | None = None,
+    bad: collections.Counter | None = None,
+) -> Records:
+    """The unique videos of a QA file, first-seen order, as caption-less VideoText (the clips to build).
+
+    extra["video_id"] is the QA file's video id verbatim (the built clip's id, so QA rows join to it
+    even when the id has dots, as LSMDC's do); extra["relpath"] is kept when the reader gave one.
+    `.bad` counts the QA rows the reader skipped.
+    """
+    examples = read_qa_examples(source, path, split, mapping_path=mapping_path, bad=bad)
+    videos: dict[str, VideoText] = {}
+    for ex in examples:
+        if ex.video not in videos:
+            extra = {"video_id": ex.video}
+            if ex.extra.get("relpath"):
+                extra["relpath"] = ex.extra["relpath"]
+            videos[ex.video] = VideoText(ex.video, [], split, extra)
+    return Records(videos.values(), bad=collections.Counter(examples.bad))

