@@ -17,7 +17,7 @@ from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
 
 SYNTHETIC = "synthetic"
-QA_TASKS = ("qa_open_ended", "qa_multiple_choice")
+QA_TASKS = ("qa_open_ended", "qa_multiple_choice", "qa_fill_in_blank")
 
 
 def cache_dir(data_cfg: Any) -> pathlib.Path:
@@ -101,15 +101,43 @@ def train_mixture(data_cfg: Any) -> MixtureConfig:
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
 
 
-def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
-    """Synthetic VideoQA items of `split` for `config.task` (`config.qa`: dataset, seed, text_length,
-    mc_format, mc_per_clip) and facts for evaluation: info["answers"] (answer text per item; for
-    multiple choice the true option), info["kinds"], and for open-ended info["vocab"] (the
-    `num_answers` most frequent answers of `config.data.split`) and info["train_answers"]."""
-    from data_pipelines import synthetic_qa as sqa
+def qa_eval_input(config: Any) -> InputConfig:
+    """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views."""
+    dataset = qa_clips_folder(config, config.eval.split)
+    return eval_input(config.eval, config.data, dataset).replace(num_views=config.eval.get("num_views", 1))
 
+
+def qa_clips_folder(config: Any, split: str) -> str:
+    """The clips of a QA split: `config.qa.eval_dataset` for the eval split when set (a folder built by
+    `prepare --format qa` holds one split), else `config.qa.dataset`."""
+    name = config.qa.get("eval_dataset", "") if split == config.eval.split else ""
+    return resolve_dataset(name or config.qa.dataset, config.data)
+
+
+def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
+    """VideoQA items of `split` for `config.task` and facts for evaluation: info["answers"] and
+    info["kinds"] per item (answer text, for multiple choice the true option; question kind),
+    info["missing_kinds"] (questions whose clip is not in the split: scored wrong), and for open-ended
+    tasks info["vocab"] and info["train_answers"] (for the majority baseline; may be empty).
+
+    `config.qa.source` "synthetic" asks attribute questions about the synthetic clips; any other source
+    of `data_pipelines.qa_tasks.SOURCE_TASKS` reads `config.qa.train_file` (for `config.data.split`) or
+    `config.qa.eval_file` (for `config.eval.split`) and matches the questions to the clips of
+    `qa_clips_folder` (prepared folders)."""
     if config.task not in QA_TASKS:
         raise ValueError(f"config.task={config.task!r} is not a QA task {QA_TASKS}")
+    source = config.qa.get("source", SYNTHETIC)
+    if source == SYNTHETIC:
+        return _synthetic_qa_items(config, split, num_answers)
+    return _annotated_qa_items(config, source, split, num_answers)
+
+
+def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
+    from data_pipelines import synthetic_qa as sqa
+
+    if config.task == "qa_fill_in_blank":
+        raise ValueError("qa.source='synthetic' has no fill-in-the-blank questions; use qa_open_ended or "
+                         "qa_multiple_choice, or qa.source='lsmdc_fib'")
     qa = config.qa
     folder = resolve_dataset(qa.dataset, config.data)
     attributes = sqa.clip_attributes(folder, split)
@@ -124,7 +152,7 @@ def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, di
         items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids, mask,
                         sqa.answer_indices(answers, vocab))
         return items, dict(answers=answers, kinds=[q.kind for q in questions], vocab=vocab,
-                           train_answers=[q.answer for q in train])
+                           train_answers=[q.answer for q in train], missing_kinds=[])
     per_clip = qa.mc_per_clip if split == config.data.split else 1
     questions = sqa.multiple_choice_questions(attributes, qa.seed, per_clip)
     k = sqa.NUM_OPTIONS
@@ -132,13 +160,77 @@ def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, di
     ids, mask = sqa.encode_texts(texts, qa.text_length)
     items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids.reshape(len(questions), k, -1),
                     mask.reshape(len(questions), k, -1), np.asarray([q.answer_index for q in questions], np.int32))
-    return items, dict(answers=[q.options[q.answer_index] for q in questions], kinds=["mc"] * len(questions))
+    return items, dict(answers=[q.options[q.answer_index] for q in questions], kinds=["mc"] * len(questions),
+                       missing_kinds=[])
+
+
+def _qa_file(config: Any, split: str) -> str:
+    key = "train_file" if split == config.data.split else "eval_file" if split == config.eval.split else None
+    if key is None:
+        raise ValueError(f"split {split!r} is neither config.data.split ({config.data.split!r}) nor "
+                         f"config.eval.split ({config.eval.split!r}): no QA annotation file for it")
+    path = config.qa.get(key, "")
+    if not path:
+        raise ValueError(f"set --config.qa.{key} to the {config.qa.source} annotation file of split {split!r}")
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.qa.{key}={path} does not exist")
+    return path
+
+
+def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
+    from data_pipelines import annotations, builder, qa_tasks
+
+    if source not in qa_tasks.SOURCE_TASKS:
+        raise ValueError(f"config.qa.source={source!r}; valid: 'synthetic', {sorted(qa_tasks.SOURCE_TASKS)}")
+    if config.task != qa_tasks.SOURCE_TASKS[source]:
+        raise ValueError(f"qa.source={source!r} is a {qa_tasks.SOURCE_TASKS[source]} task, but config.task="
+                         f"{config.task!r}; set --config.task={qa_tasks.SOURCE_TASKS[source]}")
+    qa = config.qa
+    mapping = os.path.expanduser(qa.get("msvd_mapping", "")) or None
+
+    def read(which_split: str) -> list:
+        return list(annotations.read_qa_examples(source, _qa_file(config, which_split), which_split,
+                                                 mapping_path=mapping))
+
+    folder = qa_clips_folder(config, split)
+    examples = read(split)
+    clip_ids = builder.split_index(folder, split).video_id
+    info: dict[str, Any] = {}
+    if config.task == "qa_multiple_choice":
+        shuffle = qa.seed if split == config.data.split else None
+        result = qa_tasks.multiple_choice_items(examples, clip_ids, qa.text_length, qa.mc_format, source=source,
+                                                split=split, shuffle_seed=shuffle)
+        vocab = None
+    else:
+        if num_answers < 1:
+            raise ValueError(f"{source} needs model.overrides.num_answers >= 1 (the answer-vocabulary size)")
+        train = examples if split == config.data.split else (read(config.data.split) if qa.get("train_file") else [])
+        if qa.get("answer_vocab"):
+            vocab = qa_tasks.load_answer_vocab(os.path.expanduser(qa.answer_vocab))
+        elif train:
+            vocab = qa_tasks.top_answers(train, num_answers)
+        else:
+            raise ValueError(f"{source}: set config.qa.answer_vocab (a vocabulary file) or config.qa.train_file "
+                             "(its most frequent answers) to fix the answer vocabulary")
+        if len(vocab) != num_answers:
+            raise ValueError(f"the answer vocabulary has {len(vocab)} answers but model.overrides.num_answers="
+                             f"{num_answers}; set --config.model.overrides.num_answers={len(vocab)}")
+        result = qa_tasks.open_ended_items(examples, clip_ids, vocab, qa.text_length, source=source, split=split,
+                                           fill_in_blank=config.task == "qa_fill_in_blank")
+        info.update(vocab=vocab, train_answers=[ex.answer for ex in train])
+    import jax
+
+    if jax.process_index() == 0:
+        print(qa_tasks.coverage_line(result, source, split, vocab), flush=True)
+    info.update(answers=result.answers, kinds=result.kinds, missing_kinds=result.missing_kinds)
+    return result.items, info
 
 
 def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
     """(name, global batch) per step from `start_step`, like `make_mixture_iterator` for one QA source."""
     from data_pipelines.input_pipeline import device_iterator, make_qa_train_dataset, numpy_batches
 
-    cfg = train_input(config.data, resolve_dataset(config.qa.dataset, config.data))
+    cfg = train_input(config.data, qa_clips_folder(config, config.data.split))
     for batch in device_iterator(numpy_batches(make_qa_train_dataset(cfg, items, start_step)), sharding, cfg.prefetch):
         yield "qa", batch

@@ -9,9 +9,11 @@ median and mean rank are computed over the full similarity matrix (`evaluators.r
 multiple captions per video. Results go to `WORKDIR/eval/retrieval_step{N}.json` and a report
 `WORKDIR/eval/retrieval_step{N}.html` with the top-5 clips of sampled queries as thumbnail strips.
 
-For a VideoQA run (config.task "qa_open_ended" / "qa_multiple_choice") it scores every question of the
-eval split instead (`evaluate_qa`): accuracy (answers outside the vocabulary count wrong, never dropped)
-next to the majority-answer baseline or 1/K chance, into `WORKDIR/eval/qa_step{N}.json`.
+For a VideoQA run (config.task "qa_open_ended" / "qa_multiple_choice" / "qa_fill_in_blank") it scores every
+question of the eval split instead (`evaluate_qa`): accuracy overall and per question kind (answers
+outside the vocabulary and questions whose clip is missing count wrong, never dropped) next to the
+majority-answer baseline or 1/K chance, into `WORKDIR/eval/qa_step{N}.json`; `config.eval.num_views` > 1
+averages the Swin features of that many interleaved views per clip (TGIF multi-view testing).
 """
 from __future__ import annotations
 
@@ -129,8 +131,11 @@ def evaluate_retrieval(model_config: CloverConfig, params: Any, cfg: InputConfig
 QA_MODEL_INPUTS = ("video", "text_ids", "text_mask", "option_ids", "option_mask")
 
 
-def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: Any, batch_sharding: Any) -> np.ndarray:
-    """Answer logits (N, num_answers) or option scores (N, K) of every QA item, in item order."""
+def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: Any, batch_sharding: Any,
+              *, at_mask_token: bool = False) -> np.ndarray:
+    """Answer logits (N, num_answers) or option scores (N, K) of every QA item, in item order
+    (`at_mask_token`: open-ended logits read at the [MASK], for fill-in-the-blank). With
+    `cfg.num_views` > 1 each clip is seen as that many views whose Swin features are averaged."""
     from data_pipelines.input_pipeline import make_qa_eval_dataset
 
     model = Clover(model_config)
@@ -140,7 +145,7 @@ def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: 
                                          method=Clover.qa_multiple_choice)
     else:
         score = lambda p, b: model.apply({"params": p}, b["video"], b["text_ids"], b["text_mask"],  # noqa: E731
-                                         method=Clover.qa_open_ended)
+                                         at_mask_token=at_mask_token, method=Clover.qa_open_ended)
     score_fn = jax.jit(score, out_shardings=replicated)
     gather = jax.jit(lambda x: x, out_shardings=replicated)
     scores: dict[int, np.ndarray] = {}
@@ -158,33 +163,53 @@ def qa_scores(model_config: CloverConfig, params: Any, cfg: InputConfig, items: 
 
 def evaluate_qa(config: Any, model_config: CloverConfig, params: Any, batch_sharding: Any,
                 out_dir: pathlib.Path | None, step: int) -> dict[str, Any]:
-    """VideoQA accuracy on `config.eval.split`; prints it with its baseline; writes JSON on process 0."""
+    """VideoQA accuracy on `config.eval.split`, overall and per question kind, next to its baseline
+    (majority training answer, or 1/K); prints it and writes `qa_step{N}.json` on process 0.
+
+    Every question counts: an answer outside the vocabulary and a question whose clip is missing from
+    the split are both wrong. `accuracy_on_clips` is the accuracy over the questions that have a clip."""
     from clover_jax.evaluators import qa as qa_metrics
 
     items, info = data_glue.qa_items(config, config.eval.split, model_config.num_answers)
-    dataset = data_glue.resolve_dataset(config.qa.dataset, config.data)
-    scores = qa_scores(model_config, params, data_glue.eval_input(config.eval, config.data, dataset), items,
-                       batch_sharding)
+    cfg = data_glue.qa_eval_input(config)
+    scores = qa_scores(model_config, params, cfg, items, batch_sharding,
+                       at_mask_token=config.task == "qa_fill_in_blank")
     correct = np.argmax(scores, axis=1) == items.answer_index  # -1 (out of vocabulary) never matches
-    metrics: dict[str, Any] = dict(task=config.task, step=step, split=config.eval.split, num=len(items))
+    missing = list(info.get("missing_kinds", []))
+    total = len(items) + len(missing)
+    source = config.qa.get("source", data_glue.SYNTHETIC)
+    metrics: dict[str, Any] = dict(task=config.task, source=source, step=step, split=config.eval.split, num=total,
+                                   num_missing_clip=len(missing), num_views=cfg.num_views,
+                                   accuracy=float(100.0 * correct.sum() / total))
     if items.multiple_choice:
-        metrics["accuracy"] = qa_metrics.multiple_choice_qa_accuracy(scores, items.answer_index)
+        metrics["accuracy_on_clips"] = qa_metrics.multiple_choice_qa_accuracy(scores, items.answer_index)
         metrics["chance"] = 100.0 / scores.shape[1]
-        lines = [f"multiple-choice QA accuracy {metrics['accuracy']:.2f}% "
-                 f"(chance {metrics['chance']:.2f}%, {scores.shape[1]} options)"]
+        baseline = f"chance {metrics['chance']:.2f}%, {scores.shape[1]} options"
     else:
-        metrics.update(qa_metrics.open_ended_accuracy(scores, items.answer_index))
-        majority = qa_metrics.majority_baseline(info["train_answers"], info["answers"])
-        metrics.update(majority_baseline=majority["accuracy"], majority_answer=majority["answer"],
+        on_clips = qa_metrics.open_ended_accuracy(scores, items.answer_index)
+        metrics.update(accuracy_on_clips=on_clips["accuracy"], num_out_of_vocab=on_clips["num_out_of_vocab"],
                        vocab_size=len(info["vocab"]))
-        kinds = np.asarray(info["kinds"])
-        metrics["accuracy_by_kind"] = {k: float(100 * correct[kinds == k].mean()) for k in sorted(set(kinds))}
-        lines = [f"open-ended QA accuracy {metrics['accuracy']:.2f}% (majority answer {majority['answer']!r}: "
-                 f"{majority['accuracy']:.2f}%; {metrics['num_out_of_vocab']} answers outside the "
-                 f"{len(info['vocab'])}-answer vocabulary, counted wrong)",
-                 "  by question kind: " + ", ".join(f"{k} {v:.1f}%" for k, v in metrics["accuracy_by_kind"].items())]
-    print(f"VideoQA on {pathlib.Path(dataset).parent.name}/{config.eval.split}: {len(items)} questions, step {step}\n"
-          + "\n".join(lines), flush=True)
+        baseline = f"{on_clips['num_out_of_vocab']} answers outside the {len(info['vocab'])}-answer vocabulary"
+        if info.get("train_answers"):
+            majority = qa_metrics.majority_baseline(info["train_answers"], info["answers"] + [None] * len(missing))
+            metrics.update(majority_baseline=majority["accuracy"], majority_answer=majority["answer"])
+            baseline = f"majority answer {majority['answer']!r}: {majority['accuracy']:.2f}%; " + baseline
+    kinds = np.asarray(list(info["kinds"]) + missing)
+    hits = np.concatenate([correct, np.zeros(len(missing), bool)])
+    metrics["accuracy_by_kind"] = {k: float(100 * hits[kinds == k].mean()) for k in sorted(set(kinds.tolist()))}
+    metrics["num_by_kind"] = {k: int(np.sum(kinds == k)) for k in sorted(set(kinds.tolist()))}
+    name = {"qa_open_ended": "open-ended", "qa_multiple_choice": "multiple-choice",
+            "qa_fill_in_blank": "fill-in-the-blank"}[config.task]
+    lines = [f"{name} QA accuracy {metrics['accuracy']:.2f}% ({baseline}; counted wrong, never dropped)",
+             "  by question kind: " + ", ".join(f"{k} {v:.1f}% ({metrics['num_by_kind'][k]})"
+                                                for k, v in metrics["accuracy_by_kind"].items())]
+    if missing:
+        lines.append(f"  {len(missing)} of {total} questions have no clip in the split (scored wrong); "
+                     f"accuracy on the {len(items)} with a clip: {metrics['accuracy_on_clips']:.2f}%")
+    where = source if source != data_glue.SYNTHETIC else pathlib.Path(cfg.dataset).parent.name
+    views = f", {cfg.num_views} views" if cfg.num_views > 1 else ""
+    print(f"VideoQA {where}/{config.eval.split}: {total} questions, step {step}{views}\n" + "\n".join(lines),
+          flush=True)
     if out_dir is not None and jax.process_index() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"qa_step{step}.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))

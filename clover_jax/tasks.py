@@ -2,7 +2,8 @@
 
 `pretrain` is the paper's objective (tri-modal NCE + ranking + focal MLM, reference §2);
 `retrieval` is the symmetric InfoNCE of retrieval fine-tuning on the dual encoder (§5.1);
-`qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2).
+`qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2), and
+`qa_fill_in_blank` is open-ended QA read at the question's [MASK] token instead (LSMDC-FiB).
 """
 from __future__ import annotations
 
@@ -48,19 +49,26 @@ def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_rep
     return loss_fn
 
 
-def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+                          *, at_mask_token: bool = False) -> LossFn:
     """Cross-entropy over the answer vocabulary (`Clover.qa_open_ended`) on video, text_ids, text_mask,
     answer_index. Questions whose answer is outside the vocabulary (-1) are left out of the loss but
-    counted wrong in `accuracy`."""
+    counted wrong in `accuracy`. `at_mask_token` reads the head at each question's [MASK] (fill-in-the-blank)."""
     del loss_config, num_data_replicas
     model = Clover(model_config)
 
     def loss_fn(params, batch, rng):
         logits = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
-                             deterministic=False, rngs={"dropout": rng}, method=Clover.qa_open_ended)
+                             deterministic=False, at_mask_token=at_mask_token, rngs={"dropout": rng},
+                             method=Clover.qa_open_ended)
         return _classification_loss(logits, batch["answer_index"])
 
     return loss_fn
+
+
+def qa_fill_in_blank_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+    """LSMDC fill-in-the-blank: the open-ended cross-entropy with the head on the fused [MASK] state."""
+    return qa_open_ended_loss_fn(model_config, loss_config, num_data_replicas, at_mask_token=True)
 
 
 def qa_multiple_choice_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:

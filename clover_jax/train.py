@@ -137,8 +137,10 @@ def _loss_fn(run: Run, config: ml_collections.ConfigDict):
         return tasks.qa_open_ended_loss_fn(run.model_config, config.loss, replicas)
     if config.task == "qa_multiple_choice":
         return tasks.qa_multiple_choice_loss_fn(run.model_config, config.loss, replicas)
+    if config.task == "qa_fill_in_blank":
+        return tasks.qa_fill_in_blank_loss_fn(run.model_config, config.loss, replicas)
     raise ConfigError(f"config.task={config.task!r}; valid: 'pretrain', 'retrieval', 'qa_open_ended', "
-                      "'qa_multiple_choice'")
+                      "'qa_multiple_choice', 'qa_fill_in_blank'")
 
 
 def _initial_state(run: Run, config, workdir: pathlib.Path, tx, manager, state_shardings) -> tuple[TrainState, str]:
@@ -223,7 +225,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     run = setup_run(config)
-    mixture = data_glue.train_mixture(config.data)
     total = config.total_steps
     if total < 1:
         raise ConfigError(f"total_steps={total} must be >= 1")
@@ -243,7 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         qa_items, _ = data_glue.qa_items(config, config.data.split, run.model_config.num_answers)
         batches = data_glue.qa_train_batches(config, qa_items, start, run.batch_sharding)
     else:
-        batches = make_mixture_iterator(mixture, start, run.batch_sharding)
+        batches = make_mixture_iterator(data_glue.train_mixture(config.data), start, run.batch_sharding)
     writer = MetricWriter(workdir)
     stop = _StopRequest()
     last_good = manager.latest_step()

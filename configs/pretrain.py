@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         seed=0, prefetch=2,
     )
     c.eval = dict(dataset="synthetic", split="test", batch_size=32, num_frames=4, image_size=56,
-                  text_length=16, report_queries=20)
+                  text_length=16, report_queries=20, num_views=1)
 
     c.optim = default_optim_config()
     c.optim.lr = 1e-3

@@ -65,6 +65,8 @@ class InputConfig:
     mean / std: per-channel normalisation on the 0..255 scale (reference: ImageNet values).
     mask: video block masks (training; eval batches carry an all-zero mask unless eval_video_mask).
     text: tokenisation + MLM masking of the caption (`text_masking.TextMaskingConfig`).
+    num_views: eval only: V > 1 gives (V, T, S, S, 3) clips, V interleaved views of T frames taken from
+      V*T uniform frames (view v holds frames v, v+V, ...); TGIF multi-view testing (reference §5.2).
     seed: fixes the whole stream. shuffle: False walks examples in storage order every epoch.
     prefetch: batches prepared ahead by tf.data and, separately, put on device ahead.
     num_parallel_calls: tf.data map parallelism (-1 = AUTOTUNE). threads: private tf.data threadpool
@@ -83,6 +85,7 @@ class InputConfig:
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     mask: BlockMaskConfig = BlockMaskConfig()
     eval_video_mask: bool = False
+    num_views: int = 1
     text: TextMaskingConfig = TextMaskingConfig()
     seed: int = 0
     shuffle: bool = True
@@ -95,6 +98,8 @@ class InputConfig:
             raise ValueError(f"InputConfig.batch_size must be >= 1, got {self.batch_size}")
         if self.num_frames < 1:
             raise ValueError(f"InputConfig.num_frames must be >= 1, got {self.num_frames}")
+        if self.num_views < 1:
+            raise ValueError(f"InputConfig.num_views must be >= 1, got {self.num_views}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"InputConfig.flip_prob must be in [0, 1], got {self.flip_prob}")
         token_grid_size(self.image_size, self.mask)  # raises a clear error when the grid does not fit
@@ -288,10 +293,11 @@ def _crop_window(height, width, cfg: InputConfig, train: bool, seed):
 
 def _decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
     """Sampled, decoded, cropped, resized, flipped, normalised float32 (T, S, S, 3) frames of a parsed example
-    (`aug_seeds`: 3 stateless seeds for frame sampling, crop and flip)."""
+    (`aug_seeds`: 3 stateless seeds for frame sampling, crop and flip); (V, T, S, S, 3) for V eval views."""
     import tensorflow as tf
 
-    indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, train, aug_seeds[0])
+    views = 1 if train else cfg.num_views
+    indices = sample_frame_indices(ex["num_frames"], cfg.num_frames * views, train, aug_seeds[0])
     jpegs = tf.gather(ex["frames"], indices)
     window = _crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
     frames = tf.map_fn(
@@ -304,6 +310,11 @@ def _decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
         flip = tf.random.stateless_uniform([], seed=aug_seeds[2]) < cfg.flip_prob
         video = tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)
     video = (video - tf.constant(cfg.mean, tf.float32)) / tf.constant(cfg.std, tf.float32)
+    if views > 1:  # frame t*V + v is frame t of view v
+        video = tf.transpose(tf.reshape(video, [cfg.num_frames, views, cfg.image_size, cfg.image_size, 3]),
+                             [1, 0, 2, 3, 4])
+        video.set_shape([views, cfg.num_frames, cfg.image_size, cfg.image_size, 3])
+        return video
     video.set_shape([cfg.num_frames, cfg.image_size, cfg.image_size, 3])
     return video
 

@@ -209,11 +209,24 @@ class Clover(nn.Module):
         return {k: x.astype(jnp.float32) for k, x in out.items()}
 
     # ---- downstream: retrieval and VideoQA ----------------------------------------------------
+    def video_features(self, video: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
+        """Swin features (B, T', H', W', C) of (B, T, H, W, 3) clips, or of (B, V, T, H, W, 3) clips seen
+        as V views (TGIF multi-view testing, reference §5.2): each view is encoded and the V feature maps
+        are averaged before fusion."""
+        if video.ndim == 5:
+            return self.encode_video(video, deterministic=deterministic)[0]
+        if video.ndim != 6:
+            raise ValueError(f"video must be (B, T, H, W, 3) or (B, V, T, H, W, 3), got shape {video.shape}")
+        b, views = video.shape[:2]
+        features = self.encode_video(video.reshape(b * views, *video.shape[2:]), deterministic=deterministic)[0]
+        return features.reshape(b, views, *features.shape[1:]).mean(axis=1)
+
     def fused_cls(
         self, video: jnp.ndarray, ids: jnp.ndarray, mask: jnp.ndarray, *, deterministic: bool = True
     ) -> jnp.ndarray:
-        """Fused text states (B, L, H) of Fuse(Swin(video), BERT(text)); [CLS] at position 0."""
-        features, _ = self.encode_video(video, deterministic=deterministic)
+        """Fused text states (B, L, H) of Fuse(Swin(video), BERT(text)); [CLS] at position 0.
+        `video` is (B, T, H, W, 3) or (B, V, T, H, W, 3) for V test views (see `video_features`)."""
+        features = self.video_features(video, deterministic=deterministic)
         states, _ = self.encode_text(ids, mask, deterministic=deterministic)
         return self.fuse(features, states, mask, deterministic=deterministic)[1]
 
@@ -235,17 +248,14 @@ class Clover(nn.Module):
 
     def qa_multiple_choice(
         self, video: jnp.ndarray, option_ids: jnp.ndarray, option_mask: jnp.ndarray,
-        *, deterministic: bool = True, video_features: jnp.ndarray | None = None,
+        *, deterministic: bool = True,
     ) -> jnp.ndarray:
         """Scores (B, K) of K option texts (B, K, L) per clip; softmax over K is the MC prediction.
-
-        `video_features` (B, T', H', W', C) may be given instead of re-encoding (e.g. the mean of
-        several views' Swin features for TGIF multi-view testing)."""
+        `video` may carry V test views (B, V, T, H, W, 3): their Swin features are averaged."""
         if not self.config.multiple_choice:
             raise ValueError("model.multiple_choice is False: enable it for multiple-choice QA")
         b, k, length = option_ids.shape
-        if video_features is None:
-            video_features, _ = self.encode_video(video, deterministic=deterministic)
+        video_features = self.video_features(video, deterministic=deterministic)
         states, _ = self.encode_text(option_ids.reshape(b * k, length), option_mask.reshape(b * k, length),
                                      deterministic=deterministic)
         feats = jnp.repeat(video_features, k, axis=0)

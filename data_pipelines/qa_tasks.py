@@ -1,0 +1,224 @@
+"""VideoQA items from annotation files: the QA examples of one source -> `QAItems` over the clips of a built split.
+
+A source (`annotations.read_qa_examples`) names a task of reference §5.2:
+  open-ended       msrvtt_qa, msvd_qa, tgif_frame: the question alone, answer index in a vocabulary
+                   (a file such as MSRVTT-QA's `msrvtt_train_ans2label.json` / MSVD-QA's
+                   `msvd_answer_set.txt`, or the most frequent training answers); -1 = out of vocabulary.
+  multiple choice  tgif_action, tgif_transition, lsmdc_mc: one text per option, §5.2's
+                   question + " Options: " + all options + " Answer: " + option ("full") or the option
+                   alone ("caption"); a text too long for `text_length` loses the end of its option list,
+                   never its " Answer: option" tail.
+  fill-in-blank    lsmdc_fib: the sentence with its "_____" blank as the [MASK] token, answer index in a
+                   vocabulary; a long sentence is cut around the [MASK], which always stays.
+
+Questions are matched to clips by video id (the `video_id` the builder stored; MSVD-QA needs its
+`msvd_youtube_mapping.txt` so "vidN" becomes the clip name). A question whose clip is not in the split
+is not an item: it is returned in `missing_kinds`, and evaluation counts it wrong (never dropped).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import pathlib
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from data_pipelines.annotations import QAExample, read_ans2label, read_answer_set
+from data_pipelines.input_pipeline import QAItems
+
+SOURCE_TASKS: dict[str, str] = {
+    "msrvtt_qa": "qa_open_ended", "msvd_qa": "qa_open_ended", "tgif_frame": "qa_open_ended",
+    "tgif_action": "qa_multiple_choice", "tgif_transition": "qa_multiple_choice",
+    "lsmdc_mc": "qa_multiple_choice", "lsmdc_fib": "qa_fill_in_blank",
+}
+MC_FORMATS = ("full", "caption")
+BLANK = "_____"
+QUESTION_WORDS = ("what", "who", "how", "when", "where", "which", "why", "whose", "whom")
+
+
+@dataclasses.dataclass(frozen=True)
+class QASplit:
+    """The items of one split and what evaluation needs about them.
+
+    items: the questions whose clip is in the split, in annotation order. answers / kinds: per item, the
+    answer text (multiple choice: the true option) and the question kind used for per-kind accuracy.
+    missing_kinds: the kind of every question whose clip is not in the split (scored wrong).
+    num_truncated: texts cut to fit the text length.
+    """
+
+    items: QAItems
+    answers: list[str]
+    kinds: list[str]
+    missing_kinds: list[str]
+    num_truncated: int
+
+
+def question_kind(example: QAExample, source: str) -> str:
+    """The per-kind accuracy bucket: MSRVTT-QA's answer_type, TGIF-Frame's type, the TGIF task, else the
+    question's first word when it is a question word (MSVD-QA), else the source."""
+    extra = example.extra or {}
+    for key in ("answer_type", "type"):
+        if extra.get(key):
+            return str(extra[key])
+    if source.startswith("tgif_") and extra.get("task"):
+        return str(extra["task"])
+    words = example.question.lower().split()
+    return words[0] if words and words[0] in QUESTION_WORDS else source
+
+
+def load_answer_vocab(path: str | pathlib.Path) -> tuple[str, ...]:
+    """Answers ordered by label from an `{answer: label}` JSON (MSRVTT-QA) or a one-per-line list (MSVD-QA)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"answer vocabulary {path} does not exist (set qa.answer_vocab, or '' for the "
+                                "most frequent training answers)")
+    labels = read_ans2label(path) if path.suffix == ".json" else read_answer_set(path)
+    return tuple(sorted(labels, key=labels.__getitem__))
+
+
+def top_answers(examples: Sequence[QAExample], num_answers: int) -> tuple[str, ...]:
+    """The `num_answers` most frequent answers (ties alphabetical), e.g. TGIF-Frame's 1,540."""
+    if num_answers < 1:
+        raise ValueError(f"num_answers must be >= 1, got {num_answers}")
+    counts = collections.Counter(ex.answer for ex in examples)
+    return tuple(a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:num_answers])
+
+
+def _clip_positions(examples: Sequence[QAExample], clip_ids: Sequence[str], source: str, split: str
+                    ) -> list[int | None]:
+    position: dict[str, int] = {}
+    for i, vid in enumerate(clip_ids):
+        position.setdefault(vid, i)
+    found = [position.get(ex.video) for ex in examples]
+    if examples and all(p is None for p in found):
+        hint = " (MSVD-QA: set qa.msvd_mapping to msvd_youtube_mapping.txt)" if source == "msvd_qa" else ""
+        raise ValueError(f"none of the {len(examples)} {source} questions refers to a clip of split {split!r}: "
+                         f"e.g. video {examples[0].video!r}, while the clips are named like "
+                         f"{list(clip_ids[:3])}{hint}. Build the clips with `python -m data_pipelines.prepare`.")
+    return found
+
+
+class _Tokens:
+    """WordPiece ids of texts (no special tokens) and the [CLS] ... [SEP] [PAD] row layout."""
+
+    def __init__(self):
+        from data_pipelines.text_masking import load_tokenizer
+
+        self.tok = load_tokenizer()
+
+    def ids(self, text: str) -> list[int]:
+        return [int(i) for i in self.tok.tokenize(text)[0]] if text else []
+
+    def rows(self, token_lists: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.full((len(token_lists), max_length), self.tok.pad_id, np.int32)
+        mask = np.zeros((len(token_lists), max_length), np.int32)
+        for row, tokens in enumerate(token_lists):
+            n = len(tokens)
+            ids[row, 0], ids[row, 1:n + 1], ids[row, n + 1] = self.tok.cls_id, tokens, self.tok.sep_id
+            mask[row, :n + 2] = 1
+        return ids, mask
+
+
+def _check_length(text_length: int) -> None:
+    if text_length < 4:
+        raise ValueError(f"qa.text_length={text_length} is too short for [CLS] text [SEP]; use >= 4")
+
+
+def _fill_in_blank_tokens(tokens: _Tokens, question: str, budget: int) -> tuple[list[int], bool]:
+    """Tokens of `question` with its blank as [MASK]; cut around the [MASK] to `budget` tokens."""
+    if question.count(BLANK) != 1:
+        raise ValueError(f"a fill-in-the-blank question needs exactly one {BLANK!r}: {question!r}")
+    before, after = question.split(BLANK)
+    left, right = tokens.ids(before), tokens.ids(after)
+    room = budget - 1
+    if len(left) + len(right) <= room:
+        return left + [tokens.tok.mask_id] + right, False
+    keep_right = min(len(right), max(room // 2, room - len(left)))
+    keep_left = room - keep_right
+    return left[len(left) - keep_left:] + [tokens.tok.mask_id] + right[:keep_right], True
+
+
+def open_ended_items(examples: Sequence[QAExample], clip_ids: Sequence[str], vocab: Sequence[str],
+                     text_length: int, *, source: str, split: str, fill_in_blank: bool = False) -> QASplit:
+    """Open-ended (or, with `fill_in_blank`, [MASK]-position) items: (L,) question tokens, answer index in
+    `vocab` or -1 (outside it: never trained on, always scored wrong)."""
+    _check_length(text_length)
+    tokens = _Tokens()
+    found = _clip_positions(examples, clip_ids, source, split)
+    answer_of = {a: i for i, a in enumerate(vocab)}
+    kept, token_lists, truncated = [], [], 0
+    for ex, clip in zip(examples, found):
+        if clip is None:
+            continue
+        if fill_in_blank:
+            ids, cut = _fill_in_blank_tokens(tokens, ex.question, text_length - 2)
+        else:
+            ids = tokens.ids(ex.question)
+            cut = len(ids) > text_length - 2
+            ids = ids[: text_length - 2]
+        truncated += cut
+        kept.append((ex, clip))
+        token_lists.append(ids)
+    ids, mask = tokens.rows(token_lists, text_length)
+    items = QAItems(np.asarray([c for _, c in kept], np.int32), ids, mask,
+                    np.asarray([answer_of.get(ex.answer, -1) for ex, _ in kept], np.int32))
+    return QASplit(items, [ex.answer for ex, _ in kept], [question_kind(ex, source) for ex, _ in kept],
+                   [question_kind(ex, source) for ex, c in zip(examples, found) if c is None], truncated)
+
+
+def _option_tokens(tokens: _Tokens, question: str, options: Sequence[str], option: str, fmt: str,
+                   budget: int) -> tuple[list[int], bool]:
+    if fmt == "caption":
+        ids = tokens.ids(option)
+        return ids[:budget], len(ids) > budget
+    head = tokens.ids(f"{question} Options: {'. '.join(options)}.".strip())
+    tail = tokens.ids(f"Answer: {option}")
+    if len(head) + len(tail) <= budget:
+        return head + tail, False
+    tail = tail[:budget]
+    return head[: budget - len(tail)] + tail, True
+
+
+def multiple_choice_items(examples: Sequence[QAExample], clip_ids: Sequence[str], text_length: int, fmt: str,
+                          *, source: str, split: str, shuffle_seed: int | None = None) -> QASplit:
+    """K-option items: (K, L) option texts and the true option's index. `shuffle_seed` permutes each item's
+    options (seeded per item) — for training files that always list the truth first (LSMDC-MC)."""
+    if fmt not in MC_FORMATS:
+        raise ValueError(f"qa.mc_format={fmt!r}; valid: {MC_FORMATS}")
+    _check_length(text_length)
+    tokens = _Tokens()
+    found = _clip_positions(examples, clip_ids, source, split)
+    ks = {len(ex.options or ()) for ex in examples}
+    if len(ks) != 1 or 0 in ks:
+        raise ValueError(f"{source} {split}: every multiple-choice item needs the same number of options, got {ks}")
+    kept, token_lists, answers, truncated = [], [], [], 0
+    for n, (ex, clip) in enumerate(zip(examples, found)):
+        if clip is None:
+            continue
+        order = (np.random.default_rng([shuffle_seed, n]).permutation(len(ex.options)) if shuffle_seed is not None
+                 else np.arange(len(ex.options)))
+        options = [ex.options[i] for i in order]
+        for option in options:
+            ids, cut = _option_tokens(tokens, ex.question, options, option, fmt, text_length - 2)
+            token_lists.append(ids)
+            truncated += cut
+        kept.append((ex, clip))
+        answers.append(int(np.flatnonzero(order == ex.answer_index)[0]))
+    k = ks.pop()
+    ids, mask = tokens.rows(token_lists, text_length)
+    items = QAItems(np.asarray([c for _, c in kept], np.int32), ids.reshape(len(kept), k, text_length),
+                    mask.reshape(len(kept), k, text_length), np.asarray(answers, np.int32))
+    return QASplit(items, [ex.answer for ex, _ in kept], [question_kind(ex, source) for ex, _ in kept],
+                   [question_kind(ex, source) for ex, c in zip(examples, found) if c is None], truncated)
+
+
+def coverage_line(split_result: QASplit, source: str, split: str, vocab: Mapping | Sequence | None = None) -> str:
+    """One printed line: questions, those with a clip, out-of-vocabulary answers, truncated texts."""
+    n_items, n_missing = len(split_result.items), len(split_result.missing_kinds)
+    line = (f"{source} {split}: {n_items + n_missing} questions, {n_items} with their clip, {n_missing} without "
+            f"(scored wrong)")
+    if vocab is not None:
+        oov = int(np.sum(split_result.items.answer_index < 0))
+        line += f", {oov} answers outside the {len(vocab)}-answer vocabulary (scored wrong)"
+    return line + f", {split_result.num_truncated} texts cut to fit"
