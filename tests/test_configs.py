@@ -9,7 +9,10 @@ from clover_jax.train import load_config_file, model_config_from
 FILES = ["configs/pretrain.py", "configs/pretrain.py:tiny", "configs/pretrain.py:base",
          "configs/qa_synthetic.py:open", "configs/qa_synthetic.py:mc",
          "configs/finetune_retrieval.py:msrvtt", "configs/finetune_retrieval.py:didemo",
-         "configs/finetune_retrieval.py:lsmdc", "configs/finetune_retrieval.py:demo"]
+         "configs/finetune_retrieval.py:lsmdc", "configs/finetune_retrieval.py:demo",
+         *(f"configs/finetune_qa.py:{t}" for t in ("msrvtt_qa", "msvd_qa", "tgif_frame", "tgif_action",
+                                                    "tgif_transition", "lsmdc_mc", "lsmdc_fib")),
+         "configs/finetune_qa.py:msvd_qa,tiny"]
 
 
 @pytest.mark.parametrize("spec", FILES)
@@ -27,6 +30,21 @@ def test_retrieval_finetuning_accepts_the_base_pretraining_params(variant):
     shapes = lambda spec: {k: v.shape for k, v in flatten(abstract_params(  # noqa: E731
         model_config_from(load_config_file(spec)))).items()}
     assert shapes(f"configs/finetune_retrieval.py:{variant}") == shapes("configs/pretrain.py:base")
+
+
+@pytest.mark.parametrize("variant", ["msrvtt_qa", "tgif_action"])
+def test_qa_finetuning_loads_every_base_pretraining_tensor(variant):
+    """init_from the base pre-training run fills everything but the fresh QA head."""
+    shapes = lambda spec: {k: v.shape for k, v in flatten(abstract_params(  # noqa: E731
+        model_config_from(load_config_file(spec)))).items()}
+    qa = shapes(f"configs/finetune_qa.py:{variant}")
+    head = {k for k in qa if k.split("/")[0] in ("qa_head", "mc_head")}
+    assert head and {k: v for k, v in qa.items() if k not in head} == shapes("configs/pretrain.py:base")
+
+
+def test_qa_config_needs_exactly_one_task():
+    with pytest.raises(ValueError, match="exactly one"):
+        load_config_file("configs/finetune_qa.py:tiny")
 
 
 def test_bad_variant_names_the_valid_ones():
