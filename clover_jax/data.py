@@ -110,8 +110,11 @@ def qa_eval_input(config: Any) -> InputConfig:
 def qa_clips_folder(config: Any, split: str) -> str:
     """The clips of a QA split: `config.qa.eval_dataset` for the eval split when set (a folder built by
     `prepare --format qa` holds one split), else `config.qa.dataset`."""
-    name = config.qa.get("eval_dataset", "") if split == config.eval.split else ""
-    return resolve_dataset(name or config.qa.dataset, config.data)
+    name = (config.qa.get("eval_dataset", "") if split == config.eval.split else "") or config.qa.dataset
+    if not name:
+        raise ValueError("no QA clips given: set --config.qa.dataset to the folder printed by "
+                         "`python -m data_pipelines.prepare` (or 'synthetic')")
+    return resolve_dataset(name, config.data)
 
 
 def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
