@@ -140,6 +140,26 @@ def _clean_id(value: Any) -> tuple[str | None, str | None]:
     return value, None
 
 
+def _cleaned_texts(col: "_Collector", values: Iterable[Any]) -> list[str] | None:
+    """The cleaned texts, or None with the first bad one's reason counted."""
+    cleaned = [_clean_text(v) for v in values]
+    for _, reason in cleaned:
+        if reason:
+            col.skip(reason)
+            return None
+    return [text for text, _ in cleaned]
+
+
+def _cleaned(col: "_Collector", video: Any, *texts: Any) -> tuple[str, ...] | None:
+    """(video id, *texts) cleaned, or None with the first bad field's reason counted (the id first)."""
+    video, reason = _clean_id(video)
+    if reason:
+        col.skip(reason)
+        return None
+    cleaned = _cleaned_texts(col, texts)
+    return None if cleaned is None else (video, *cleaned)
+
+
 def _jsonl_rows(path: PathLike, col: _Collector) -> Iterator[tuple[int, dict]]:
     """(line number, parsed object) per non-blank line; bad lines are counted, not yielded."""
     for lineno, line in enumerate(_read_text(path).splitlines()):
@@ -224,14 +244,10 @@ def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Count
     """
     col = _Collector(path, bad)
     for row in _csv_rows(path, required=("videoid", "name")):
-        video, reason = _clean_id(row.get("videoid"))
-        if reason:
-            col.skip(reason)
+        fields = _cleaned(col, row.get("videoid"), row.get("name"))
+        if fields is None:
             continue
-        caption, reason = _clean_text(row.get("name"))
-        if reason:
-            col.skip(reason)
-            continue
+        video, caption = fields
         page_dir = (row.get("page_dir") or "").strip()
         col.add(VideoText(video, [caption], split, {
             "relpath": f"{page_dir}/{video}.mp4" if page_dir else f"{video}.mp4",
@@ -337,14 +353,10 @@ def read_msrvtt_jsfusion_csv(
     """MSR-VTT 1k-A test CSV `key,vid_key,video_id,sentence` -> one VideoText (one caption) per row."""
     col = _Collector(path, bad)
     for row in _csv_rows(path, required=("video_id", "sentence")):
-        video, reason = _clean_id(row.get("video_id"))
-        if reason:
-            col.skip(reason)
+        fields = _cleaned(col, row.get("video_id"), row.get("sentence"))
+        if fields is None:
             continue
-        caption, reason = _clean_text(row.get("sentence"))
-        if reason:
-            col.skip(reason)
-            continue
+        video, caption = fields
         col.add(VideoText(video, [caption], split, {"key": row.get("key"), "vid_key": row.get("vid_key")}))
     return col.done()
 
@@ -371,14 +383,10 @@ def read_msrvtt_captions_json(
         if not isinstance(sent, dict):
             col.skip("bad_json")
             continue
-        video, reason = _clean_id(sent.get("video_id"))
-        if reason:
-            col.skip(reason)
+        fields = _cleaned(col, sent.get("video_id"), sent.get("caption"))
+        if fields is None:
             continue
-        caption, reason = _clean_text(sent.get("caption"))
-        if reason:
-            col.skip(reason)
-            continue
+        video, caption = fields
         grouped.setdefault(video, []).append(caption)
     for video in (video_ids if video_ids is not None else list(grouped)):
         if video not in grouped:
@@ -403,10 +411,8 @@ def read_msrvtt_mc_jsonl(path: PathLike, split: str = "test", bad: collections.C
         if not isinstance(options, list) or not options:
             col.skip("missing_field")
             continue
-        cleaned = [_clean_text(o) for o in options]
-        reasons = [r for _, r in cleaned if r]
-        if reasons:
-            col.skip(reasons[0])
+        opts = _cleaned_texts(col, options)
+        if opts is None:
             continue
         try:
             index = int(row.get("answer"))
@@ -416,7 +422,6 @@ def read_msrvtt_mc_jsonl(path: PathLike, split: str = "test", bad: collections.C
         if not 0 <= index < len(options):
             col.skip("bad_value")
             continue
-        opts = [o for o, _ in cleaned]
         col.add(QAExample(video, "", opts[index], opts, index, str(row.get("qid", "")),
                           {"title": row.get("title"), "split": split}))
     return col.done()
@@ -440,19 +445,8 @@ def read_msrvtt_qa_jsonl(path: PathLike, split: str = "val", bad: collections.Co
 
 def _open_ended(row: Mapping, video_key: str, col: _Collector) -> tuple[str, str, str] | None:
     """(video, question, answer) of an open-ended QA row, or None with the reason counted."""
-    video, reason = _clean_id(row.get(video_key))
-    if reason:
-        col.skip(reason)
-        return None
-    question, reason = _clean_text(row.get("question"))
-    if reason:
-        col.skip(reason)
-        return None
-    answer, reason = _clean_text(None if row.get("answer") is None else str(row.get("answer")))
-    if reason:
-        col.skip(reason)
-        return None
-    return video, question, answer
+    answer = row.get("answer")
+    return _cleaned(col, row.get(video_key), row.get("question"), None if answer is None else str(answer))
 
 
 def read_ans2label(path: PathLike) -> dict[str, int]:
@@ -574,14 +568,10 @@ def read_didemo_json(path: PathLike, split: str = "train", bad: collections.Coun
             if not isinstance(row, dict):
                 col.skip("bad_json")
                 continue
-            video, reason = _clean_id(row.get("video"))
-            if reason:
-                col.skip(reason)
+            fields = _cleaned(col, row.get("video"), row.get("description"))
+            if fields is None:
                 continue
-            sentence, reason = _clean_text(row.get("description"))
-            if reason:
-                col.skip(reason)
-                continue
+            video, sentence = fields
             entry = grouped.setdefault(video, {"sentences": [], "times": []})
             entry["sentences"].append(sentence)
             entry["times"].append(row.get("times"))
@@ -611,14 +601,10 @@ def read_lsmdc_tsv(path: PathLike, split: str = "train", bad: collections.Counte
         if len(fields) < 2:
             col.skip("missing_field")
             continue
-        video, reason = _clean_id(fields[0])
-        if reason:
-            col.skip(reason)
+        cleaned = _cleaned(col, fields[0], fields[-1])
+        if cleaned is None:
             continue
-        caption, reason = _clean_text(fields[-1])
-        if reason:
-            col.skip(reason)
-            continue
+        video, caption = cleaned
         movie = video.rsplit("_", 1)[0]
         col.add(VideoText(video, [caption], split, {
             "movie": movie, "relpath": f"{movie}/{video}.avi", "times": fields[1:-1],
@@ -692,13 +678,10 @@ def read_tgif_qa_tsv(
 
 def _tgif_multiple_choice(row: Mapping, qid: str, extra: dict, col: _Collector) -> QAExample | None:
     """A TGIF Action/Transition row (5 options, answer = option index) or None with the reason counted."""
-    video, reason = _clean_id(row.get("gif_name"))
-    question, question_reason = _clean_text(row.get("question"))
-    cleaned = [_clean_text(row.get(f"a{i}")) for i in range(1, 6)]
-    reasons = [r for r in (reason, question_reason, *(r for _, r in cleaned)) if r]
-    if reasons:
-        col.skip(reasons[0])
+    fields = _cleaned(col, row.get("gif_name"), row.get("question"), *(row.get(f"a{i}") for i in range(1, 6)))
+    if fields is None:
         return None
+    video, question, *options = fields
     try:
         index = int((row.get("answer") or "").strip())
     except ValueError:
@@ -707,7 +690,6 @@ def _tgif_multiple_choice(row: Mapping, qid: str, extra: dict, col: _Collector) 
     if not 0 <= index < 5:
         col.skip("bad_value")
         return None
-    options = [o for o, _ in cleaned]
     return QAExample(video, question, options[index], options, index, qid, extra)
 
 
@@ -745,10 +727,8 @@ def read_lsmdc_mc_tsv(path: PathLike, split: str = "train", bad: collections.Cou
         if not all(_is_valid_utf8(t) for t in fields[1:first_option]):
             col.skip("non_utf8")
             continue
-        cleaned = [_clean_text(o) for o in fields[first_option:first_option + LSMDC_NUM_OPTIONS]]
-        reasons = [r for _, r in cleaned if r]
-        if reasons:
-            col.skip(reasons[0])
+        options = _cleaned_texts(col, fields[first_option:first_option + LSMDC_NUM_OPTIONS])
+        if options is None:
             continue
         if len(fields) == 10:
             index = 0
@@ -761,7 +741,6 @@ def read_lsmdc_mc_tsv(path: PathLike, split: str = "train", bad: collections.Cou
             if not 0 <= index < LSMDC_NUM_OPTIONS:
                 col.skip("bad_value")
                 continue
-        options = [o for o, _ in cleaned]
         col.add(QAExample(video, "", options[index], options, index, f"{split}_{lineno}",
                           _lsmdc_extra(video, split, fields[1:first_option])))
     return col.done()
@@ -811,14 +790,10 @@ def read_lsmdc_fib(path: PathLike, split: str = "train", bad: collections.Counte
     """
     col = _Collector(path, bad)
     for number, raw_video, raw_sentence, raw_answer, times in _fib_rows(path, col):
-        video, reason = _clean_id(raw_video)
-        if reason:
-            col.skip(reason)
+        fields = _cleaned(col, raw_video, raw_sentence)
+        if fields is None:
             continue
-        sentence, reason = _clean_text(raw_sentence)
-        if reason:
-            col.skip(reason)
-            continue
+        video, sentence = fields
         if raw_answer is None:
             col.skip("missing_field")
             continue
