@@ -24,6 +24,17 @@ def _check_scores(name: str, scores: np.ndarray, ndim: int) -> np.ndarray:
     return scores
 
 
+def _check_labels(answer_index: np.ndarray, n: int, low: int, high: int, what: str) -> np.ndarray:
+    """`answer_index` as an int array of shape (n,) with values in [low, high), or a ValueError."""
+    answer_index = np.asarray(answer_index)
+    if answer_index.shape != (n,) or not np.issubdtype(answer_index.dtype, np.integer):
+        raise ValueError(f"answer_index must be an int array of shape ({n},), got "
+                         f"{answer_index.dtype} {answer_index.shape}")
+    if np.any((answer_index < low) | (answer_index >= high)):
+        raise ValueError(f"answer_index must be in {what}; got min {answer_index.min()} max {answer_index.max()}")
+    return answer_index
+
+
 def open_ended_accuracy(logits: np.ndarray, answer_index: np.ndarray) -> Dict[str, Any]:
     """Accuracy of argmax(logits) against answer_index; -1 marks an answer outside the vocabulary.
 
@@ -35,13 +46,8 @@ def open_ended_accuracy(logits: np.ndarray, answer_index: np.ndarray) -> Dict[st
     """
     logits = _check_scores("logits", logits, ndim=2)
     n, num_classes = logits.shape
-    answer_index = np.asarray(answer_index)
-    if answer_index.shape != (n,) or not np.issubdtype(answer_index.dtype, np.integer):
-        raise ValueError(f"answer_index must be an int array of shape ({n},), got "
-                         f"{answer_index.dtype} {answer_index.shape}")
-    if np.any((answer_index < OUT_OF_VOCAB) | (answer_index >= num_classes)):
-        raise ValueError(f"answer_index must be in [0, {num_classes}) or {OUT_OF_VOCAB} for out-of-vocab; "
-                         f"got min {answer_index.min()} max {answer_index.max()}")
+    answer_index = _check_labels(answer_index, n, OUT_OF_VOCAB, num_classes,
+                                 f"[0, {num_classes}) or {OUT_OF_VOCAB} for out-of-vocab")
     in_vocab = answer_index != OUT_OF_VOCAB
     correct = in_vocab & (np.argmax(logits, axis=1) == answer_index)
     return {"accuracy": float(100.0 * np.mean(correct)), "num": int(n),
@@ -52,13 +58,7 @@ def multiple_choice_qa_accuracy(scores: np.ndarray, answer_index: np.ndarray) ->
     """Percent of questions whose highest-scoring option (of K) is the answer; answer_index in [0, K)."""
     scores = _check_scores("scores", scores, ndim=2)
     n, k = scores.shape
-    answer_index = np.asarray(answer_index)
-    if answer_index.shape != (n,) or not np.issubdtype(answer_index.dtype, np.integer):
-        raise ValueError(f"answer_index must be an int array of shape ({n},), got "
-                         f"{answer_index.dtype} {answer_index.shape}")
-    if np.any((answer_index < 0) | (answer_index >= k)):
-        raise ValueError(f"answer_index must be in [0, {k}), got min {answer_index.min()} "
-                         f"max {answer_index.max()}")
+    answer_index = _check_labels(answer_index, n, 0, k, f"[0, {k})")
     return float(100.0 * np.mean(np.argmax(scores, axis=1) == answer_index))
 
 
