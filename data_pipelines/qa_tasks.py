@@ -100,7 +100,7 @@ def _clip_positions(examples: Sequence[QAExample], clip_ids: Sequence[str], sour
 
 
 class _Tokens:
-    """WordPiece ids of texts (no special tokens) and the [CLS] ... [SEP] [PAD] row layout."""
+    """WordPiece ids of texts (no special tokens); `tok.pack` lays out the [CLS] ... [SEP] [PAD] rows."""
 
     def __init__(self):
         from data_pipelines.text_masking import load_tokenizer
@@ -109,15 +109,6 @@ class _Tokens:
 
     def ids(self, text: str) -> list[int]:
         return [int(i) for i in self.tok.tokenize(text)[0]] if text else []
-
-    def rows(self, token_lists: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.full((len(token_lists), max_length), self.tok.pad_id, np.int32)
-        mask = np.zeros((len(token_lists), max_length), np.int32)
-        for row, tokens in enumerate(token_lists):
-            n = len(tokens)
-            ids[row, 0], ids[row, 1:n + 1], ids[row, n + 1] = self.tok.cls_id, tokens, self.tok.sep_id
-            mask[row, :n + 2] = 1
-        return ids, mask
 
 
 def _check_length(text_length: int) -> None:
@@ -160,19 +151,18 @@ def open_ended_items(examples: Sequence[QAExample], clip_ids: Sequence[str], voc
         truncated += cut
         kept.append((ex, clip))
         token_lists.append(ids)
-    ids, mask = tokens.rows(token_lists, text_length)
+    ids, mask = tokens.tok.pack(token_lists, text_length)
     items = QAItems(np.asarray([c for _, c in kept], np.int32), ids, mask,
                     np.asarray([answer_of.get(ex.answer, -1) for ex, _ in kept], np.int32))
     return QASplit(items, [ex.answer for ex, _ in kept], [question_kind(ex, source) for ex, _ in kept],
                    [question_kind(ex, source) for ex, c in zip(examples, found) if c is None], truncated)
 
 
-def _option_tokens(tokens: _Tokens, question: str, options: Sequence[str], option: str, fmt: str,
-                   budget: int) -> tuple[list[int], bool]:
-    if fmt == "caption":
+def _option_tokens(tokens: _Tokens, head: list[int] | None, option: str, budget: int) -> tuple[list[int], bool]:
+    """One option's text: the option alone (`head` None, "caption") or `head` + "Answer: option" ("full")."""
+    if head is None:
         ids = tokens.ids(option)
         return ids[:budget], len(ids) > budget
-    head = tokens.ids(f"{question} Options: {'. '.join(options)}.".strip())
     tail = tokens.ids(f"Answer: {option}")
     if len(head) + len(tail) <= budget:
         return head + tail, False
@@ -199,14 +189,15 @@ def multiple_choice_items(examples: Sequence[QAExample], clip_ids: Sequence[str]
         order = (np.random.default_rng([shuffle_seed, n]).permutation(len(ex.options)) if shuffle_seed is not None
                  else np.arange(len(ex.options)))
         options = [ex.options[i] for i in order]
+        head = tokens.ids(f"{ex.question} Options: {'. '.join(options)}.".strip()) if fmt == "full" else None
         for option in options:
-            ids, cut = _option_tokens(tokens, ex.question, options, option, fmt, text_length - 2)
+            ids, cut = _option_tokens(tokens, head, option, text_length - 2)
             token_lists.append(ids)
             truncated += cut
         kept.append((ex, clip))
         answers.append(int(np.flatnonzero(order == ex.answer_index)[0]))
     k = ks.pop()
-    ids, mask = tokens.rows(token_lists, text_length)
+    ids, mask = tokens.tok.pack(token_lists, text_length)
     items = QAItems(np.asarray([c for _, c in kept], np.int32), ids.reshape(len(kept), k, text_length),
                     mask.reshape(len(kept), k, text_length), np.asarray(answers, np.int32))
     return QASplit(items, [ex.answer for ex, _ in kept], [question_kind(ex, source) for ex, _ in kept],

@@ -175,18 +175,16 @@ def encode_texts(texts: Sequence[str], max_length: int, *, truncate: bool = Fals
     from data_pipelines.text_masking import load_tokenizer
 
     tok = load_tokenizer()
-    ids = np.full((len(texts), max_length), tok.pad_id, np.int32)
-    mask = np.zeros((len(texts), max_length), np.int32)
-    for row, text in enumerate(texts):
+    token_lists = []
+    for text in texts:
         tokens = tok.tokenize(text)[0]
         if truncate:
             tokens = tokens[: max_length - 2]
         if len(tokens) + 2 > max_length:
             raise ValueError(f"text of {len(tokens) + 2} tokens does not fit text_length={max_length}: "
                              f"{text!r}; raise the QA text length")
-        ids[row, 0], ids[row, 1:len(tokens) + 1], ids[row, len(tokens) + 1] = tok.cls_id, tokens, tok.sep_id
-        mask[row, :len(tokens) + 2] = 1
-    return ids, mask
+        token_lists.append(tokens)
+    return tok.pack(token_lists, max_length)
 
 
 def clip_attributes(dataset_folder: str | os.PathLike, split: str) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -66,6 +66,18 @@ class WordPieceTokenizer:
         enc = self.backend.encode(text, add_special_tokens=False)
         offsets = np.asarray(enc.offsets, np.int64).reshape(-1, 2)
         return np.asarray(enc.ids, np.int32), offsets[:, 0], offsets[:, 1]
+
+    def pack(self, token_lists: Sequence[Sequence[int]], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows `[CLS] tokens [SEP] [PAD]...` and their 0/1 masks, int32 (N, max_length)."""
+        ids = np.full((len(token_lists), max_length), self.pad_id, np.int32)
+        mask = np.zeros((len(token_lists), max_length), np.int32)
+        for row, tokens in enumerate(token_lists):
+            n = len(tokens)
+            if n + 2 > max_length:
+                raise ValueError(f"{n} tokens + [CLS] + [SEP] do not fit max_length={max_length}")
+            ids[row, 0], ids[row, 1:n + 1], ids[row, n + 1] = self.cls_id, tokens, self.sep_id
+            mask[row, :n + 2] = 1
+        return ids, mask
 
     def decode(self, ids: Any) -> str:
         """Text of token ids, special tokens and padding dropped, "##" pieces joined (for reports)."""
@@ -139,13 +151,8 @@ def encode_and_mask(
     arrays = _check_tags(tags)
     ids, tok_start, tok_end = tok.tokenize(caption)
     n_keep = min(len(ids), cfg.max_length - 2)
-
-    text_ids = np.full(cfg.max_length, tok.pad_id, np.int32)
-    text_ids[0] = tok.cls_id
-    text_ids[1:1 + n_keep] = ids[:n_keep]
-    text_ids[1 + n_keep] = tok.sep_id
-    text_mask = np.zeros(cfg.max_length, np.int32)
-    text_mask[:n_keep + 2] = 1
+    packed_ids, packed_mask = tok.pack([ids[:n_keep]], cfg.max_length)
+    text_ids, text_mask = packed_ids[0], packed_mask[0]
     text_ids_masked = text_ids.copy()
     mlm_labels = np.full(cfg.max_length, IGNORE_LABEL, np.int32)
 
