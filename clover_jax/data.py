@@ -212,7 +212,7 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
         if qa.get("answer_vocab"):
             vocab = qa_tasks.load_answer_vocab(os.path.expanduser(qa.answer_vocab))
         elif train:
-            vocab = qa_tasks.top_answers(train, num_answers)
+            vocab = tuple(annotations.answer_vocabulary(train, num_answers))  # labels in frequency order
         else:
             raise ValueError(f"{source}: set config.qa.answer_vocab (a vocabulary file) or config.qa.train_file "
                              "(its most frequent answers) to fix the answer vocabulary")

@@ -17,7 +17,6 @@ is not an item: it is returned in `missing_kinds`, and evaluation counts it wron
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import pathlib
 from typing import Mapping, Sequence
@@ -75,14 +74,6 @@ def load_answer_vocab(path: str | pathlib.Path) -> tuple[str, ...]:
                                 "most frequent training answers)")
     labels = read_ans2label(path) if path.suffix == ".json" else read_answer_set(path)
     return tuple(sorted(labels, key=labels.__getitem__))
-
-
-def top_answers(examples: Sequence[QAExample], num_answers: int) -> tuple[str, ...]:
-    """The `num_answers` most frequent answers (ties alphabetical), e.g. TGIF-Frame's 1,540."""
-    if num_answers < 1:
-        raise ValueError(f"num_answers must be >= 1, got {num_answers}")
-    counts = collections.Counter(ex.answer for ex in examples)
-    return tuple(a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:num_answers])
 
 
 def _clip_positions(examples: Sequence[QAExample], clip_ids: Sequence[str], source: str, split: str
