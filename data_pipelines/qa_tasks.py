@@ -23,16 +23,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from data_pipelines.annotations import QAExample, read_ans2label, read_answer_set
+from data_pipelines.annotations import FIB_BLANK, QAExample, read_ans2label, read_answer_set
 from data_pipelines.input_pipeline import QAItems
+from data_pipelines.synthetic_qa import MC_FORMATS
 
 SOURCE_TASKS: dict[str, str] = {
     "msrvtt_qa": "qa_open_ended", "msvd_qa": "qa_open_ended", "tgif_frame": "qa_open_ended",
     "tgif_action": "qa_multiple_choice", "tgif_transition": "qa_multiple_choice",
     "lsmdc_mc": "qa_multiple_choice", "lsmdc_fib": "qa_fill_in_blank",
 }
-MC_FORMATS = ("full", "caption")
-BLANK = "_____"
 QUESTION_WORDS = ("what", "who", "how", "when", "where", "which", "why", "whose", "whom")
 
 
@@ -109,9 +108,9 @@ def _check_length(text_length: int) -> None:
 
 def _fill_in_blank_tokens(tokens: _Tokens, question: str, budget: int) -> tuple[list[int], bool]:
     """Tokens of `question` with its blank as [MASK]; cut around the [MASK] to `budget` tokens."""
-    if question.count(BLANK) != 1:
-        raise ValueError(f"a fill-in-the-blank question needs exactly one {BLANK!r}: {question!r}")
-    before, after = question.split(BLANK)
+    if question.count(FIB_BLANK) != 1:
+        raise ValueError(f"a fill-in-the-blank question needs exactly one {FIB_BLANK!r}: {question!r}")
+    before, after = question.split(FIB_BLANK)
     left, right = tokens.ids(before), tokens.ids(after)
     room = budget - 1
     if len(left) + len(right) <= room:
