@@ -66,9 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-overrides", default="{}", help='JSON, e.g. \'{"h_v_input": "video_token_mean"}\'')
     parser.add_argument("--out", required=True, help="output folder")
     args = parser.parse_args(argv)
+    if args.source != "hf_bert" and not args.checkpoint:
+        parser.error(f"--source {args.source} needs --checkpoint (a .pth/.pt/.bin/.safetensors file)")
+    if args.source == "hf_bert" and not (args.checkpoint and pathlib.Path(args.checkpoint).is_dir()):
+        parser.error("--source hf_bert needs --checkpoint=<HF folder holding config.json and model.safetensors>")
     try:
-        record = convert(args.source, args.checkpoint, args.model, args.out, args.bert_dir,
-                         json.loads(args.model_overrides))
+        overrides = json.loads(args.model_overrides)
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--model-overrides must be a JSON object, got {args.model_overrides!r}")
+        record = convert(args.source, args.checkpoint, args.model, args.out, args.bert_dir, overrides)
     except (CheckpointMismatchError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from safetensors.numpy import load_file
 
 from clover_jax.convert.common import (
     ConversionReport,
@@ -22,6 +21,7 @@ from clover_jax.convert.common import (
     identity,
     linear_weight,
 )
+from clover_jax.convert.safetensors_io import load_safetensors
 from clover_jax.models.bert import BertConfig, BertModel
 
 # HF buffers that are not parameters.
@@ -108,7 +108,7 @@ def load_hf_bert_dir(path: str | os.PathLike) -> tuple[BertConfig, dict[str, np.
         raise FileNotFoundError(
             f"{weights} not found: the folder must hold config.json and model.safetensors"
         )
-    return BertConfig.from_hf_json(os.path.join(path, "config.json")), load_file(weights)
+    return BertConfig.from_hf_json(os.path.join(path, "config.json")), load_safetensors(weights)
 
 
 def bert_param_shapes(config: BertConfig, *, add_pooler: bool) -> dict:
