@@ -8,18 +8,92 @@ Restore order of a training run (`restore_or_init`): the workdir's latest checkp
 `config.resume` (another run's checkpoint, full state), then `config.init_from` (params only: a
 `python -m clover_jax.convert` output or a training checkpoint, optionally limited to some top-level
 modules, e.g. only the text encoder), then a fresh initialisation.
+
+Damaged checkpoints: every restore (workdir resume, `resume`, `init_from`, eval) tries the newest
+finished step first; one that fails to read, or holds a non-finite value, is reported in one line
+(step, path, first error) and the next older one is tried. Nothing is deleted; a training run that
+falls back moves the damaged newer steps to `<workdir>/damaged_checkpoints/` so it can write those
+steps again. When no step reads, NoReadableCheckpointError lists every step tried and why.
 """
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Sequence
+import shutil
+import time
+from typing import Any, Callable, Sequence, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from clover_jax.convert.common import flatten, unflatten
+
+
+T = TypeVar("T")
+
+
+class NoReadableCheckpointError(ValueError):
+    """No checkpoint of a run could be read; the message lists every step tried and its first error."""
+
+
+def first_line(err: BaseException, limit: int = 240) -> str:
+    """The first line of an error, clipped: what a one-line report shows."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def non_finite_leaves(tree: Any) -> list[str]:
+    """Paths of floating-point leaves (numpy or jax arrays) holding a NaN or an infinity."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            continue
+        finite = np.all(np.isfinite(leaf)) if isinstance(leaf, np.ndarray) else jax.device_get(jnp.isfinite(leaf).all())
+        if not bool(finite):
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
+def restore_newest_readable(folder: pathlib.Path, steps: Sequence[int], restore_step: Callable[[int], T],
+                            *, finite_of: Callable[[T], Any] = lambda x: x) -> tuple[T, int, list[int]]:
+    """Restores the newest of `steps` (step folders under `folder`) that reads and holds only finite
+    values (`finite_of` picks the part to check), printing one line per damaged step.
+    Returns (value, step, the damaged steps newer than it)."""
+    tried: list[tuple[int, str]] = []
+    ordered = sorted(steps, reverse=True)
+    for n, step in enumerate(ordered):
+        try:
+            value = restore_step(step)
+            bad = non_finite_leaves(finite_of(value))
+            if bad:
+                raise ValueError(f"{len(bad)} arrays hold NaN or inf values, first {bad[0]}")
+            return value, step, [s for s, _ in tried]
+        except Exception as err:  # noqa: BLE001 - damage shows up as many error types (tensorstore, json, io)
+            reason = first_line(err)
+            tried.append((step, reason))
+            then = f"trying step {ordered[n + 1]}" if n + 1 < len(ordered) else "no older checkpoint left"
+            print(f"clover_jax: checkpoint step {step} at {folder / str(step)} cannot be restored ({reason}); "
+                  f"{then}", flush=True)
+    listing = "; ".join(f"step {s}: {r}" for s, r in tried)
+    raise NoReadableCheckpointError(f"no checkpoint under {folder} could be restored (tried {listing or 'none'}); "
+                                    "nothing was deleted — restore a backup or start a new --workdir")
+
+
+def set_aside(ckpt_dir: pathlib.Path, steps: Sequence[int]) -> list[pathlib.Path]:
+    """Moves damaged step folders to `<workdir>/damaged_checkpoints/` (never deletes); returns the new paths."""
+    moved = []
+    if jax.process_index() != 0:
+        return moved
+    for step in steps:
+        target = ckpt_dir.parent / "damaged_checkpoints" / f"{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(ckpt_dir / str(step)), str(target))
+        moved.append(target)
+    return moved
 
 
 def make_manager(workdir: str | pathlib.Path, *, save_every: int, keep: int, async_save: bool = True
@@ -49,18 +123,28 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
     return restored["state"], dict(restored["meta"])
 
 
-def checkpoint_dir_and_step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
-    """Accepts a workdir, its `checkpoints/` folder or one step folder; returns (checkpoints dir, step)."""
+def finished_steps(path: str | pathlib.Path) -> tuple[pathlib.Path, list[int]]:
+    """Accepts a workdir, its `checkpoints/` folder or one step folder; returns (checkpoints dir, its
+    finished steps, newest first). A step folder yields only its own step."""
     path = pathlib.Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     if (path / "state").is_dir() and path.name.isdigit():
-        return path.parent, int(path.name)
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()) \
-        if path.is_dir() else []
+        return path.parent, [int(path.name)]
+    steps = sorted((int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "state").is_dir()),
+                   reverse=True) if path.is_dir() else []
     if not steps:
-        raise FileNotFoundError(f"no finished checkpoint under {path} (expected step folders holding 'state/')")
-    return path, steps[-1]
+        raise FileNotFoundError(f"no finished checkpoint under {path} (expected step folders holding 'state/'; "
+                                "is this the right --workdir?)")
+    return path, steps
+
+
+def checkpoint_dir_and_step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+    """Accepts a workdir, its `checkpoints/` folder or one step folder; returns (checkpoints dir, newest step)."""
+    ckpt_dir, steps = finished_steps(path)
+    return ckpt_dir, steps[0]
 
 
 def _restore_numpy(directory: pathlib.Path) -> Any:
@@ -72,21 +156,35 @@ def _restore_numpy(directory: pathlib.Path) -> Any:
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
-def load_params(path: str | pathlib.Path) -> dict:
-    """Params (numpy, unsharded) from a converter output folder (`params/`) or a training checkpoint,
-    whatever devices and processes wrote it."""
+def load_params_and_step(path: str | pathlib.Path) -> tuple[dict, int]:
+    """(params as unsharded numpy, step) from a converter output folder (`params/`, step 0) or a training
+    checkpoint (the newest step that restores with finite values), whatever devices wrote it."""
     path = pathlib.Path(path).absolute()
     if (path / "params").is_dir() and (path / "conversion.json").exists():
-        return _restore_numpy(path / "params")
-    ckpt_dir, step = checkpoint_dir_and_step(path)
-    return _restore_numpy(ckpt_dir / str(step) / "state")["params"]
+        params, _, _ = restore_newest_readable(path, [0], lambda _: _restore_numpy(path / "params"))
+        return params, 0
+    ckpt_dir, steps = finished_steps(path)
+    params, step, _ = restore_newest_readable(ckpt_dir, steps,
+                                              lambda s: _restore_numpy(ckpt_dir / str(s) / "state")["params"])
+    return params, step
+
+
+def load_params(path: str | pathlib.Path) -> dict:
+    """Params (numpy, unsharded) of `load_params_and_step`."""
+    return load_params_and_step(path)[0]
 
 
 def params_from_init(path: str | pathlib.Path, fresh_params: Any, shardings: Any,
                      include: Sequence[str] = ()) -> tuple[Any, list[str]]:
     """`fresh_params` with the leaves found at `path` (limited to the top-level modules in `include`
     when given) replaced and placed on `shardings`; returns (params, loaded leaf paths)."""
-    loaded = flatten(load_params(path))
+    return merge_params(load_params(path), path, fresh_params, shardings, include)
+
+
+def merge_params(loaded_tree: Any, path: str | pathlib.Path, fresh_params: Any, shardings: Any,
+                 include: Sequence[str] = ()) -> tuple[Any, list[str]]:
+    """`fresh_params` with the leaves of `loaded_tree` (read from `path`) replaced and placed."""
+    loaded = flatten(loaded_tree)
     if include:
         available = sorted({k.split("/")[0] for k in loaded})
         absent = sorted(set(include) - set(available))
