@@ -60,10 +60,18 @@ def read_header(path: pathlib.Path, head: bytes, file_size: int) -> tuple[int, d
                 raise CheckpointFormatError(f"{path}: __metadata__ must map strings to strings")
             continue
         entries[name] = _check_entry(path, name, spec, data_size)
-    ranges = sorted((b, e, name) for name, (_, _, b, e) in entries.items() if e > b)
-    for (b0, e0, n0), (b1, _e1, n1) in zip(ranges, ranges[1:]):
-        if b1 < e0:
-            raise CheckpointFormatError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{e0})")
+    # As the format requires (and the reference reader checks): the tensors tile the data exactly.
+    covered, previous = 0, None
+    for begin, end, name in sorted((b, e, name) for name, (_, _, b, e) in entries.items()):
+        if begin < covered:
+            raise CheckpointFormatError(f"{path}: tensors {clip(repr(previous), 60)} and {clip(repr(name), 60)} "
+                                        f"overlap (bytes {begin}..{covered})")
+        if begin > covered:
+            raise CheckpointFormatError(f"{path}: bytes {covered}..{begin} of the data belong to no tensor "
+                                        f"(before {clip(repr(name), 60)})")
+        covered, previous = max(covered, end), name
+    if covered != data_size:
+        raise CheckpointFormatError(f"{path}: the tensors cover {covered} of the {data_size} data bytes")
     return 8 + n, entries
 
 
