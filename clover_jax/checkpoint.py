@@ -86,13 +86,16 @@ def restore_newest_readable(folder: pathlib.Path, steps: Sequence[int], restore_
 def set_aside(ckpt_dir: pathlib.Path, steps: Sequence[int]) -> list[pathlib.Path]:
     """Moves damaged step folders to `<workdir>/damaged_checkpoints/` (never deletes); returns the new paths."""
     moved = []
-    if jax.process_index() != 0:
-        return moved
-    for step in steps:
-        target = ckpt_dir.parent / "damaged_checkpoints" / f"{step}_{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(ckpt_dir / str(step)), str(target))
-        moved.append(target)
+    if jax.process_index() == 0:
+        for step in steps:
+            target = ckpt_dir.parent / "damaged_checkpoints" / f"{step}_{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(ckpt_dir / str(step)), str(target))
+            moved.append(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("clover_jax: damaged checkpoints set aside")
     return moved
 
 
@@ -151,7 +154,10 @@ def _restore_numpy(directory: pathlib.Path) -> Any:
     """A saved pytree as host numpy arrays. Restoring onto the saved shardings would fail whenever the
     devices differ from the writer's (another device count, or a multi-process run's device ids)."""
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(directory).item_metadata.tree
+    metadata = checkpointer.metadata(directory).item_metadata
+    if metadata is None:  # unreadable (damaged) metadata: a plain restore raises the error that says why
+        return jax.tree.map(np.asarray, checkpointer.restore(directory))
+    tree = metadata.tree
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 

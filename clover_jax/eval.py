@@ -29,6 +29,7 @@ from clover_jax import data as data_glue
 from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
 from clover_jax.evaluators.retrieval import retrieval_metrics, top_k
 from clover_jax.models.clover import Clover, CloverConfig
+from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, quiet_third_party_logs, report_user_error
 from data_pipelines.input_pipeline import InputConfig, make_eval_dataset, to_global
 
 THUMB_FRAMES = 4
@@ -266,19 +267,27 @@ def evaluate_multiple_choice(model_config: CloverConfig, params: Any, cfg: Input
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: evaluate a run's checkpoint with the run's own eval settings."""
-    import argparse
-
     from clover_jax import train as train_lib
 
-    parser = argparse.ArgumentParser(prog="python -m clover_jax.eval", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m clover_jax.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="the training workdir (holds config.json, checkpoints/)")
     parser.add_argument("--checkpoint", default="", help="a checkpoint (workdir, checkpoints/ or step folder)")
     parser.add_argument("--config", default="", help="config file[:arg], when the workdir has no config.json")
     parser.add_argument("--msrvtt_mc", default="", help="also score this MSR-VTT multiple-choice JSONL "
                         "(clips from the eval split) with the dual encoder")
     args = parser.parse_args(argv)
+    try:
+        return _evaluate(args, train_lib)
+    except USER_ERRORS as err:
+        return report_user_error(err)
+
+
+def _evaluate(args: Any, train_lib: Any) -> int:
     workdir = pathlib.Path(args.workdir).absolute()
+    if not workdir.is_dir():
+        raise FileNotFoundError(f"--workdir={args.workdir} does not exist (pass a training run's workdir)")
     config = train_lib.load_run_config(workdir, args.config)
+    quiet_third_party_logs(workdir, "eval")
     run = train_lib.setup_run(config)
     params, step = train_lib.load_params_for_eval(run, args.checkpoint or workdir)
     if config.get("task", "pretrain") in data_glue.QA_TASKS:
@@ -294,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         evaluate_multiple_choice(run.model_config, params, cfg, list(read_msrvtt_mc_jsonl(args.msrvtt_mc)),
                                  run.batch_sharding, workdir / "eval", step)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

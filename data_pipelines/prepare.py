@@ -28,6 +28,7 @@ import pathlib
 import sys
 from typing import Sequence
 
+from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, quiet_third_party_logs, report_user_error
 from data_pipelines import annotations as ann
 from data_pipelines import builder
 from data_pipelines.video_io import DecodeConfig
@@ -82,7 +83,7 @@ def _check_qa_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(prog="python -m data_pipelines.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--annotations", help="annotation file (not needed for --format synthetic)")
     p.add_argument("--media", help="folder holding the videos/images (searched recursively by id)")
@@ -113,9 +114,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     _check_qa_args(p, args)
+    try:
+        return _prepare(p, args)
+    except USER_ERRORS as err:
+        return report_user_error(err)
+
+
+def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Reads the annotations and builds the dataset (main's body); user mistakes raise ValueError/OSError."""
+    for flag, value in (("--annotations", args.annotations), ("--msvd-mapping", args.msvd_mapping)):
+        if value and not pathlib.Path(value).is_file():
+            raise FileNotFoundError(f"{flag} {value} does not exist (or is not a file)")
+    if args.media and not pathlib.Path(args.media).is_dir():
+        raise FileNotFoundError(f"--media {args.media} is not a folder")
 
     import tensorflow_datasets as tfds
 
+    quiet_third_party_logs(pathlib.Path(args.out), "prepare")
     tfds.disable_progress_bar()  # our own tqdm bar counts clips
     decode = DecodeConfig(
         fps=args.fps, short_side=args.short_side, min_frames=args.min_frames,

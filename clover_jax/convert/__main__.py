@@ -12,7 +12,6 @@ preset, what was loaded, what stays freshly initialised, and unused checkpoint k
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -22,6 +21,7 @@ from clover_jax.convert.checkpoint_io import load_state_dict
 from clover_jax.convert.clover import import_official_clover, import_pretrained_parts
 from clover_jax.convert.common import CheckpointMismatchError
 from clover_jax.models.clover import abstract_params, clover_config
+from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, report_user_error
 
 SOURCES = ("official_clover", "torchvision_swin3d", "official_swin3d", "hf_bert")
 
@@ -58,7 +58,7 @@ def convert(source: str, checkpoint: str | None, model: str, out: str, bert_dir:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clover_jax.convert", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="python -m clover_jax.convert", description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--checkpoint", help="checkpoint file (.pth/.pt/.bin/.safetensors) or HF folder")
     parser.add_argument("--bert-dir", help="HF BERT folder to load alongside a Swin3D checkpoint")
@@ -75,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(overrides, dict):
             raise ValueError(f"--model-overrides must be a JSON object, got {args.model_overrides!r}")
         record = convert(args.source, args.checkpoint, args.model, args.out, args.bert_dir, overrides)
-    except (CheckpointMismatchError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (CheckpointMismatchError,) + USER_ERRORS as err:
+        return report_user_error(err)
     print(f"loaded {len(record['loaded'])} parameters; {len(record['fresh'])} stay freshly initialised; "
           f"{len(record['unused_checkpoint_keys'])} checkpoint keys unused -> {args.out}")
     return 0

@@ -1,0 +1,96 @@
+"""What the entry points print: our progress lines and results on the terminal, third-party logs in a file.
+
+`quiet_third_party_logs(workdir)` sends every absl-routed record (orbax, TFDS, tensorflow) and library
+warnings to `<workdir>/logs/<program>.log`; the terminal keeps absl errors, other libraries' warnings
+(e.g. JAX's) and warnings raised by our own code. `report_user_error` turns a user mistake into one
+`error: …` line on stderr and exit status 2 (`CLOVER_DEBUG=1` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+
+USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                               PermissionError, ValueError)
+OUR_CODE = (f"{os.sep}clover_jax{os.sep}", f"{os.sep}data_pipelines{os.sep}", f"{os.sep}configs{os.sep}")
+MAX_ERROR_CHARS = 600
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`error: … (--help lists the options)`), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {' '.join(message.split())} ({self.prog} --help lists the options)", file=sys.stderr)
+        sys.exit(2)
+
+
+class _TerminalFilter(logging.Filter):
+    """Lets through what a person at the terminal needs: absl errors, other warnings, our own warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            return any(part in record.getMessage() for part in OUR_CODE)
+        if record.name == "absl" or record.name.startswith(("orbax", "tensorflow", "tensorflow_datasets")):
+            return record.levelno >= logging.ERROR
+        return record.levelno >= logging.WARNING
+
+
+_installed: dict[str, logging.Handler] = {}
+
+
+def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
+    """Routes third-party logs to `<workdir>/logs/<program>[.process<i>].log`; returns that path."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import jax
+    from absl import logging as absl_logging
+
+    if program != "prepare":
+        import orbax.checkpoint  # noqa: F401 - installs its stderr handler, which gets our filter below
+
+    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = pathlib.Path(workdir) / "logs" / f"{program}{suffix}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    previous = _installed.pop("file", None)
+    if previous is not None:
+        root.removeHandler(previous)
+        previous.close()
+    file_handler = logging.FileHandler(path)
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] "
+                                                "%(message)s"))
+    for handler in root.handlers:
+        if not any(isinstance(f, _TerminalFilter) for f in handler.filters):
+            handler.addFilter(_TerminalFilter())
+    absl_handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _TerminalFilter) for f in absl_handler.filters):
+        absl_handler.addFilter(_TerminalFilter())
+    root.addHandler(file_handler)
+    _installed["file"] = file_handler
+    root.setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()  # our own bars count clips
+    except ImportError:
+        pass
+    return path
+
+
+def report_user_error(err: BaseException) -> int:
+    """Prints `err` as one `error: …` line on stderr and returns exit status 2; with CLOVER_DEBUG=1 the
+    traceback is raised instead."""
+    if os.environ.get("CLOVER_DEBUG"):
+        raise err
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    return 2
