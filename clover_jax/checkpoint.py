@@ -74,7 +74,7 @@ def restore_newest_readable(folder: pathlib.Path, steps: Sequence[int], restore_
             return value, step, [s for s, _ in tried]
         except Exception as err:  # noqa: BLE001 - damage shows up as many error types (tensorstore, json, io)
             reason = first_line(err)
-            tried.append((step, reason))
+            tried.append((step, first_line(err, 110)))
             then = f"trying step {ordered[n + 1]}" if n + 1 < len(ordered) else "no older checkpoint left"
             print(f"clover_jax: checkpoint step {step} at {folder / str(step)} cannot be restored ({reason}); "
                   f"{then}", flush=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 from typing import Any
 
 import jax
@@ -29,7 +28,13 @@ from clover_jax import data as data_glue
 from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
 from clover_jax.evaluators.retrieval import retrieval_metrics, top_k
 from clover_jax.models.clover import Clover, CloverConfig
-from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, quiet_third_party_logs, report_user_error
+from clover_jax.run_logging import (
+    USER_ERRORS,
+    OneLineArgumentParser,
+    exit_process,
+    quiet_third_party_logs,
+    report_user_error,
+)
 from data_pipelines.input_pipeline import InputConfig, make_eval_dataset, to_global
 
 THUMB_FRAMES = 4
@@ -305,4 +310,4 @@ def _evaluate(args: Any, train_lib: Any) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

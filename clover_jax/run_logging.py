@@ -12,11 +12,12 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                                PermissionError, ValueError)
 OUR_CODE = (f"{os.sep}clover_jax{os.sep}", f"{os.sep}data_pipelines{os.sep}", f"{os.sep}configs{os.sep}")
-MAX_ERROR_CHARS = 600
+MAX_ERROR_CHARS = 1000
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -39,6 +40,35 @@ class _TerminalFilter(logging.Filter):
 
 
 _installed: dict[str, logging.Handler] = {}
+
+
+def _is_late_io_callback(exc: BaseException | None) -> bool:
+    """tensorstore's read callbacks that complete after a failed (damaged) restore find orbax's event loop
+    closed; their tracebacks say nothing about the run."""
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _route_late_callback_errors() -> None:
+    """Sends those late-callback tracebacks to the log file; every other uncaught error keeps its traceback."""
+    if getattr(sys.excepthook, "_clover", False):
+        return
+    previous_sys, previous_thread = sys.excepthook, threading.excepthook
+
+    def sys_hook(exc_type, exc, tb):
+        if _is_late_io_callback(exc):
+            logging.getLogger("clover_jax.io").info("late I/O callback error", exc_info=(exc_type, exc, tb))
+            return
+        previous_sys(exc_type, exc, tb)
+
+    def thread_hook(args):
+        if _is_late_io_callback(args.exc_value):
+            logging.getLogger("clover_jax.io").info("late I/O callback error in a thread",
+                                                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        previous_thread(args)
+
+    sys_hook._clover = True  # type: ignore[attr-defined]
+    sys.excepthook, threading.excepthook = sys_hook, thread_hook
 
 
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
@@ -73,6 +103,7 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     root.setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.captureWarnings(True)
+    _route_late_callback_errors()
     try:
         import tensorflow_datasets as tfds
 
@@ -80,6 +111,18 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     except ImportError:
         pass
     return path
+
+
+def exit_process(code: int) -> None:
+    """Ends an entry point with `code`. After a user error (2) the process leaves at once, once stdout,
+    stderr and the log file are flushed: I/O callbacks still pending from a failed (damaged) restore
+    would otherwise print tracebacks while the interpreter shuts down."""
+    if code == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(2)
+    sys.exit(code)
 
 
 def report_user_error(err: BaseException) -> int:

@@ -28,7 +28,13 @@ import pathlib
 import sys
 from typing import Sequence
 
-from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, quiet_third_party_logs, report_user_error
+from clover_jax.run_logging import (
+    USER_ERRORS,
+    OneLineArgumentParser,
+    exit_process,
+    quiet_third_party_logs,
+    report_user_error,
+)
 from data_pipelines import annotations as ann
 from data_pipelines import builder
 from data_pipelines.video_io import DecodeConfig
@@ -187,4 +193,4 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
