@@ -12,7 +12,6 @@ import logging
 import os
 import pathlib
 import sys
-import threading
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                                PermissionError, ValueError)
@@ -41,34 +40,6 @@ class _TerminalFilter(logging.Filter):
 
 _installed: dict[str, logging.Handler] = {}
 
-
-def _is_late_io_callback(exc: BaseException | None) -> bool:
-    """tensorstore's read callbacks that complete after a failed (damaged) restore find orbax's event loop
-    closed; their tracebacks say nothing about the run."""
-    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-
-def _route_late_callback_errors() -> None:
-    """Sends those late-callback tracebacks to the log file; every other uncaught error keeps its traceback."""
-    if getattr(sys.excepthook, "_clover", False):
-        return
-    previous_sys, previous_thread = sys.excepthook, threading.excepthook
-
-    def sys_hook(exc_type, exc, tb):
-        if _is_late_io_callback(exc):
-            logging.getLogger("clover_jax.io").info("late I/O callback error", exc_info=(exc_type, exc, tb))
-            return
-        previous_sys(exc_type, exc, tb)
-
-    def thread_hook(args):
-        if _is_late_io_callback(args.exc_value):
-            logging.getLogger("clover_jax.io").info("late I/O callback error in a thread",
-                                                    exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
-            return
-        previous_thread(args)
-
-    sys_hook._clover = True  # type: ignore[attr-defined]
-    sys.excepthook, threading.excepthook = sys_hook, thread_hook
 
 
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
@@ -103,7 +74,6 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     root.setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.captureWarnings(True)
-    _route_late_callback_errors()
     try:
         import tensorflow_datasets as tfds
 
