@@ -41,7 +41,6 @@ class _TerminalFilter(logging.Filter):
 _installed: dict[str, logging.Handler] = {}
 
 
-
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
     """Routes third-party logs to `<workdir>/logs/<program>[.process<i>].log`; returns that path."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
