@@ -18,7 +18,8 @@ def _one_error_line(capsys) -> str:
     (["--format", "msvd", "--annotations", __file__, "--media", "/nonexistent", "--out", "/tmp/x"],
      "--media /nonexistent is not a folder"),
     (["--format", "nope", "--out", "/tmp/x"], "invalid choice: 'nope'"),
-    (["--format", "qa", "--annotations", __file__, "--media", "/tmp", "--out", "/tmp/x"], "--format qa needs --qa-source"),
+    (["--format", "qa", "--annotations", __file__, "--media", "/tmp", "--out", "/tmp/x"],
+     "--format qa needs --qa-source"),
 ])
 def test_prepare_mistakes(capsys, argv, expected):
     with pytest.raises(SystemExit) as info:

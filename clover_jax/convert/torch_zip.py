@@ -119,7 +119,7 @@ class TorchZipReader:
 
     def _storage(self, name: str, ref: torch_pickle.StorageRef) -> np.ndarray:
         if ref.type_name not in STORAGE_DTYPES:
-            raise CheckpointFormatError(f"{self.path}: tensor {name!r} has storage type {ref.type_name}, "
+            raise CheckpointFormatError(f"{self.path}: tensor {name!r} has storage type {clip(ref.type_name, 60)}, "
                                         f"which we do not read (known: {sorted(STORAGE_DTYPES)})")
         dtype = np.dtype(STORAGE_DTYPES[ref.type_name]).newbyteorder(self._byteorder)
         cache_key = f"{ref.key}/{dtype.str}"
