@@ -157,7 +157,8 @@ class Clover(nn.Module):
     def encode_video(
         self, video: jnp.ndarray, token_mask: jnp.ndarray | None = None, *, deterministic: bool = True
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """video (B, T, H, W, 3) -> (Swin features (B, T', H', W', C), v (B, E) float32)."""
+        """video (B, T, H, W, 3) -> (Swin features (B, T', H', W', C), v (B, E) float32); a (B, K, Hp, Wp)
+        `token_mask` gives B*K rows (clip b under mask j at row b*K + j, see SwinTransformer3D)."""
         features = self.video_encoder(video, token_mask, deterministic=deterministic)
         return features, self.video_proj(features, deterministic=deterministic).astype(jnp.float32)
 
@@ -183,9 +184,9 @@ class Clover(nn.Module):
         """
         video, token_mask = batch["video"], batch["video_mask"]
         ids, ids_masked, mask = batch["text_ids"], batch["text_ids_masked"], batch["text_mask"]
+        # Each clip under (no mask, its block mask) from one patch embedding: rows interleave (full, masked).
         features, v_both = self.encode_video(
-            _interleave(video, video), _interleave(jnp.zeros_like(token_mask), token_mask),
-            deterministic=deterministic,
+            video, jnp.stack([jnp.zeros_like(token_mask), token_mask], axis=1), deterministic=deterministic,
         )
         feat_full, feat_masked = _split(features)
         v, v_masked = _split(v_both)

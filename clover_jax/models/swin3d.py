@@ -1,8 +1,10 @@
 """3D Swin (Video Swin) video encoder in Flax, faithful to torchvision's SwinTransformer3d / official Video Swin.
 
 Layout is channels-last throughout: video (B, T, H, W, 3) -> features (B, T', H', W', C).
-Window attention uses reshape/transpose partitioning, `jnp.roll` for the cyclic shift and einsum
-attention; the relative-position index and the shift mask are numpy constants built at trace time.
+Window attention uses reshape/transpose partitioning, `jnp.roll` for the cyclic shift and one of the
+implementations in `window_attention` (chosen by `Swin3DConfig.attention`, per backend by default); the
+relative-position index and the shift mask are numpy constants built at trace time. The patch embedding
+is a patchify reshape and one matmul with the Conv3d's parameters (kernel = stride makes them equal).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clover_jax.models.layers import TRUNC_NORMAL_02, dense, gelu, layer_norm, param_with_axes
+from clover_jax.models.window_attention import resolve_attention, window_attention
 
 Dtype = Any
 Triple = tuple[int, int, int]
@@ -35,6 +38,7 @@ class Swin3DConfig:
     use_mask_token: bool = True
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02  # truncated-normal std of linear kernels (torchvision/official: 0.02 at every width)
+    attention: str = "auto"  # window-attention implementation (window_attention.ATTENTION_IMPLEMENTATIONS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -51,6 +55,7 @@ class Swin3DConfig:
         for i, heads in enumerate(self.num_heads):
             if self.stage_dim(i) % heads:
                 raise ValueError(f"stage {i} width {self.stage_dim(i)} is not divisible by num_heads[{i}]={heads}")
+        resolve_attention(self.attention)  # raises on an unknown name
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -160,8 +165,33 @@ def _init(std: float):
     return nn.initializers.truncated_normal(stddev=std)
 
 
+class PatchProjection(nn.Module):
+    """Conv3d with kernel = stride = `patch` over (B, T, H, W, Cin) whose sizes are patch multiples, as a
+    patchify reshape and one matmul. Parameters are nn.Conv's: `kernel` (pt, ph, pw, Cin, C), `bias` (C,)."""
+
+    features: int
+    patch: Triple
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        b, t, h, w, cin = x.shape
+        pt, ph, pw = self.patch
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(TRUNC_NORMAL_02, (None, None, None, None, "embed")),
+            (pt, ph, pw, cin, self.features), self.param_dtype,
+        )
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+                          (self.features,), self.param_dtype)
+        x = x.reshape(b, t // pt, pt, h // ph, ph, w // pw, pw, cin)
+        x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7)).reshape(b, t // pt, h // ph, w // pw, pt * ph * pw * cin)
+        y = jnp.dot(x.astype(self.dtype), kernel.reshape(-1, self.features).astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class PatchEmbed3D(nn.Module):
-    """Zero-pad to patch multiples, Conv3d with kernel = stride = patch, then LayerNorm."""
+    """Zero-pad to patch multiples, Conv3d with kernel = stride = patch (`PatchProjection`), then LayerNorm."""
 
     config: Swin3DConfig
     dtype: Dtype = jnp.float32
@@ -171,17 +201,7 @@ class PatchEmbed3D(nn.Module):
     def __call__(self, video: jnp.ndarray) -> jnp.ndarray:
         cfg = self.config
         x = pad_to_multiple(video, cfg.patch_size)
-        x = nn.Conv(
-            cfg.embed_dim,
-            kernel_size=cfg.patch_size,
-            strides=cfg.patch_size,
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(TRUNC_NORMAL_02, (None, None, None, None, "embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-            name="proj",
-        )(x)
+        x = PatchProjection(cfg.embed_dim, cfg.patch_size, self.dtype, self.param_dtype, name="proj")(x)
         x = layer_norm(name="norm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x)
         return x.astype(self.dtype)
 
@@ -196,6 +216,7 @@ class WindowAttention3D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = 0.02
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -215,25 +236,23 @@ class WindowAttention3D(nn.Module):
         if any(shift):
             x = jnp.roll(x, tuple(-s for s in shift), axis=(1, 2, 3))
         windows = partition_windows(x, window)  # (B, nW, N, C)
-        n = windows.shape[2]
+        nw, n = windows.shape[1:3]
 
         head_dim = c // self.num_heads
         qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init(self.init_std))(windows)
-        qkv = qkv.reshape(*windows.shape[:3], 3, self.num_heads, head_dim)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        q = q * jnp.asarray(head_dim**-0.5, q.dtype)
-        logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
+        # (B, nW, N, 3, H, D) -> (3, B, nW, H, N, D): the attention matmuls then batch over leading axes.
+        qkv = jnp.transpose(qkv.reshape(b, nw, n, 3, self.num_heads, head_dim), (3, 0, 1, 4, 2, 5))
+        q = qkv[0] * jnp.asarray(head_dim**-0.5, qkv.dtype)
 
         # The reference indexes the full-window table and slices it to the (possibly shrunk) window volume.
         index = relative_position_index(self.window_size)[:n, :n]
-        bias = jnp.take(table.astype(jnp.float32), index.reshape(-1), axis=0).reshape(n, n, self.num_heads)
-        logits = logits + jnp.transpose(bias, (2, 0, 1))
-        if any(shift):
-            logits = logits + shift_attention_mask(padded, window, shift)[None, :, None]
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        bias = jnp.take(table, index.reshape(-1), axis=0).reshape(n, n, self.num_heads)
+        bias = jnp.transpose(bias, (2, 0, 1))
+        mask = shift_attention_mask(padded, window, shift) if any(shift) else None
+        out = window_attention(q, qkv[1], qkv[2], bias, mask, implementation=self.attention)  # (B, nW, H, N, D)
 
-        out = jnp.einsum("bwhqk,bwkhd->bwqhd", probs, v).reshape(*windows.shape[:3], c)
+        out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(b, nw, n, c)
         out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init(self.init_std))(out)
         out = merge_windows(out, window, padded)
@@ -280,13 +299,14 @@ class SwinBlock3D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = 0.02
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         y = layer_norm(name="norm1", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
         y = WindowAttention3D(
             self.dim, self.num_heads, self.window_size, self.shift_size, self.dtype, self.param_dtype,
-            init_std=self.init_std, name="attn",
+            init_std=self.init_std, attention=self.attention, name="attn",
         )(y)
         x = x + drop_path(self, y, self.drop_path_rate, deterministic)
         y = layer_norm(name="norm2", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
@@ -346,6 +366,7 @@ class SwinStage3D(nn.Module):
                 drop_path_rate=self.drop_path_rates[j],
                 eps=cfg.layer_norm_eps,
                 init_std=cfg.init_std,
+                attention=cfg.attention,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{j}",
@@ -360,7 +381,9 @@ class SwinTransformer3D(nn.Module):
     """Video Swin encoder. `video` (B, T, H, W, 3) -> final-LayerNorm'd features (B, T', H', W', C_last).
 
     `token_mask` (B, ceil(H/ph), ceil(W/pw)), float weights or bool, is applied after patch embedding and
-    broadcast over time: x * (1 - w) + mask_token * w. With `return_features=True` also returns the list
+    broadcast over time: x * (1 - w) + mask_token * w. A (B, K, Hp, Wp) mask encodes each clip under K
+    masks from one patch embedding: the output has B*K rows, row b*K + j being clip b under mask j.
+    With `return_features=True` also returns the list
     [patch_embed, features_0, ..., features_{2S-2}] as torchvision's `features` (patch embedding after its
     norm and the mask substitution, then each stage's output and each PatchMerging output).
     """
@@ -379,11 +402,12 @@ class SwinTransformer3D(nn.Module):
         _, ph, pw = self.config.patch_size
         grid = (math.ceil(video.shape[2] / ph), math.ceil(video.shape[3] / pw))
         if token_mask is not None:
-            want = (video.shape[0], *grid)
-            if tuple(token_mask.shape) != want:
+            b = video.shape[0]
+            shape = tuple(token_mask.shape)
+            if not (shape == (b, *grid) or (len(shape) == 4 and shape[0] == b and shape[2:] == grid)):
                 raise ValueError(
-                    f"token_mask must be (B, Hp, Wp) = {want} for video {tuple(video.shape)} "
-                    f"(patch-token resolution, shared over time), got {tuple(token_mask.shape)}"
+                    f"token_mask must be (B, Hp, Wp) = {(b, *grid)} or (B, K, Hp, Wp) for video "
+                    f"{tuple(video.shape)} (patch-token resolution, shared over time), got {shape}"
                 )
         return grid
 
@@ -406,8 +430,10 @@ class SwinTransformer3D(nn.Module):
         if token_mask is not None:
             if not cfg.use_mask_token:
                 raise ValueError("token_mask was given but the config has use_mask_token=False")
-            weight = token_mask.astype(self.dtype)[:, None, :, :, None]
-            x = x * (1 - weight) + mask_token.astype(self.dtype) * weight
+            masks = token_mask if token_mask.ndim == 4 else token_mask[:, None]
+            weight = masks.astype(self.dtype)[:, :, None, :, :, None]  # (B, K, 1, Hp, Wp, 1)
+            x = x[:, None] * (1 - weight) + mask_token.astype(self.dtype) * weight
+            x = x.reshape(-1, *x.shape[2:])
         features = [x]
 
         rates = cfg.drop_path_rates()
