@@ -1,8 +1,8 @@
 """What the entry points print: our progress lines and results on the terminal, third-party logs in a file.
 
 `quiet_third_party_logs(workdir)` sends every absl-routed record (orbax, TFDS, tensorflow) and library
-warnings to `<workdir>/logs/<program>.log`; the terminal keeps absl errors, other libraries' warnings
-(e.g. JAX's) and warnings raised by our own code. `report_user_error` turns a user mistake into one
+warnings to `<workdir>/logs/<program>.log`; the terminal keeps other libraries' warnings (e.g. JAX's),
+warnings raised by our own code and critical records. `report_user_error` turns a user mistake into one
 `error: …` line on stderr and exit status 2 (`CLOVER_DEBUG=1` shows the traceback instead).
 """
 from __future__ import annotations
@@ -28,17 +28,38 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 class _TerminalFilter(logging.Filter):
-    """Lets through what a person at the terminal needs: absl errors, other warnings, our own warnings."""
+    """Lets through what a person at the terminal needs: other libraries' warnings (JAX's), our own
+    warnings, and only critical records of the absl-routed libraries."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings":
             return any(part in record.getMessage() for part in OUR_CODE)
         if record.name == "absl" or record.name.startswith(("orbax", "tensorflow", "tensorflow_datasets")):
-            return record.levelno >= logging.ERROR
+            # Their errors come back to us as exceptions (e.g. a damaged checkpoint's read error, which the
+            # restore reports in one line); the log file keeps their tracebacks.
+            return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING
 
 
 _installed: dict[str, logging.Handler] = {}
+
+
+def _log_late_io_callback_errors() -> None:
+    """tensorstore reads still in flight when a (damaged) restore fails complete on orbax's closed event
+    loop and report `RuntimeError: Event loop is closed` through sys.excepthook; those go to the log file,
+    every other uncaught error keeps its traceback on the terminal."""
+    previous = sys.excepthook
+    if getattr(previous, "clover_routes_late_callbacks", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            logging.getLogger("clover_jax.io").info("late I/O callback", exc_info=(exc_type, exc, tb))
+            return
+        previous(exc_type, exc, tb)
+
+    hook.clover_routes_late_callbacks = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
@@ -73,6 +94,7 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     root.setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.captureWarnings(True)
+    _log_late_io_callback_errors()
     try:
         import tensorflow_datasets as tfds
 
