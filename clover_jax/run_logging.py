@@ -71,24 +71,22 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     if program != "prepare":
         import orbax.checkpoint  # noqa: F401 - installs its stderr handler, which gets our filter below
 
-    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
-    path = pathlib.Path(workdir) / "logs" / f"{program}{suffix}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     previous = _installed.pop("file", None)
     if previous is not None:
         root.removeHandler(previous)
         previous.close()
+    for handler in [*root.handlers, absl_logging.get_absl_handler()]:
+        if not any(isinstance(f, _TerminalFilter) for f in handler.filters):
+            handler.addFilter(_TerminalFilter())
+    # Only now: asking for the process index starts JAX's backends, which log at INFO.
+    suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+    path = pathlib.Path(workdir) / "logs" / f"{program}{suffix}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(path)
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d] "
                                                 "%(message)s"))
-    for handler in root.handlers:
-        if not any(isinstance(f, _TerminalFilter) for f in handler.filters):
-            handler.addFilter(_TerminalFilter())
-    absl_handler = absl_logging.get_absl_handler()
-    if not any(isinstance(f, _TerminalFilter) for f in absl_handler.filters):
-        absl_handler.addFilter(_TerminalFilter())
     root.addHandler(file_handler)
     _installed["file"] = file_handler
     root.setLevel(logging.INFO)
