@@ -22,6 +22,7 @@ TERM_NAMES = ("mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor",
 CONTRASTIVE_TERMS = TERM_NAMES[1:]
 GRAD_SCALES = ("global", "reference")
 OUTPUT_KEYS = ("v", "t", "v_masked", "t_masked", "z_v", "z_t", "mlm_logits")
+EMBEDDING_KEYS = OUTPUT_KEYS[:-1]  # the (B, D) outputs the contrastive terms read
 
 
 def _float(x: Array) -> Array:
@@ -96,11 +97,13 @@ def symmetric_infonce(video: Array, text: Array, temperature: float = 0.05) -> A
     return -jnp.mean(_diag_log_softmax(logits, axis=1)) - jnp.mean(_diag_log_softmax(logits, axis=0))
 
 
-def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100) -> Array:
-    """Softmax focal loss mean_k (1 - p_k)^gamma * CE_k over positions whose label != ignore_index.
+def focal_mlm_sum(
+    logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100
+) -> tuple[Array, Array]:
+    """(sum over labelled positions of (1 - p_k)^gamma * CE_k, number of labelled positions).
 
-    `logits` is (..., V) and `labels` the matching (...) integer ids. Returns 0 (not NaN, unlike the
-    reference) when no position is labelled. p_k = exp(-CE_k) keeps its gradient, as in the reference.
+    `logits` is (..., V) and `labels` the matching (...) integer ids; a position is labelled when its
+    label != ignore_index. p_k = exp(-CE_k) keeps its gradient, as in the reference.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
@@ -111,8 +114,17 @@ def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_inde
     safe_labels = jnp.where(valid, labels, 0)
     log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe_labels[..., None], axis=-1)[..., 0]
     focal = (1.0 - jnp.exp(log_p)) ** gamma * (-log_p)
-    count = jnp.sum(valid)
-    return jnp.sum(jnp.where(valid, focal, 0.0)) / jnp.maximum(count, 1).astype(focal.dtype)
+    return jnp.sum(jnp.where(valid, focal, 0.0)), jnp.sum(valid)
+
+
+def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100) -> Array:
+    """Softmax focal loss mean_k (1 - p_k)^gamma * CE_k over positions whose label != ignore_index.
+
+    `logits` is (..., V) and `labels` the matching (...) integer ids. Returns 0 (not NaN, unlike the
+    reference) when no position is labelled. p_k = exp(-CE_k) keeps its gradient, as in the reference.
+    """
+    total, count = focal_mlm_sum(logits, labels, gamma, ignore_index)
+    return total / jnp.maximum(count, 1).astype(total.dtype)
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -156,6 +168,26 @@ def in_batch_metrics(video: Array, text: Array) -> dict[str, Array]:
     }
 
 
+def _objective_settings(cfg: Any, num_data_replicas: int) -> dict[str, Any]:
+    """The validated fields of a loss config (see `default_loss_config`; missing fields take defaults)."""
+    weights = dict(_cfg_value(cfg, "loss_weights", None) or {})
+    unknown = set(weights) - set(TERM_NAMES)
+    if unknown:
+        raise ValueError(f"loss_weights has unknown terms {sorted(unknown)}; valid terms: {list(TERM_NAMES)}")
+    grad_scale = _cfg_value(cfg, "contrastive_grad_scale", "global")
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"contrastive_grad_scale={grad_scale!r}; choose one of {GRAD_SCALES}")
+    if num_data_replicas < 1:
+        raise ValueError(f"num_data_replicas must be >= 1, got {num_data_replicas}")
+    return {
+        "temperature": _cfg_value(cfg, "temperature", 0.05),
+        "margin": _cfg_value(cfg, "rank_margin", 5.0),
+        "gamma": _cfg_value(cfg, "focal_gamma", 2.0),
+        "weights": {name: float(weights.get(name, 1.0)) for name in TERM_NAMES},
+        "grad_scale": grad_scale,
+    }
+
+
 def pretrain_objective(
     outputs: Mapping[str, Array],
     mlm_labels: Array,
@@ -182,40 +214,56 @@ def pretrain_objective(
     Call 1 anchors v with (t, t_masked, z_v); call 2 anchors t with (v, v_masked, z_t).
     Returns (total, terms) where terms holds every weighted-input term (unweighted values), the total and
     monitoring metrics (in-batch top-1 accuracy v->t and t->v, mean positive and negative cosine).
+    This is `pretrain_objective_from_mlm` with mlm = `focal_mlm_loss(outputs["mlm_logits"], mlm_labels)`.
     """
     missing = [k for k in OUTPUT_KEYS if k not in outputs]
     if missing:
         raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(OUTPUT_KEYS)}")
-    temperature = _cfg_value(cfg, "temperature", 0.05)
-    margin = _cfg_value(cfg, "rank_margin", 5.0)
-    gamma = _cfg_value(cfg, "focal_gamma", 2.0)
-    weights = dict(_cfg_value(cfg, "loss_weights", None) or {})
-    unknown = set(weights) - set(TERM_NAMES)
-    if unknown:
-        raise ValueError(f"loss_weights has unknown terms {sorted(unknown)}; valid terms: {list(TERM_NAMES)}")
-    weights = {name: float(weights.get(name, 1.0)) for name in TERM_NAMES}
-    grad_scale = _cfg_value(cfg, "contrastive_grad_scale", "global")
-    if grad_scale not in GRAD_SCALES:
-        raise ValueError(f"contrastive_grad_scale={grad_scale!r}; choose one of {GRAD_SCALES}")
-    if num_data_replicas < 1:
-        raise ValueError(f"num_data_replicas must be >= 1, got {num_data_replicas}")
+    gamma = _objective_settings(cfg, num_data_replicas)["gamma"]
+    mlm = focal_mlm_loss(outputs["mlm_logits"], mlm_labels, gamma=gamma)
+    return pretrain_objective_from_mlm(outputs, mlm, cfg, num_data_replicas=num_data_replicas)
 
-    v, t = outputs["v"], outputs["t"]
+
+def pretrain_contrastive(
+    embeddings: Mapping[str, Array], cfg: Any = None, *, num_data_replicas: int = 1
+) -> tuple[Array, dict[str, Array]]:
+    """The contrastive part of `pretrain_objective` on the six global-batch embeddings (EMBEDDING_KEYS).
+
+    Returns (weighted sum of the nce and rank terms, with the "reference" gradient scale applied if so
+    configured; {term: unweighted value} for CONTRASTIVE_TERMS).
+    """
+    settings = _objective_settings(cfg, num_data_replicas)
+    weights = settings["weights"]
+    nce_kw = dict(temperature=settings["temperature"], margin=settings["margin"])
+    v, t = embeddings["v"], embeddings["t"]
     terms: dict[str, Array] = {}
     terms["nce_video_anchor"], terms["rank_video_anchor"] = tri_modal_exclusive_nce(
-        v, t, outputs["t_masked"], outputs["z_v"], temperature=temperature, margin=margin
+        v, t, embeddings["t_masked"], embeddings["z_v"], **nce_kw
     )
     terms["nce_text_anchor"], terms["rank_text_anchor"] = tri_modal_exclusive_nce(
-        t, v, outputs["v_masked"], outputs["z_t"], temperature=temperature, margin=margin
+        t, v, embeddings["v_masked"], embeddings["z_t"], **nce_kw
     )
-    terms["mlm"] = focal_mlm_loss(outputs["mlm_logits"], mlm_labels, gamma=gamma)
-
     contrastive = sum(weights[name] * terms[name] for name in CONTRASTIVE_TERMS)
-    if grad_scale == "reference" and num_data_replicas > 1:
+    if settings["grad_scale"] == "reference" and num_data_replicas > 1:
         contrastive = scale_gradient(contrastive, 1.0 / num_data_replicas)
-    total = contrastive + weights["mlm"] * terms["mlm"]
+    return contrastive, terms
 
-    terms = {k: jax.lax.stop_gradient(x) for k, x in terms.items()}
+
+def pretrain_objective_from_mlm(
+    embeddings: Mapping[str, Array], mlm: Array, cfg: Any = None, *, num_data_replicas: int = 1
+) -> tuple[Array, dict[str, Array]]:
+    """`pretrain_objective` given the six embeddings and the already computed focal MLM loss `mlm`.
+
+    The total is `pretrain_contrastive` + loss_weights.mlm * mlm (MLM never gradient-scaled); the
+    returned terms are those of `pretrain_objective`.
+    """
+    missing = [k for k in EMBEDDING_KEYS if k not in embeddings]
+    if missing:
+        raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(OUTPUT_KEYS)}")
+    mlm_weight = _objective_settings(cfg, num_data_replicas)["weights"]["mlm"]
+    contrastive, terms = pretrain_contrastive(embeddings, cfg, num_data_replicas=num_data_replicas)
+    total = contrastive + mlm_weight * mlm
+    terms = {k: jax.lax.stop_gradient(x) for k, x in {**terms, "mlm": mlm}.items()}
     terms["total"] = jax.lax.stop_gradient(total)
-    terms.update(jax.lax.stop_gradient(in_batch_metrics(v, t)))
+    terms.update(jax.lax.stop_gradient(in_batch_metrics(embeddings["v"], embeddings["t"])))
     return total, terms

@@ -4,6 +4,8 @@
 `retrieval` is the symmetric InfoNCE of retrieval fine-tuning on the dual encoder (§5.1);
 `qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2), and
 `qa_fill_in_blank` is open-ended QA read at the question's [MASK] token instead (LSMDC-FiB).
+The first two are also exposed as `grad_cache.EmbeddingLoss` objectives (`EMBEDDING_OBJECTIVES`), the
+form that gradient caching (`config.microbatches`) needs.
 """
 from __future__ import annotations
 
@@ -13,40 +15,77 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clover_jax import losses
+from clover_jax import grad_cache, losses
 from clover_jax.models.clover import Clover, CloverConfig
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def pretrain_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
-    """The pre-training loss on a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels."""
+def pretrain_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+                       *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
+    """The pre-training loss (`losses.pretrain_objective`) in embedding form: `embed` runs the Clover forward
+    on rows of a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels and returns the six
+    (rows, E) embeddings and the focal-MLM sum over their masked positions; `normalizer` counts the masked
+    positions of the batch; `loss` is the contrastive terms plus the MLM mean. `deterministic` turns dropout
+    off (for exactness tests)."""
     model = Clover(model_config)
+    gamma = loss_config.get("focal_gamma", 2.0) if hasattr(loss_config, "get") else 2.0
 
-    def loss_fn(params, batch, rng):
-        outputs = model.apply({"params": params}, batch, deterministic=False, rngs={"dropout": rng})
-        return losses.pretrain_objective(outputs, batch["mlm_labels"], loss_config,
-                                         num_data_replicas=num_data_replicas)
+    def embed(params, batch, rng):
+        outputs = model.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng})
+        mlm_sum, _ = losses.focal_mlm_sum(outputs["mlm_logits"], batch["mlm_labels"], gamma=gamma)
+        return {k: outputs[k] for k in losses.EMBEDDING_KEYS}, mlm_sum
 
-    return loss_fn
+    def normalizer(batch):
+        return jnp.maximum(jnp.sum(batch["mlm_labels"] != -100), 1).astype(jnp.float32)
+
+    def loss(embeddings, mlm):
+        return losses.pretrain_objective_from_mlm(embeddings, mlm, loss_config, num_data_replicas=num_data_replicas)
+
+    return grad_cache.EmbeddingLoss(embed, normalizer, loss)
 
 
-def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
-    """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) (the fusion encoder is unused)."""
+def pretrain_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+                     *, deterministic: bool = False) -> LossFn:
+    """The pre-training loss on a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels."""
+    return grad_cache.plain_loss_fn(pretrain_objective(model_config, loss_config, num_data_replicas,
+                                                       deterministic=deterministic))
+
+
+def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+                        *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
+    """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) in embedding form (the fusion
+    encoder is unused; no per-example term)."""
+    del num_data_replicas
     model = Clover(model_config)
     temperature = loss_config.get("temperature", 0.05) if hasattr(loss_config, "get") else 0.05
 
-    def loss_fn(params, batch, rng):
+    def embed(params, batch, rng):
         rngs = {"dropout": rng}
-        _, v = model.apply({"params": params}, batch["video"], deterministic=False, rngs=rngs,
+        _, v = model.apply({"params": params}, batch["video"], deterministic=deterministic, rngs=rngs,
                            method=Clover.encode_video)
-        _, t = model.apply({"params": params}, batch["text_ids"], batch["text_mask"], deterministic=False,
+        _, t = model.apply({"params": params}, batch["text_ids"], batch["text_mask"], deterministic=deterministic,
                            rngs=rngs, method=Clover.encode_text)
-        loss = losses.symmetric_infonce(v, t, temperature)
-        metrics = {k: jax.lax.stop_gradient(x) for k, x in losses.in_batch_metrics(v, t).items()}
-        return loss, {"infonce": jax.lax.stop_gradient(loss), **metrics}
+        return {"v": v, "t": t}, jnp.zeros((), jnp.float32)
 
-    return loss_fn
+    def loss(embeddings, unused_mean):
+        v, t = embeddings["v"], embeddings["t"]
+        value = losses.symmetric_infonce(v, t, temperature)
+        metrics = {k: jax.lax.stop_gradient(x) for k, x in losses.in_batch_metrics(v, t).items()}
+        return value, {"infonce": jax.lax.stop_gradient(value), **metrics}
+
+    return grad_cache.EmbeddingLoss(embed, lambda batch: jnp.ones((), jnp.float32), loss)
+
+
+def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+                      *, deterministic: bool = False) -> LossFn:
+    """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) (the fusion encoder is unused)."""
+    return grad_cache.plain_loss_fn(retrieval_objective(model_config, loss_config, num_data_replicas,
+                                                        deterministic=deterministic))
+
+
+# Tasks whose loss is an `EmbeddingLoss`, so `config.microbatches > 1` (gradient caching) can run them.
+EMBEDDING_OBJECTIVES = {"pretrain": pretrain_objective, "retrieval": retrieval_objective}
 
 
 def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,

@@ -28,6 +28,7 @@ import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
 from clover_jax import data as data_glue
+from clover_jax import grad_cache
 from clover_jax import sharding as shard_lib
 from clover_jax import tasks
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
@@ -85,6 +86,7 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
         shard_lib.check_global_batch(config.eval.batch_size, mesh)
     except ValueError as err:
         raise ConfigError(f"data.batch_size / eval.batch_size: {err}") from None
+    check_microbatches(config, mesh)
     model_config = model_config_from(config)
     batch = dummy_batch(model_config)
     abstract = jax.eval_shape(lambda r: init_params(model_config, r, batch), jax.random.key(0))
@@ -141,6 +143,28 @@ def _loss_fn(run: Run, config: ml_collections.ConfigDict):
         return tasks.qa_fill_in_blank_loss_fn(run.model_config, config.loss, replicas)
     raise ConfigError(f"config.task={config.task!r}; valid: 'pretrain', 'retrieval', 'qa_open_ended', "
                       "'qa_multiple_choice', 'qa_fill_in_blank'")
+
+
+def check_microbatches(config: ml_collections.ConfigDict, mesh: Any) -> None:
+    """Raises ConfigError unless `config.microbatches` (default 1) can split this run's training batch."""
+    k = config.get("microbatches", 1)
+    if k != 1 and config.task not in tasks.EMBEDDING_OBJECTIVES:
+        raise ConfigError(f"microbatches={k}: gradient caching supports the tasks "
+                          f"{sorted(tasks.EMBEDDING_OBJECTIVES)}, not {config.task!r}; use microbatches=1")
+    try:
+        grad_cache.check_microbatches(config.data.batch_size, k, shard_lib.num_data_replicas(mesh))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _gradient_fn(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`make_train_step`'s loss_fn, or for config.microbatches > 1 a gradient-cached value_and_grad_fn."""
+    k = config.get("microbatches", 1)
+    if k == 1:
+        return {"loss_fn": _loss_fn(run, config)}
+    objective = tasks.EMBEDDING_OBJECTIVES[config.task](run.model_config, config.loss,
+                                                        shard_lib.num_data_replicas(run.mesh))
+    return {"loss_fn": None, "value_and_grad_fn": grad_cache.value_and_grad(objective, k)}
 
 
 def _initial_state(run: Run, config, workdir: pathlib.Path, tx, manager, state_shardings) -> tuple[TrainState, str]:
@@ -237,8 +261,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     print(f"clover_jax: {source}; steps {start} -> {total}; mesh {dict(run.mesh.shape)}; "
           f"{jax.device_count()} devices, {jax.process_count()} processes", flush=True)
 
-    step_fn = make_train_step(_loss_fn(run, config), tx, state_shardings=state_shardings,
-                              batch_sharding=run.batch_sharding, mesh=run.mesh, schedule=schedule)
+    step_fn = make_train_step(tx=tx, state_shardings=state_shardings, batch_sharding=run.batch_sharding,
+                              mesh=run.mesh, schedule=schedule, **_gradient_fn(run, config))
     rng = jax.random.key(config.seed + 1)
     if config.task in data_glue.QA_TASKS:
         qa_items, _ = data_glue.qa_items(config, config.data.split, run.model_config.num_answers)

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from clover_jax import sharding as shard_lib
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+ValueAndGradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
 RESERVED_METRICS = ("loss", "grad_norm", "param_norm", "lr", "finite")
 
 
@@ -55,7 +56,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def make_train_step(
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     tx: optax.GradientTransformation,
     *,
     state_shardings: TrainState,
@@ -64,6 +65,7 @@ def make_train_step(
     schedule: Callable[[jax.Array], jax.Array] | None = None,
     rules: shard_lib.Rules = shard_lib.LOGICAL_RULES,
     skip_nonfinite: bool = False,
+    value_and_grad_fn: ValueAndGradFn | None = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted `step(state, batch, rng) -> (state, metrics)`; the input state is donated.
 
@@ -75,14 +77,22 @@ def make_train_step(
     update), lr (`schedule(step)`; only when `schedule` is given), and `finite` (loss and every gradient
     finite). With `skip_nonfinite`, a non-finite step leaves params and optimizer state unchanged (the
     step counter still advances).
+
+    `value_and_grad_fn(params, batch, rng) -> ((loss, aux), grads)` replaces
+    `jax.value_and_grad(loss_fn, has_aux=True)` when given (e.g. `grad_cache.value_and_grad`, which runs
+    the batch in chunks); pass `loss_fn=None` then.
     """
+    if (loss_fn is None) == (value_and_grad_fn is None):
+        raise ValueError("make_train_step: pass exactly one of loss_fn and value_and_grad_fn")
+    if value_and_grad_fn is None:
+        value_and_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     replicated = shard_lib.replicated(mesh)
     mesh_rules = shard_lib.rules_for_mesh(rules, mesh)
 
     def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(rng, state.step)
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules):
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+            (loss, aux), grads = value_and_grad_fn(state.params, batch, rng)
         clash = sorted(set(aux) & set(RESERVED_METRICS))
         if clash:
             raise ValueError(f"loss_fn aux metrics {clash} clash with the step's own metrics {RESERVED_METRICS}")

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from_include = ()  # e.g. ("text_encoder",) for a partial load
     c.mesh = dict(data=-1, fsdp=1, model=1)
     c.compilation_cache_dir = "~/.cache/clover_jax/xla"  # "" disables the persistent XLA cache
+    c.microbatches = 1  # > 1: the step runs the batch in this many chunks (gradient caching, same result)
 
     # From scratch at width 64, BERT's 0.02 init leaves the [CLS] state almost input-independent
     # (cos ~0.99998 between captions) and the contrastive loss collapses; 1/sqrt(64) keeps it informative.
