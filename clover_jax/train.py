@@ -7,7 +7,9 @@ device), checkpointing asynchronously every `checkpoint_every` steps, and finall
 
 SIGTERM / SIGINT: the current step finishes, a checkpoint is written and waited for, and the process
 exits 0; rerunning the same command resumes exactly (same batches, same rngs). A non-finite loss or
-gradient stops the run naming the step and the last good checkpoint.
+gradient stops the run naming the step and the last good checkpoint. Restores take the newest checkpoint
+that reads (`checkpoint.restore_newest_readable`); a workdir whose config.json describes a state of
+another shape is refused (`workdir_config`); user mistakes end in one `error:` line, exit status 2.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from clover_jax import sharding as shard_lib
 from clover_jax import tasks
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
 from clover_jax.optim import make_optimizer
+from clover_jax.run_logging import USER_ERRORS, exit_process, quiet_third_party_logs, report_user_error
 from clover_jax.train_step import TrainState, create_train_state, make_train_step, train_state_shardings
+from clover_jax.workdir_config import check_workdir_config
 from data_pipelines.input_pipeline import make_mixture_iterator
 
 
@@ -100,32 +104,40 @@ def load_run_config(workdir: pathlib.Path, config_arg: str = "") -> ml_collectio
         return load_config_file(config_arg)
     path = workdir / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: pass --config=configs/<file>.py[:arg]")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+        what = "is empty" if workdir.is_dir() and not any(workdir.iterdir()) else "holds no config.json"
+        raise FileNotFoundError(f"--workdir={workdir} {what}: pass a training run's workdir, or add "
+                                "--config=configs/<file>.py[:arg] (and --checkpoint=PATH)")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as err:
+        raise ConfigError(f"{path} is not a readable config ({err}); pass --config=configs/<file>.py[:arg]") from None
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """The config of `file.py[:arg]` (its `get_config(arg)`)."""
     import importlib.util
 
     file, _, arg = spec.partition(":")
+    if not pathlib.Path(file).is_file() or not file.endswith(".py"):
+        raise FileNotFoundError(f"--config={spec}: {file} is not a config .py file")
     module_spec = importlib.util.spec_from_file_location("run_config", file)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config={spec}: {file} defines no get_config(arg)")
     return module.get_config(arg or None)
 
 
 def load_params_for_eval(run: Run, path: str | pathlib.Path) -> tuple[Any, int]:
-    """(params placed on the run's shardings, step) from a training checkpoint or a converter output."""
+    """(params placed on the run's shardings, step) from a training checkpoint (the newest that reads)
+    or a converter output (step 0)."""
     fresh = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nn.unbox(run.abstract_params))
     path = pathlib.Path(path)
-    params, loaded = ckpt_lib.params_from_init(path, fresh, run.param_shardings)
+    loaded_tree, step = ckpt_lib.load_params_and_step(path)
+    params, loaded = ckpt_lib.merge_params(loaded_tree, path, fresh, run.param_shardings)
     missing = sorted(set(ckpt_lib.flatten(fresh)) - set(loaded))
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} parameters of this model, e.g. {missing[:3]}")
-    try:
-        step = ckpt_lib.checkpoint_dir_and_step(path)[1]
-    except FileNotFoundError:
-        step = 0
     return params, step
 
 
@@ -168,19 +180,28 @@ def _gradient_fn(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _initial_state(run: Run, config, workdir: pathlib.Path, tx, manager, state_shardings) -> tuple[TrainState, str]:
-    """Restore order: workdir -> config.resume -> config.init_from -> fresh. Returns (state, source)."""
+    """Restore order: workdir -> config.resume -> config.init_from -> fresh. Returns (state, source).
+    Each restore takes the newest checkpoint that reads (see `checkpoint.restore_newest_readable`)."""
     abstract_state = jax.eval_shape(
         lambda p: TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=p, opt_state=tx.init(p)),
         nn.unbox(run.abstract_params))
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   abstract_state, state_shardings)
-    if manager.latest_step() is not None:
-        state, meta = ckpt_lib.restore(manager, manager.latest_step(), abstract_state)
+    if manager.all_steps():
+        (state, meta), step, damaged = ckpt_lib.restore_newest_readable(
+            pathlib.Path(manager.directory), manager.all_steps(),
+            lambda s: ckpt_lib.restore(manager, s, abstract_state), finite_of=lambda r: r[0])
+        if damaged:  # this run writes those steps again: move the damaged folders aside, never delete them
+            moved = ckpt_lib.set_aside(pathlib.Path(manager.directory), damaged)
+            manager.reload()
+            if moved:
+                print(f"clover_jax: moved damaged step(s) {damaged} to {moved[0].parent}", flush=True)
         return state, f"workdir checkpoint step {meta['step']}"
     if config.resume:
-        ckpt_dir, step = ckpt_lib.checkpoint_dir_and_step(config.resume)
+        ckpt_dir, steps = ckpt_lib.finished_steps(config.resume)
         other = ckpt_lib.make_manager(ckpt_dir.parent, save_every=1, keep=1000, async_save=False)
-        state, _ = ckpt_lib.restore(other, step, abstract_state)
+        (state, _), step, _ = ckpt_lib.restore_newest_readable(
+            ckpt_dir, steps, lambda s: ckpt_lib.restore(other, s, abstract_state), finite_of=lambda r: r[0])
         return state, f"resume {config.resume} step {step}"
     rng = jax.random.key(config.seed)
     batch = dummy_batch(run.model_config)
@@ -248,6 +269,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     """Runs (or resumes) training to `config.total_steps`, then evaluates; returns the final metrics."""
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    log_file = quiet_third_party_logs(workdir)
     run = setup_run(config)
     total = config.total_steps
     if total < 1:
@@ -255,11 +277,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     tx, schedule = make_optimizer(config.optim, total)
     state_shardings = train_state_shardings(tx, nn.unbox(run.abstract_params), run.param_shardings, run.mesh)
     manager = ckpt_lib.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+    note = check_workdir_config(workdir, config.to_dict(), has_checkpoint=bool(manager.all_steps()))
+    if note:
+        print(f"clover_jax: {note}", flush=True)
     state, source = _initial_state(run, config, workdir, tx, manager, state_shardings)
     start = int(jax.device_get(state.step))
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())
     print(f"clover_jax: {source}; steps {start} -> {total}; mesh {dict(run.mesh.shape)}; "
-          f"{jax.device_count()} devices, {jax.process_count()} processes", flush=True)
+          f"{jax.device_count()} devices, {jax.process_count()} processes; library logs: {log_file}", flush=True)
 
     step_fn = make_train_step(tx=tx, state_shardings=state_shardings, batch_sharding=run.batch_sharding,
                               mesh=run.mesh, schedule=schedule, **_gradient_fn(run, config))
@@ -363,9 +388,11 @@ def main(argv: list[str]) -> None:
         init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          flags.FLAGS.distributed_auto)
         train(config, workdir)
-    except (ConfigError, NonFiniteLossError, FileNotFoundError, ValueError) as err:
+    except NonFiniteLossError as err:  # the run diverged: not a usage mistake, but nothing to add to it
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except USER_ERRORS + (ConfigError,) as err:
+        exit_process(report_user_error(err))
 
 
 def _define_flags() -> None:
@@ -389,14 +416,17 @@ def _one_line_flag_error(err: Exception, argv: list[str]) -> str:
     text = re.sub(r"(\w)'(\s)", r"\1:\2", text)  # "lrr' Did you mean" -> "lrr: Did you mean"
     culprits = [a for a in argv[1:] if a.startswith("--config") and
                 any(f"'{part}'" in raw or part in text for part in a.split("=")[0].split(".")[1:])]
-    return f"error: {culprits[0] if culprits else 'bad flags'}: {text}"
+    culprit = culprits[0] if culprits else "bad flags"
+    if not culprit.isprintable():
+        culprit = ascii(culprit)
+    return " ".join(f"error: {culprit}: {text}".split())  # one line, whatever the argument held
 
 
 if __name__ == "__main__":
     from absl import app, flags
 
-    _define_flags()
     try:
+        _define_flags()  # reads the --config.* overrides from sys.argv
         flags.FLAGS(sys.argv)  # parse here so a config typo is one line, not a traceback
     except Exception as err:  # noqa: BLE001 - absl/ml_collections raise several types for bad flags
         print(_one_line_flag_error(err, sys.argv), file=sys.stderr)

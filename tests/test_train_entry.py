@@ -130,7 +130,7 @@ def test_config_typo_and_bad_batch_fail_in_one_line(env, tmp_path):
 
     proc = _run(env, tmp_path, "--config.data.batch_size=3", timeout=300)  # 2 devices
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "batch size 3" in lines[0] and "by 2" in lines[0], proc.stderr[-2000:]
 
 
