@@ -1,6 +1,13 @@
 """Benchmark: compile time, step time and clips/s of the pre-training step, against the CPU's matmul peak.
 
   .venv/bin/python -m benchmarks.train_step [--presets tiny,small] [--batch 8] [--steps 5] [--text-length 30]
+      [--frames 8 --size 224] [--threads 2] [--json]
+
+`--frames` / `--size` set the input clip (frames, square side) and the model's fusion tables for it; without
+them each preset keeps its own clip size (tiny 4x64², small 8x112², base 8x224²). `--threads N` pins the
+process to N cores before jax starts (XLA's CPU thread pool is sized by the cores it may run on), for a
+like-for-like comparison with the PyTorch peer's `--threads N`. `--json` prints one JSON line per preset
+instead of the Markdown tables (see `benchmarks/compare_pytorch.sh`).
 
 Runs the real step (`tasks.pretrain_loss_fn` + `optim.make_optimizer` + `train_step.make_train_step`) on
 one device (XLA's CPU backend threads each op over every core). Reports, per preset: AOT compile time
@@ -18,22 +25,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
-from clover_jax import losses, optim, tasks
-from clover_jax import sharding as shard_lib
-from clover_jax import train_step as ts
-from clover_jax.models import clover
-from clover_jax.models.bert import BertConfig
-from clover_jax.models.swin3d import Swin3DConfig, window_and_shift
+def pin_threads(threads: int) -> None:
+    """Restricts this process (and XLA's CPU thread pool, created later) to the first `threads` cores."""
+    if threads > 0 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if threads > len(cores):
+            raise SystemExit(f"--threads {threads}: only {len(cores)} cores are available to this process")
+        os.sched_setaffinity(0, cores[:threads])
+
+
+if __name__ == "__main__":  # before jax is imported: XLA sizes its thread pool by the allowed cores
+    _early = argparse.ArgumentParser(add_help=False)
+    _early.add_argument("--threads", type=int, default=0)
+    pin_threads(_early.parse_known_args()[0].threads)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from clover_jax import losses, optim, tasks  # noqa: E402
+from clover_jax import sharding as shard_lib  # noqa: E402
+from clover_jax import train_step as ts  # noqa: E402
+from clover_jax.models import clover  # noqa: E402
+from clover_jax.models.bert import BertConfig  # noqa: E402
+from clover_jax.models.swin3d import Swin3DConfig, window_and_shift  # noqa: E402
 
 # ---- analytic FLOPs (pure functions of the configs) -------------------------------------------------
 
@@ -142,11 +165,24 @@ def random_batch(config: clover.CloverConfig, batch: int, text_length: int, seed
     )
 
 
+def bench_config(preset: str, frames: int = 0, size: int = 0) -> clover.CloverConfig:
+    """The preset's CloverConfig, with its input clip (and fusion position tables) resized when given."""
+    overrides = {}
+    if frames:
+        overrides["num_frames"] = frames
+    if size:
+        overrides["image_size"] = size
+    return clover.clover_config(preset, **overrides)
+
+
 @dataclasses.dataclass
 class StepTiming:
     preset: str
     params: int
     batch: int
+    frames: int
+    size: int
+    text_length: int
     compile_s: float
     step_s: float
     analytic_flops: int
@@ -160,9 +196,10 @@ def _xla_flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def time_train_step(preset: str, batch: int, text_length: int, steps: int) -> StepTiming:
+def time_train_step(preset: str, batch: int, text_length: int, steps: int, frames: int = 0, size: int = 0
+                    ) -> StepTiming:
     """Builds params, optimizer and the jitted step on one device; times compile and steady-state steps."""
-    config = clover.clover_config(preset)
+    config = bench_config(preset, frames, size)
     mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
     params, param_sh = shard_lib.create_sharded(
         lambda rng: clover.init_params(config, rng), mesh, shard_lib.LOGICAL_RULES, jax.random.key(0)
@@ -194,8 +231,9 @@ def time_train_step(preset: str, batch: int, text_length: int, steps: int) -> St
         times.append(time.perf_counter() - start)
     if not bool(metrics["finite"]):
         raise RuntimeError(f"{preset}: the benchmark step produced a non-finite loss or gradient")
-    return StepTiming(preset, num_params, batch, compile_s, statistics.median(times),
-                      clover_train_flops(config, batch, text_length)["train"], _xla_flops(compiled))
+    return StepTiming(preset, num_params, batch, config.num_frames, config.image_size, text_length, compile_s,
+                      statistics.median(times), clover_train_flops(config, batch, text_length)["train"],
+                      _xla_flops(compiled))
 
 
 # ---- report --------------------------------------------------------------------------------------
@@ -213,22 +251,41 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="global batch (clips per step)")
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (median reported)")
     p.add_argument("--text-length", type=int, default=30)
+    p.add_argument("--frames", type=int, default=0, help="input frames per clip (0: the preset's own)")
+    p.add_argument("--size", type=int, default=0, help="input height = width (0: the preset's own)")
+    p.add_argument("--threads", type=int, default=0, help="cores XLA may use (0: all); applied before jax starts")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--json", action="store_true", help="one JSON line per preset instead of Markdown tables")
     args = p.parse_args()
     presets = [name.strip() for name in args.presets.split(",") if name.strip()]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
     # The matmul rate is measured before, between and after the presets; the best is the machine's peak
     # (other processes on a shared CPU only ever lower it).
     peaks = [matmul_flops_per_second(args.matmul_size)]
     timings = []
     for name in presets:
-        timings.append(time_train_step(name, args.batch, args.text_length, args.steps))
+        timings.append(time_train_step(name, args.batch, args.text_length, args.steps, args.frames, args.size))
         peaks.append(matmul_flops_per_second(args.matmul_size))
     peak = max(peaks)
 
+    if args.json:
+        for t in timings:
+            achieved = t.analytic_flops / t.step_s
+            print(json.dumps({
+                "impl": "clover_jax", "jax": jax.__version__, "preset": t.preset, "threads": cores,
+                "params": t.params, "batch": t.batch, "frames": t.frames, "size": t.size,
+                "text_length": t.text_length, "compile_s": round(t.compile_s, 2), "step_s_median": t.step_s,
+                "clips_per_s": t.batch / t.step_s, "model_gflop_per_step": t.analytic_flops / 1e9,
+                "xla_gflop_per_step": t.xla_flops / 1e9, "model_gflops": achieved / 1e9,
+                "matmul_peak_gflops": peak / 1e9, "share_of_matmul_peak": achieved / peak,
+                "load_average": os.getloadavg()[0],
+            }), flush=True)
+        return
+
     device = jax.devices()[0]
-    print(f"\ndevice: {device.device_kind} ({device.platform}), {os.cpu_count()} cores, jax {jax.__version__}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"\ndevice: {device.device_kind} ({device.platform}), {cores} of {os.cpu_count()} cores, "
+          f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"float32 {args.matmul_size}^3 matmul GFLOP/s: {', '.join(f'{x / 1e9:.0f}' for x in peaks)} "
           f"(peak = {peak / 1e9:.0f})")
     print(f"batch {args.batch} clips, text length {args.text_length}, median of {args.steps} steps\n")
@@ -236,17 +293,18 @@ def main() -> None:
     for t in timings:
         achieved = t.analytic_flops / t.step_s
         rows.append([
-            t.preset, f"{t.params / 1e6:.1f}M", str(t.batch), f"{t.compile_s:.1f}", f"{t.step_s:.3f}",
-            f"{t.batch / t.step_s:.2f}", f"{t.analytic_flops / 1e9:.1f}", f"{t.xla_flops / 1e9:.1f}",
-            f"{t.xla_flops / t.analytic_flops:.2f}", f"{achieved / 1e9:.1f}", f"{100 * achieved / peak:.0f}%",
+            t.preset, f"{t.frames}x{t.size}²", f"{t.params / 1e6:.1f}M", str(t.batch), f"{t.compile_s:.1f}",
+            f"{t.step_s:.3f}", f"{t.batch / t.step_s:.2f}", f"{t.analytic_flops / 1e9:.1f}",
+            f"{t.xla_flops / 1e9:.1f}", f"{t.xla_flops / t.analytic_flops:.2f}", f"{achieved / 1e9:.1f}",
+            f"{100 * achieved / peak:.0f}%",
         ])
-    print(_table(["preset", "params", "batch", "compile s", "step s", "clips/s", "model GFLOP/step",
+    print(_table(["preset", "clip", "params", "batch", "compile s", "step s", "clips/s", "model GFLOP/step",
                   "XLA GFLOP/step", "XLA/model", "model GFLOP/s", "of matmul peak"], rows))
 
     print("\nanalytic forward GFLOP per step by component:")
     breakdown_rows = []
     for t in timings:
-        parts = clover_train_flops(clover.clover_config(t.preset), t.batch, args.text_length)
+        parts = clover_train_flops(bench_config(t.preset, args.frames, args.size), t.batch, args.text_length)
         keys = [k for k in parts if k not in ("forward", "train")]
         breakdown_rows.append([t.preset] + [f"{parts[k] / 1e9:.2f}" for k in keys] + [f"{parts['forward'] / 1e9:.2f}"])
     print(_table(["preset"] + keys + ["forward"], breakdown_rows))
