@@ -63,8 +63,10 @@ def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
     m = config.model
     kw = dict(num_frames=config.data.num_frames, image_size=config.data.image_size, dtype=m.dtype,
               remat=m.remat, h_v_input=m.h_v_input)
-    kw.update(m.get("overrides", {}))
-    return clover_config(m.preset, **kw)
+    overrides = dict(m.get("overrides", {}))
+    video_overrides = {"attention": m.get("attention", "auto"), **overrides.pop("video_overrides", {})}
+    kw.update(overrides)
+    return clover_config(m.preset, video_overrides=video_overrides, **kw)
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:

@@ -33,6 +33,7 @@ from clover_jax.models.heads import (
     VideoProjector,
 )
 from clover_jax.models.swin3d import Swin3DConfig, SwinTransformer3D, swin3d_config
+from clover_jax.models.window_attention import resolve_attention
 
 PRETRAIN_OUTPUTS = ("v", "t", "v_masked", "t_masked", "z_v", "z_t", "mlm_logits")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -128,6 +129,22 @@ def _split(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def _encode_clip_by_clip(encoder: SwinTransformer3D, video: jnp.ndarray, token_mask: jnp.ndarray | None,
+                         deterministic: bool) -> jnp.ndarray:
+    """`encoder(video, token_mask)` as a scan over clips whose body is rematerialised: the backward
+    recomputes one clip's forward at a time. Same rows and values as the batched call."""
+
+    def one_clip(module, carry, clip):
+        clip_video, clip_mask = clip
+        out = module(clip_video[None], None if clip_mask is None else clip_mask[None], deterministic=deterministic)
+        return carry, out
+
+    scan = nn.scan(nn.remat(one_clip, prevent_cse=False), variable_broadcast="params",
+                   split_rngs={"params": False, "dropout": True}, in_axes=0, out_axes=0)
+    _, features = scan(encoder, None, (video, token_mask))  # (B, rows per clip, T', H', W', C)
+    return features.reshape(-1, *features.shape[2:])
+
+
 class Clover(nn.Module):
     """Clover: `encode_video`, `encode_text`, `fuse`, the pre-training forward (`__call__`) and QA heads."""
 
@@ -137,7 +154,11 @@ class Clover(nn.Module):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
         temporal, spatial = c.video_token_shape
-        self.video_encoder = SwinTransformer3D(c.video, remat=c.remat, **kw)
+        # "per_clip": the encoder runs one clip at a time (a scan over clips, rematerialised per clip), so
+        # a clip's windows stay in cache and no batch-wide activation of the Swin is ever stored.
+        self._per_clip = resolve_attention(c.video.attention) == "per_clip"
+        video = dataclasses.replace(c.video, attention="fused") if self._per_clip else c.video
+        self.video_encoder = SwinTransformer3D(video, remat=c.remat and not self._per_clip, **kw)
         self.text_encoder = BertModel(c.text, add_pooler=False, remat=c.remat, **kw)
         self.fusion = FusionEncoder(
             c.fusion_config, video_dim=c.video.out_dim, max_temporal_tokens=temporal,
@@ -159,7 +180,10 @@ class Clover(nn.Module):
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """video (B, T, H, W, 3) -> (Swin features (B, T', H', W', C), v (B, E) float32); a (B, K, Hp, Wp)
         `token_mask` gives B*K rows (clip b under mask j at row b*K + j, see SwinTransformer3D)."""
-        features = self.video_encoder(video, token_mask, deterministic=deterministic)
+        if self._per_clip:
+            features = _encode_clip_by_clip(self.video_encoder, video, token_mask, deterministic)
+        else:
+            features = self.video_encoder(video, token_mask, deterministic=deterministic)
         return features, self.video_proj(features, deterministic=deterministic).astype(jnp.float32)
 
     def encode_text(

@@ -241,18 +241,15 @@ class WindowAttention3D(nn.Module):
         head_dim = c // self.num_heads
         qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init(self.init_std))(windows)
-        # (B, nW, N, 3, H, D) -> (3, B, nW, H, N, D): the attention matmuls then batch over leading axes.
-        qkv = jnp.transpose(qkv.reshape(b, nw, n, 3, self.num_heads, head_dim), (3, 0, 1, 4, 2, 5))
-        q = qkv[0] * jnp.asarray(head_dim**-0.5, qkv.dtype)
+        qkv = qkv.reshape(b, nw, n, 3, self.num_heads, head_dim)
 
         # The reference indexes the full-window table and slices it to the (possibly shrunk) window volume.
         index = relative_position_index(self.window_size)[:n, :n]
         bias = jnp.take(table, index.reshape(-1), axis=0).reshape(n, n, self.num_heads)
         bias = jnp.transpose(bias, (2, 0, 1))
         mask = shift_attention_mask(padded, window, shift) if any(shift) else None
-        out = window_attention(q, qkv[1], qkv[2], bias, mask, implementation=self.attention)  # (B, nW, H, N, D)
-
-        out = jnp.transpose(out, (0, 1, 3, 2, 4)).reshape(b, nw, n, c)
+        out = window_attention(qkv, bias, mask, scale=head_dim**-0.5, implementation=self.attention)
+        out = out.reshape(b, nw, n, c)
         out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=_init(self.init_std))(out)
         out = merge_windows(out, window, padded)

@@ -1,22 +1,26 @@
 """Attention inside Swin windows: softmax(q k^T + bias + mask) v, in interchangeable implementations.
 
-Every implementation takes q, k, v of shape (B, nW, H, N, D) (batch, windows, heads, window volume,
-head dim; q already scaled), a relative-position `bias` (H, N, N) shared by all windows, and an optional
-additive shift `mask` (nW, N, N) constant, and returns (B, nW, H, N, D). They differ in how the work is
+Every implementation takes the qkv projections (B, nW, N, 3, H, D) as the Dense emits them (batch,
+windows, window volume, q/k/v, heads, head dim), a relative-position `bias` (H, N, N) shared by all
+windows, an optional additive shift `mask` (nW, N, N) constant and the q scale, and returns
+(B, nW, N, H, D). They differ in how the work is
 laid out, which matters more than FLOPs here (stage-1 windows are small matmuls over large batches):
 
   "einsum"     autodiff of the plain formulation; the reference the others are tested against.
-  "fused"      custom VJP that stores only q, k, v, the output and the per-row log-sum-exp, recomputes
+  "fused"      custom VJP that stores only qkv, the output and the per-row log-sum-exp, recomputes
                the probabilities in the backward, folds the softmax backward into one pass and sums the
-               bias gradient over windows as a matmul (XLA's column reduce of that sum is slow on CPU).
+               bias gradient over windows as a matmul (XLA's column reduce of that sum is slow on CPU)
+               and returns the qkv gradient as one tensor in the layout qkv came in.
                No (N, N) tensor outlives its block, so it also lowers peak memory.
-  "per_clip"   "fused", mapped over clips with `lax.map`, so one clip's (nW, H, N, N) scores stay in
-               cache on CPU instead of streaming the whole batch's through memory.
+  "per_clip"   "fused" inside a video encoder that `Clover` runs one clip at a time (a rematerialised
+               scan over clips): a clip's windows stay in cache on CPU and no batch-wide Swin activation
+               is stored. Here, for one call over windows, it is "fused".
   "dot_product" `jax.nn.dot_product_attention` with the bias and mask as one additive bias (cuDNN's
                fused attention on GPU when its constraints hold, XLA elsewhere).
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -35,88 +39,91 @@ def _scores(q: Array, k: Array, bias: Array, mask: Array | None) -> Array:
     return s
 
 
-def einsum_attention(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
+def einsum_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
     """Plain formulation; gradients by autodiff."""
+    q, k, v = _split_heads(qkv, scale)
     probs = jax.nn.softmax(_scores(q, k, bias, mask), axis=-1).astype(v.dtype)
-    return jnp.einsum("bwhqk,bwhkd->bwhqd", probs, v)
+    return jnp.einsum("bwhqk,bwhkd->bwqhd", probs, v)
 
 
-def _fused_forward(q, k, v, bias, mask):
+def _split_heads(qkv: Array, scale: float) -> tuple[Array, Array, Array]:
+    """(B, nW, N, 3, H, D) projections -> q (scaled), k, v, each (B, nW, H, N, D)."""
+    qkv = jnp.transpose(qkv, (3, 0, 1, 4, 2, 5))
+    return qkv[0] * jnp.asarray(scale, qkv.dtype), qkv[1], qkv[2]
+
+
+def _fused_forward(qkv, bias, mask, scale):
+    q, k, v = _split_heads(qkv, scale)
     s = _scores(q, k, bias, mask)
     row_max = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - row_max)
     total = jnp.sum(e, axis=-1, keepdims=True)
-    out = jnp.einsum("bwhqk,bwhkd->bwhqd", (e / total).astype(v.dtype), v)
+    out = jnp.einsum("bwhqk,bwhkd->bwqhd", (e / total).astype(v.dtype), v)
     return out, row_max + jnp.log(total)
 
 
-@jax.custom_vjp
-def _fused(q: Array, k: Array, v: Array, bias: Array, mask: Array) -> Array:
-    return _fused_forward(q, k, v, bias, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused(qkv: Array, bias: Array, mask: Array, scale: float) -> Array:
+    return _fused_forward(qkv, bias, mask, scale)[0]
 
 
-def _fused_fwd(q, k, v, bias, mask):
-    out, lse = _fused_forward(q, k, v, bias, mask)
-    return out, (q, k, v, bias, mask, out, lse)
+def _fused_fwd(qkv, bias, mask, scale):
+    out, lse = _fused_forward(qkv, bias, mask, scale)
+    return out, (qkv, bias, mask, out, lse)
 
 
-def _fused_bwd(residuals, g_out):
-    q, k, v, bias, mask, out, lse = residuals
+def _fused_bwd(scale, residuals, g_out):
+    qkv, bias, mask, out, lse = residuals
+    q, k, v = _split_heads(qkv, scale)
     probs = jnp.exp(_scores(q, k, bias, mask) - lse)  # float32, recomputed instead of stored
     dtype = v.dtype
-    g_v = jnp.einsum("bwhqk,bwhqd->bwhkd", probs.astype(dtype), g_out)
-    g_probs = jnp.einsum("bwhqd,bwhkd->bwhqk", g_out, v, preferred_element_type=jnp.float32)
+    g_out_h = jnp.transpose(g_out, (0, 1, 3, 2, 4))  # (B, nW, H, N, D)
+    g_v = jnp.einsum("bwhqk,bwhqd->bwkhd", probs.astype(dtype), g_out_h)
+    g_probs = jnp.einsum("bwhqd,bwhkd->bwhqk", g_out_h, v, preferred_element_type=jnp.float32)
     # softmax backward: rowsum(g_probs * probs) equals rowsum(g_out * out), which is N/D times cheaper.
-    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    g_scores = probs * (g_probs - delta)
-    g_q = jnp.einsum("bwhqk,bwhkd->bwhqd", g_scores.astype(dtype), k)
-    g_k = jnp.einsum("bwhqk,bwhqd->bwhkd", g_scores.astype(dtype), q)
+    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    g_scores = probs * (g_probs - jnp.transpose(delta, (0, 1, 3, 2))[..., None])
+    g_q = jnp.einsum("bwhqk,bwhkd->bwqhd", g_scores.astype(dtype), k) * jnp.asarray(scale, dtype)
+    g_k = jnp.einsum("bwhqk,bwhqd->bwkhd", g_scores.astype(dtype), q)
+    g_qkv = jnp.stack([g_q, g_k, g_v], axis=3)  # (B, nW, N, 3, H, D), the layout qkv arrived in
     rows = g_scores.shape[0] * g_scores.shape[1]
     g_bias = jnp.ones((rows,), jnp.float32) @ g_scores.reshape(rows, -1)  # sum over (B, nW) as a matmul
     g_bias = g_bias.reshape(bias.shape).astype(bias.dtype)
-    return g_q, g_k, g_v, g_bias, jnp.zeros_like(mask)
+    return g_qkv, g_bias, jnp.zeros_like(mask)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _as_mask(mask: Array | None, q: Array) -> Array:
+def _as_mask(mask: Array | None, n: int) -> Array:
     """A missing mask becomes a (1, N, N) zero so the custom VJP has one signature."""
     if mask is None:
-        n = q.shape[-2]
         return jnp.zeros((1, n, n), jnp.float32)
     return jnp.asarray(mask, jnp.float32)
 
 
-def fused_attention(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
+def fused_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
     """Custom-VJP attention over the whole batch of windows (see the module docstring)."""
-    return _fused(q, k, v, bias, _as_mask(mask, q))
+    return _fused(qkv, bias, _as_mask(mask, qkv.shape[2]), scale)
 
 
-def per_clip_attention(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
-    """`fused_attention` applied to one clip at a time (`lax.map` over the leading axis)."""
-    mask = _as_mask(mask, q)
-    return jax.lax.map(lambda qkv: _fused(qkv[0][None], qkv[1][None], qkv[2][None], bias, mask)[0], (q, k, v))
-
-
-def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
+def dot_product_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
     """`jax.nn.dot_product_attention` over B*nW sequences; bias (+ mask) broadcast to (B*nW, H, N, N)."""
-    b, nw, h, n, d = q.shape
+    b, nw, n, _, h, d = qkv.shape
     total_bias = bias.astype(jnp.float32)[None]
     if mask is not None:
         total_bias = total_bias + jnp.asarray(mask, jnp.float32)[:, None]
-    total_bias = jnp.broadcast_to(total_bias, (b, nw, h, n, n)).reshape(b * nw, h, n, n).astype(q.dtype)
-    to_bnhd = lambda x: jnp.swapaxes(x.reshape(b * nw, h, n, d), 1, 2)  # noqa: E731  (batch, seq, heads, dim)
-    out = jax.nn.dot_product_attention(to_bnhd(q), to_bnhd(k), to_bnhd(v), bias=total_bias, scale=1.0)
-    return jnp.swapaxes(out, 1, 2).reshape(b, nw, h, n, d)
+    total_bias = jnp.broadcast_to(total_bias, (b, nw, h, n, n)).reshape(b * nw, h, n, n).astype(qkv.dtype)
+    q, k, v = (qkv[:, :, :, i].reshape(b * nw, n, h, d) for i in range(3))  # (batch, seq, heads, dim)
+    out = jax.nn.dot_product_attention(q, k, v, bias=total_bias, scale=scale)
+    return out.reshape(b, nw, n, h, d)
 
 
-AttentionFn = Callable[[Array, Array, Array, Array, "Array | None"], Array]
+AttentionFn = Callable[[Array, Array, "Array | None", float], Array]
 
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "einsum": einsum_attention,
     "fused": fused_attention,
-    "per_clip": per_clip_attention,
     "dot_product": dot_product_attention,
 }
 
@@ -124,19 +131,23 @@ ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
 DEFAULT_BY_BACKEND = {"cpu": "fused", "gpu": "dot_product", "tpu": "fused"}
 
 
+CLIP_MAPPED = "per_clip"  # handled by the caller (Clover.encode_video); windows use "fused"
+VALID_NAMES = ("auto", *ATTENTION_IMPLEMENTATIONS, CLIP_MAPPED)
+
+
 def resolve_attention(name: str, backend: str | None = None) -> str:
     """The implementation name `name` stands for ("auto" -> this backend's default)."""
     if name == "auto":
         backend = backend or jax.default_backend()
         return DEFAULT_BY_BACKEND.get(backend, "fused")
-    if name not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attention={name!r}; valid: 'auto', {', '.join(repr(k) for k in ATTENTION_IMPLEMENTATIONS)}"
-        )
+    if name not in VALID_NAMES:
+        raise ValueError(f"model.attention={name!r}; valid: {', '.join(repr(k) for k in VALID_NAMES)}")
     return name
 
 
-def window_attention(q: Array, k: Array, v: Array, bias: Array, mask: np.ndarray | None, *, implementation: str
+def window_attention(qkv: Array, bias: Array, mask: np.ndarray | None, *, scale: float, implementation: str
                      ) -> Array:
-    """softmax(q k^T + bias + mask) v over (B, nW, H, N, D) windows with the named implementation."""
-    return ATTENTION_IMPLEMENTATIONS[resolve_attention(implementation)](q, k, v, bias, mask)
+    """softmax(scale q k^T + bias + mask) v per head, over windows of (B, nW, N, 3, H, D) projections
+    (q, k, v stacked on axis 3, as the qkv Dense emits them); returns (B, nW, N, H, D)."""
+    name = resolve_attention(implementation)
+    return ATTENTION_IMPLEMENTATIONS["fused" if name == CLIP_MAPPED else name](qkv, bias, mask, scale)
