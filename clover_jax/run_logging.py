@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
                                                PermissionError, ValueError)
@@ -34,9 +35,10 @@ class _TerminalFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "py.warnings":
             return any(part in record.getMessage() for part in OUR_CODE)
-        if record.name == "absl" or record.name.startswith(("orbax", "tensorflow", "tensorflow_datasets")):
+        if record.name in ("absl", "asyncio") or record.name.startswith(("orbax", "tensorflow", "tensorflow_datasets")):
             # Their errors come back to us as exceptions (e.g. a damaged checkpoint's read error, which the
-            # restore reports in one line); the log file keeps their tracebacks.
+            # restore reports in one line; asyncio repeats it for each of orbax's unawaited reads); the
+            # log file keeps their tracebacks.
             return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING
 
@@ -60,6 +62,26 @@ def _log_late_io_callback_errors() -> None:
 
     hook.clover_routes_late_callbacks = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):  # the same callbacks, raised in tensorstore's threads
+        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+            logging.getLogger("clover_jax.io").info(
+                "late I/O callback", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        previous_thread_hook(args)
+
+    threading.excepthook = thread_hook
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable_hook(args):  # ... and from callbacks that have no caller to raise into
+        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
+            logging.getLogger("clover_jax.io").info(
+                "late I/O callback", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+            return
+        previous_unraisable(args)
+
+    sys.unraisablehook = unraisable_hook
 
 
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
