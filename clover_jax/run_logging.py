@@ -62,26 +62,22 @@ def _log_late_io_callback_errors() -> None:
 
     hook.clover_routes_late_callbacks = True  # type: ignore[attr-defined]
     sys.excepthook = hook
-    previous_thread_hook = threading.excepthook
+    # The same callbacks raised in tensorstore's threads, or with no caller to raise into.
+    threading.excepthook = _route_late_callback(threading.excepthook)
+    sys.unraisablehook = _route_late_callback(sys.unraisablehook)
 
-    def thread_hook(args):  # the same callbacks, raised in tensorstore's threads
+
+def _route_late_callback(previous):
+    """A threading/unraisable hook that logs 'Event loop is closed' to the log file, else calls `previous`."""
+
+    def hook(args):
         if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
             logging.getLogger("clover_jax.io").info(
                 "late I/O callback", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
             return
-        previous_thread_hook(args)
+        previous(args)
 
-    threading.excepthook = thread_hook
-    previous_unraisable = sys.unraisablehook
-
-    def unraisable_hook(args):  # ... and from callbacks that have no caller to raise into
-        if isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed":
-            logging.getLogger("clover_jax.io").info(
-                "late I/O callback", exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
-            return
-        previous_unraisable(args)
-
-    sys.unraisablehook = unraisable_hook
+    return hook
 
 
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
