@@ -72,6 +72,7 @@ def test_offset_two_to_the_forty_is_a_clean_error_not_stray_memory(tmp_path):
     (dict(storage_type="ComplexFloatStorage"), "storage type ComplexFloatStorage"),
     (dict(size=(2 ** 62, 2 ** 62), stride=(1, 1)), "beyond its 4-element storage"),
     (dict(size=(1,) * 40, stride=(1,) * 40), "at most 32 dimensions"),
+    (dict(size=(0, 2 ** 70), stride=(1, 1)), "more than any array can index"),  # fuzz finding, seed 2
 ])
 def test_tensor_fields_that_lie_about_the_storage_are_refused(tmp_path, kwargs, message):
     path = _one_tensor(tmp_path, **kwargs)

@@ -26,6 +26,7 @@ STORAGE_DTYPES: dict[str, Any] = {
 MAX_PICKLE_BYTES = 256 << 20
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than ~1032x
 MAX_DIMS = 32
+MAX_EXTENT = 2 ** 62  # numpy refuses shapes and strides past its signed 64-bit index type
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, OSError, EOFError, ValueError,
                NotImplementedError, RuntimeError, OverflowError, MemoryError)
 
@@ -165,6 +166,8 @@ class TorchZipReader:
             raise bad("a size that is not a non-negative integer")
         if not all(_is_count(s) for s in stride):
             raise bad("a stride that is negative or not an integer")
+        if any(n > MAX_EXTENT for n in size + stride):
+            raise bad(f"sizes {size} or strides {stride} exceed {MAX_EXTENT}, more than any array can index")
         storage = self._storage(name, record.storage)
         numel, count = storage.shape[0], math.prod(size)
         if offset > numel:
