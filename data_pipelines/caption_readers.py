@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from data_pipelines.annotation_rows import (
     PathLike, Records, VideoText, _clean_caption_list, _clean_id, _clean_text, _cleaned, _Collector,
@@ -10,11 +10,13 @@ from data_pipelines.annotation_rows import (
 )
 
 
-def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
-    """WebVid-2M/10M CSV `videoid,contentUrl,duration,page_dir,name` -> VideoText per row.
+def iter_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None
+                    ) -> Iterator[VideoText]:
+    """WebVid-2M/10M CSV `videoid,contentUrl,duration,page_dir,name` -> VideoText per row, as a stream.
 
     `video` is the videoid; extra holds `relpath` ("{page_dir}/{videoid}.mp4", the layout of the
     common download scripts), `content_url`, `page_dir` and `duration` in seconds (None if unparsable).
+    Skipped rows are counted into `bad` as they are met.
     """
     col = _Collector(path, bad)
     for row in _csv_rows(path, required=("videoid", "name")):
@@ -23,13 +25,23 @@ def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Count
             continue
         video, caption = fields
         page_dir = (row.get("page_dir") or "").strip()
-        col.add(VideoText(video, [caption], split, {
+        col.streamed += 1
+        yield VideoText(video, [caption], split, {
             "relpath": f"{page_dir}/{video}.mp4" if page_dir else f"{video}.mp4",
             "content_url": row.get("contentUrl"),
             "page_dir": page_dir,
             "duration": _parse_duration(row.get("duration")),
-        }))
-    return col.done()
+        })
+    col.done()
+
+
+def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """All rows of a WebVid CSV (`iter_webvid_csv`) as Records; `.bad` counts the skipped rows."""
+    own = collections.Counter()
+    records = Records(iter_webvid_csv(path, split, own), bad=own)
+    if bad is not None:
+        bad.update(own)
+    return records
 
 
 def read_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
