@@ -111,15 +111,10 @@ class BuildConfig:
 
     def key_parts(self) -> dict[str, str]:
         """The settings that determine the examples (not how many workers make them)."""
-        d = self.decode
-        return {
-            "decode": f"fps={d.fps} short_side={d.short_side} min_frames={d.min_frames} "
-                      f"short_clip_policy={d.short_clip_policy} max_frames={d.max_frames} "
-                      f"truncated_policy={d.truncated_policy}",
-            "frames": f"jpeg_quality={self.jpeg_quality}",
-            "captions": f"max_caption_chars={self.max_caption_chars} require_captions={self.require_captions}",
-            "tagger": str(self.tagger),
-        }
+        decode = {f"decode.{f.name}": str(getattr(self.decode, f.name))
+                  for f in dataclasses.fields(self.decode) if f.name != "threads"}
+        return {**decode, "jpeg_quality": str(self.jpeg_quality), "max_caption_chars": str(self.max_caption_chars),
+                "require_captions": str(self.require_captions), "tagger": str(self.tagger)}
 
 
 @dataclasses.dataclass
