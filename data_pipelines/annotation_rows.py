@@ -162,9 +162,17 @@ def _cleaned(col: "_Collector", video: Any, *texts: Any) -> tuple[str, ...] | No
     return None if cleaned is None else (video, *cleaned)
 
 
+def _text_lines(path: PathLike) -> Iterator[str]:
+    """The lines of `_read_text(path).splitlines()`, read as a stream (a BOM at the start dropped)."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f):
+            text = raw.decode("utf-8", errors="surrogateescape")
+            yield from (text[1:] if number == 0 and text.startswith("\ufeff") else text).splitlines()
+
+
 def _jsonl_rows(path: PathLike, col: _Collector) -> Iterator[tuple[int, dict]]:
     """(line number, parsed object) per non-blank line; bad lines are counted, not yielded."""
-    for lineno, line in enumerate(_read_text(path).splitlines()):
+    for lineno, line in enumerate(_text_lines(path)):
         if not line.strip():
             continue
         if not _is_valid_utf8(line):
@@ -216,7 +224,7 @@ def _tsv_lines(path: PathLike) -> Iterator[list[str]]:
 
 def _numbered_tsv_lines(path: PathLike) -> Iterator[tuple[int, list[str]]]:
     """(0-based line number, tab-split fields) of each non-blank line; no CSV quoting."""
-    for lineno, line in enumerate(_read_text(path).splitlines()):
+    for lineno, line in enumerate(_text_lines(path)):
         if line.strip():
             yield lineno, line.split("\t")
 

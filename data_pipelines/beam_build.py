@@ -11,9 +11,13 @@ the run they fill the build summary (`add_counters`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
 import pathlib
+import re
+import sys
 from typing import Iterable, Iterator
 
 import apache_beam as beam
@@ -58,8 +62,26 @@ def pipeline_options(beam_cfg) -> PipelineOptions:
     runner = RUNNER_NAMES.get(beam_cfg.runner.lower(), beam_cfg.runner)
     flags = [f"--runner={runner}", *beam_cfg.pipeline_options]
     if runner == "DirectRunner":
-        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={beam_cfg.workers}"]
+        flags += ["--direct_running_mode=multi_processing", f"--direct_num_workers={beam_cfg.workers}",
+                  "--default_sdk_harness_log_level=WARNING"]
     return PipelineOptions(flags)
+
+
+@contextlib.contextmanager
+def stderr_to(path: pathlib.Path) -> Iterator[None]:
+    """Sends this process's stderr file descriptor, which DirectRunner's worker processes inherit, to
+    `path` while the pipeline runs (their log lines and tracebacks otherwise flood the terminal)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def let_local_workers_import_this_repo() -> None:
@@ -113,6 +135,8 @@ class _ClipToExample(beam.DoFn):
             if reason is None:
                 reason, clip = clip_examples.decode_clip(path, cfg.decode, cfg.jpeg_quality)
         if reason is not None:
+            # A warning, so that the worker log names the clips of a split that fails with no example.
+            logging.getLogger(__name__).warning("skipped (%s): %s", reason, record.video)
             _counter(f"skipped/{reason}")
             _counter(f"{split}/skipped")
             return
@@ -171,3 +195,13 @@ def add_counters(result, summary) -> None:
 def skipped_in(result, split: str) -> int:
     """Clips of `split` the pipeline skipped."""
     return _counters(result).get(f"{split}/skipped", 0)
+
+
+_NO_EXAMPLES = re.compile(r"total number of generated examples is 0 for split (\S+?)\.")
+
+
+def split_without_examples(err: BaseException) -> str | None:
+    """The split named by TFDS's Beam writer when it failed a pipeline because a split yielded no example
+    (the failure reaches the driver as a runner error, before any counter can be read)."""
+    match = _NO_EXAMPLES.search(str(err))
+    return match.group(1) if match else None

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -394,13 +395,23 @@ def build_dataset(
         summary.annotation_rows_bad = collections.Counter(annotation_rows_bad or {})
         for split, recs in inputs.items():
             if not recs:
-                raise BuildError(f"split {split!r} has no records: nothing to build, nothing was cached")
+                raise BuildError(f"split {split!r} has no records (annotation rows skipped by the reader: "
+                                 f"{dict(summary.annotation_rows_bad)}): nothing to build, nothing was cached")
         builder = builder_class()(
             config=tfds.core.BuilderConfig(name=name, description=f"{name} clips for Clover"),
             data_dir=os.fspath(staging / "tfds"), file_format="array_record",
             records=inputs, media_dir=media_dir, build_cfg=cfg, summary=summary,
         )
-        builder.download_and_prepare(download_config=download_config)
+        worker_log = pathlib.Path(data_dir) / "logs" / "beam_workers.log"
+        try:
+            with beam_build.stderr_to(worker_log) if cfg.beam is not None else contextlib.nullcontext():
+                builder.download_and_prepare(download_config=download_config)
+        except Exception as err:  # noqa: BLE001 - only TFDS's "no example" failure is turned into a BuildError
+            split = beam_build.split_without_examples(err) if cfg.beam is not None else None
+            if split is None:
+                raise
+            raise BuildError(f"split {split!r}: no clip written (every clip skipped; the reasons are in "
+                             f"{worker_log}); nothing was cached") from None
         staged = pathlib.Path(builder.data_dir)
         (staged / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
         build_store.publish(staged, target, key)

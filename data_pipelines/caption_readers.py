@@ -35,17 +35,9 @@ def iter_webvid_csv(path: PathLike, split: str = "train", bad: collections.Count
     col.done()
 
 
-def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
-    """All rows of a WebVid CSV (`iter_webvid_csv`) as Records; `.bad` counts the skipped rows."""
-    own = collections.Counter()
-    records = Records(iter_webvid_csv(path, split, own), bad=own)
-    if bad is not None:
-        bad.update(own)
-    return records
-
-
-def read_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
-    """CC3M TSV `caption<TAB>url-or-path` (no header; a `caption<TAB>url` header line is skipped).
+def iter_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None
+                  ) -> Iterator[VideoText]:
+    """CC3M TSV `caption<TAB>url-or-path` (no header; a `caption<TAB>url` header line is skipped), as a stream.
 
     Images become 1-frame clips: `video` is the url/path, extra = {"is_image": True, "num_frames": 1,
     "row": line index}.
@@ -65,18 +57,19 @@ def read_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter
         if reason:
             col.skip(reason)
             continue
-        col.add(VideoText(video, [caption], split, {"is_image": True, "num_frames": 1, "row": index}))
-    return col.done()
+        col.streamed += 1
+        yield VideoText(video, [caption], split, {"is_image": True, "num_frames": 1, "row": index})
+    col.done()
 
 
-def read_generic_jsonl(
+def iter_generic_jsonl(
     path: PathLike,
     split: str = "train",
     bad: collections.Counter | None = None,
     video_key: str = "video",
     text_key: str = "text",
-) -> Records:
-    """JSONL with one `{"video": ..., "text": str | [str, ...]}` per line -> VideoText.
+) -> Iterator[VideoText]:
+    """JSONL with one `{"video": ..., "text": str | [str, ...]}` per line -> VideoText, as a stream.
 
     Bad captions inside a list are counted one by one; a line left with none counts as
     "no_valid_caption". Other keys of the line go to extra.
@@ -95,8 +88,40 @@ def read_generic_jsonl(
         if captions is None:
             continue
         extra = {k: v for k, v in row.items() if k not in (video_key, text_key)}
-        col.add(VideoText(video, captions, split, extra))
-    return col.done()
+        col.streamed += 1
+        yield VideoText(video, captions, split, extra)
+    col.done()
+
+
+def _collected(stream_fn, path: PathLike, bad: collections.Counter | None, **kwargs) -> Records:
+    """All records of a streaming reader as Records; `.bad` counts its skipped rows (also added to `bad`)."""
+    own = collections.Counter()
+    records = Records(stream_fn(path, bad=own, **kwargs), bad=own)
+    if bad is not None:
+        bad.update(own)
+    return records
+
+
+def read_webvid_csv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """All rows of a WebVid CSV (`iter_webvid_csv`) as Records; `.bad` counts the skipped rows."""
+    return _collected(iter_webvid_csv, path, bad, split=split)
+
+
+def read_cc3m_tsv(path: PathLike, split: str = "train", bad: collections.Counter | None = None) -> Records:
+    """All rows of a CC3M TSV (`iter_cc3m_tsv`) as Records; `.bad` counts the skipped rows."""
+    return _collected(iter_cc3m_tsv, path, bad, split=split)
+
+
+def read_generic_jsonl(
+    path: PathLike,
+    split: str = "train",
+    bad: collections.Counter | None = None,
+    video_key: str = "video",
+    text_key: str = "text",
+) -> Records:
+    """All rows of a generic JSONL (`iter_generic_jsonl`) as Records; `.bad` counts the skipped rows."""
+    return _collected(iter_generic_jsonl, path, bad, split=split, video_key=video_key, text_key=text_key)
+
 
 def read_video_id_list(path: PathLike) -> list[str]:
     """Video ids, one per line (MSVD `*_list.txt`, MSR-VTT `train.9k.csv` with its `video_id` header)."""

@@ -45,9 +45,11 @@ from clover_jax.run_logging import (
 )
 from data_pipelines import annotations as ann
 from data_pipelines import build_store, builder
-from data_pipelines.caption_readers import iter_webvid_csv
+from data_pipelines.caption_readers import iter_cc3m_tsv, iter_generic_jsonl, iter_webvid_csv
 from data_pipelines.video_io import DecodeConfig
 
+# Formats whose readers stream, so a Beam build never holds their (WebVid/CC3M-sized) files in memory.
+STREAMING_READERS = {"webvid": iter_webvid_csv, "cc3m": iter_cc3m_tsv, "jsonl": iter_generic_jsonl}
 FORMATS = ("jsonl", "msvd", "msrvtt", "msrvtt_json", "webvid", "cc3m", "didemo", "lsmdc", "qa", "synthetic")
 
 
@@ -192,8 +194,9 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.format == "qa":
             records = {args.split: ann.read_qa_videos(args.qa_source, args.annotations, args.split,
                                                       mapping_path=args.msvd_mapping, bad=bad)}
-        elif args.format == "webvid" and beam is not None:  # streamed into the pipeline's record files
-            records = {args.split: iter_webvid_csv(args.annotations, split=args.split, bad=bad)}
+        elif args.format in STREAMING_READERS and beam is not None and not split_lists:
+            # streamed into the pipeline's record files
+            records = {args.split: STREAMING_READERS[args.format](args.annotations, split=args.split, bad=bad)}
         elif split_lists:
             records = {s: read_records(args.format, args.annotations, s, ann.read_video_id_list(path), bad)
                        for s, path in split_lists.items()}

@@ -177,3 +177,24 @@ def test_beam_build_writes_the_same_examples_as_the_in_process_build(real_data_d
     assert sorted(a) == sorted(ids) and a == b
     assert builder.split_index(local.data_dir, "train").video_id == builder.split_index(beamed.data_dir, "train").video_id
     shutil.rmtree(tmp_path / "beam")
+
+
+def test_prepare_on_beam_streams_webvid_and_fails_a_split_with_no_clip(tmp_path, media, capsys):
+    csv_file = tmp_path / "results.csv"
+    csv_file.write_text("videoid,contentUrl,duration,page_dir,name\n"
+                        "a,u,PT00H00M02S,,a clip\nb,u,PT00H00M02S,,\na,u,PT00H00M02S,,again a\nc,u,,,third\n")
+    args = ["--format", "webvid", "--annotations", str(csv_file), "--out", str(tmp_path / "out"), "--no-tags",
+            "--fps", "1", "--short-side", "32", "--runner", "direct", "--workers", "1"]
+    code, stdout, _ = _prepare([*args, "--media", str(media)], capsys)
+    assert code == 0 and "on Beam (direct): train=streamed" in stdout
+    summary = json.loads((builder.dataset_dir(tmp_path / "out", "webvid") / builder.SUMMARY_FILE).read_text())
+    assert summary["clips_written"] == {"train": 2} and summary["duplicates_merged"] == {"train": 1}
+    assert summary["annotation_rows_bad"] == {"empty_caption": 1} and summary["captions_written"] == 3
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for name in ("a", "c"):
+        (corrupt / f"{name}.mp4").write_bytes(b"\x00garbage" * 100)
+    code, _, err = _prepare([*args, "--media", str(corrupt), "--name", "bad", "--max-bad-fraction", "1"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("BUILD FAILED: split 'train': no clip written")
+    assert not builder.dataset_dir(tmp_path / "out", "bad").exists()
+    assert not (tmp_path / "out" / build_store.STAGING).exists()
