@@ -15,7 +15,9 @@ import os
 import pathlib
 import shutil
 import uuid
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
+
+from data_pipelines.annotation_rows import VideoText
 
 KEY_FILE = "build_key.json"
 STAGING = ".staging"
@@ -48,6 +50,23 @@ def media_listing_digest(media_dir: str | os.PathLike) -> str:
     for entry in sorted(entries):
         digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
     return f"{digest.hexdigest()} ({len(entries)} files)"
+
+
+def records_digest(records: Mapping[str, Sequence[VideoText]]) -> str:
+    """sha256 of the records of every split (for builds whose records are not read from files)."""
+    digest = hashlib.sha256()
+    for split in sorted(records):
+        for r in records[split]:
+            row = [split, r.video, list(r.captions), r.extra]
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+def build_key(annotations: str, media_dir: str | os.PathLike, settings: Mapping[str, str],
+              splits: Iterable[str]) -> dict[str, str]:
+    """What determines a build: its annotations (file or record digest), media listing, splits, settings."""
+    return {"annotations": annotations, "media": media_listing_digest(media_dir), "splits": ",".join(sorted(splits)),
+            **settings}
 
 
 def key_difference(old: Mapping[str, str], new: Mapping[str, str]) -> str:

@@ -30,7 +30,6 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -317,22 +316,6 @@ def dataset_dir(data_dir: str | os.PathLike, name: str) -> pathlib.Path:
     return pathlib.Path(data_dir) / BUILDER_NAME / name / str(builder_class().VERSION)
 
 
-def records_digest(records: Mapping[str, Sequence[VideoText]]) -> str:
-    """sha256 of the records of every split (for builds whose records are not read from files)."""
-    digest = hashlib.sha256()
-    for split in sorted(records):
-        for r in records[split]:
-            row = [split, r.video, list(r.captions), r.extra]
-            digest.update(json.dumps(row, sort_keys=True, default=str).encode("utf-8", "surrogateescape") + b"\n")
-    return digest.hexdigest()
-
-
-def build_key(annotations: str, media_dir: str | os.PathLike, cfg: BuildConfig, splits: Iterable[str]) -> dict:
-    """What determines a build: its annotations (file or record digest), media listing, splits, settings."""
-    return {"annotations": annotations, "media": build_store.media_listing_digest(media_dir),
-            "splits": ",".join(sorted(splits)), **cfg.key_parts()}
-
-
 def build_dataset(
     name: str,
     records: Mapping[str, Iterable[VideoText]],
@@ -346,7 +329,7 @@ def build_dataset(
 ) -> BuiltDataset:
     """Builds dataset `name` from {split: records} unless a finished build with the same key exists.
 
-    The key (`build_key`) covers `annotations_digest` (default: a digest of the records, which must then
+    The key (`build_store.build_key`) covers `annotations_digest` (default: a digest of the records, which must then
     be sequences), the media listing, the splits and the example-determining settings of `cfg`. A
     finished build with the same key is reused (`reused=True`, its saved summary returned). One with
     another key raises BuildRefused naming the difference, unless `overwrite` or
@@ -360,8 +343,8 @@ def build_dataset(
         raise ValueError(f"on_other_key must be 'refuse' or 'rebuild', got {on_other_key!r}")
     if annotations_digest is None:
         records = {split: list(recs) for split, recs in records.items()}
-        annotations_digest = records_digest(records)
-    key = build_key(annotations_digest, media_dir, cfg, records)
+        annotations_digest = build_store.records_digest(records)
+    key = build_store.build_key(annotations_digest, media_dir, cfg.key_parts(), records)
     target = dataset_dir(data_dir, name)
     old_key = build_store.finished_key(target)
     if old_key == key:
