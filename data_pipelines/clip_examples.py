@@ -96,8 +96,8 @@ class MediaIndex:
     """Finds a record's media file inside a folder: extra["relpath"], the id as a relative path, or a
     unique file whose stem is the id (searched recursively once, e.g. msvd/{clips,gifs}/<id>.*).
 
-    Paths that leave the folder (absolute, or with `..` reaching above it) are refused: `locate`
-    returns the reason "outside_media" and the file is never opened. The check is on the path as
+    Paths that leave the folder (absolute ones elsewhere, or with `..` reaching above it) are refused:
+    `locate` returns the reason "outside_media" and the file is never opened. The check is on the path as
     written, so symbolic links placed inside the folder are followed.
     """
 
@@ -119,9 +119,7 @@ class MediaIndex:
         return self._by_stem
 
     def _inside(self, rel: str) -> pathlib.Path | None:
-        if os.path.isabs(rel):
-            return None
-        path = os.path.normpath(os.path.join(self.root, rel))
+        path = os.path.normpath(os.path.join(self.root, rel))  # an absolute `rel` stays as it is
         return pathlib.Path(path) if path.startswith(os.path.join(os.fspath(self.root), "")) else None
 
     def locate(self, record: VideoText) -> tuple[str | None, str | None]:

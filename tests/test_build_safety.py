@@ -198,3 +198,15 @@ def test_prepare_on_beam_streams_webvid_and_fails_a_split_with_no_clip(tmp_path,
     assert code == 2 and err.strip().splitlines()[-1].startswith("BUILD FAILED: split 'train': no clip written")
     assert not builder.dataset_dir(tmp_path / "out", "bad").exists()
     assert not (tmp_path / "out" / build_store.STAGING).exists()
+
+
+def test_media_index_refuses_paths_leaving_the_folder(tmp_path, media):
+    index = builder.MediaIndex(media)
+    (tmp_path / "outside.mp4").write_bytes(b"x")
+    locate = lambda video, **extra: index.locate(ann.VideoText(video, [], "train", extra))  # noqa: E731
+    assert locate("/etc/passwd") == (None, "outside_media")
+    assert locate("../outside.mp4") == (None, "outside_media")
+    assert locate("x", relpath="sub/../../outside.mp4") == (None, "outside_media")
+    assert locate(str(media / "a.mp4")) == (str(media / "a.mp4"), None)  # absolute, but inside
+    assert locate("sub/../b.mp4") == (str(media / "b.mp4"), None)
+    assert locate("c") == (str(media / "c.mp4"), None) and locate("zzz.mp4") == (None, "missing_file")
