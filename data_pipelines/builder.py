@@ -348,8 +348,8 @@ def build_dataset(
     target = dataset_dir(data_dir, name)
     old_key = build_store.finished_key(target)
     if old_key == key:
-        summary_path = target / SUMMARY_FILE
-        summary = BuildSummary.from_dict(json.loads(summary_path.read_text())) if summary_path.exists() else BuildSummary()
+        # A finished build always holds its summary: it is written before the key.
+        summary = BuildSummary.from_dict(json.loads((target / SUMMARY_FILE).read_text()))
         return BuiltDataset(target, summary, reused=True)
     if target.exists() and not (overwrite or on_other_key == "rebuild"):
         why = (f"it was built from other inputs ({build_store.key_difference(old_key, key)})" if old_key

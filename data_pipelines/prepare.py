@@ -235,7 +235,8 @@ def _annotations_digest(args: argparse.Namespace) -> str:
     files = [args.annotations, *(v.split("=", 1)[1] for v in args.split_list), args.msvd_mapping]
     selection = {k: getattr(args, k) for k in ("format", "split", "split_list", "qa_source", "limit", "only_present",
                                                "allow_no_captions")}
-    return f"sha256 {build_store.file_digest([f for f in files if f])}, selected by {json.dumps(selection, sort_keys=True)}"
+    digest = build_store.file_digest([f for f in files if f])[:16]
+    return f"sha256 {digest}, selected by {json.dumps(selection, sort_keys=True)}"
 
 
 def _first(records: Iterable, n: int):
