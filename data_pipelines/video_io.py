@@ -26,7 +26,11 @@ SKIP_REASONS = (
     "no_video_stream",
     "zero_frames",
     "too_few_frames",
+    "truncated",
 )
+
+# A decode whose frames span less than this share of the container's stated duration is "truncated".
+TRUNCATED_BELOW = 0.9
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -54,6 +58,8 @@ class DecodeConfig:
     max_frames: if set, longer clips are subsampled uniformly to this many frames (the reported fps
       drops accordingly, so timestamps stay right).
     threads: PyAV decoder threading ("AUTO" lets FFmpeg use frame/slice threads).
+    truncated_policy: "skip" raises `truncated` when the decoded frames end well before the stated
+      duration (a cut download) or the decoder fails after some frames; "keep" keeps the frames read.
     """
 
     fps: float | None = 4.0
@@ -62,6 +68,7 @@ class DecodeConfig:
     short_clip_policy: Literal["loop", "pad", "fail"] = "loop"
     max_frames: int | None = None
     threads: bool = True
+    truncated_policy: Literal["skip", "keep"] = "skip"
 
     def __post_init__(self):
         if self.fps is not None and not self.fps > 0:
@@ -74,6 +81,8 @@ class DecodeConfig:
             raise ValueError(
                 f"DecodeConfig.short_clip_policy must be 'loop', 'pad' or 'fail', got {self.short_clip_policy!r}"
             )
+        if self.truncated_policy not in ("skip", "keep"):
+            raise ValueError(f"DecodeConfig.truncated_policy must be 'skip' or 'keep', got {self.truncated_policy!r}")
         if self.max_frames is not None and self.max_frames < self.min_frames:
             raise ValueError(f"DecodeConfig.max_frames ({self.max_frames}) < min_frames ({self.min_frames})")
 
@@ -115,12 +124,22 @@ def _fit_length(frames: list[np.ndarray], cfg: DecodeConfig, path: str) -> list[
     return frames
 
 
+def _stated_duration(container, stream) -> float | None:
+    """Seconds the container says the video lasts (stream duration, else container duration), or None."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    return None
+
+
 def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) -> DecodedVideo:
     """Decodes `path` (MP4/AVI/WebM/MKV/GIF, or a JPEG/PNG image as a 1-frame clip).
 
     Raises VideoDecodeError with reason missing_file, empty_file, corrupt (container or decoder error
-    before any frame), no_video_stream, zero_frames, or too_few_frames (policy "fail").
-    A decoder error after some frames were decoded (a truncated file) keeps the frames already read.
+    before any frame), no_video_stream, zero_frames, too_few_frames (policy "fail"), or truncated
+    (policy "skip": a decoder error after some frames, or frames spanning less than TRUNCATED_BELOW of
+    the container's stated duration); under truncated_policy "keep" the frames already read are kept.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -172,8 +191,15 @@ def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) ->
         except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
             if not kept:
                 raise VideoDecodeError("corrupt", path, str(e)) from None
+            if cfg.truncated_policy == "skip":
+                raise VideoDecodeError("truncated", path, f"decoder error after {decoded} frames: {e}") from None
         if not kept:
             raise VideoDecodeError("zero_frames", path)
+        if cfg.truncated_policy == "skip" and not is_image and decoded > 1:
+            stated = _stated_duration(container, stream)
+            covered = (t - t0) + 1.0 / (source_fps or target_fps)
+            if stated and covered < TRUNCATED_BELOW * stated:
+                raise VideoDecodeError("truncated", path, f"frames cover {covered:.2f}s of the stated {stated:.2f}s")
     if not source_fps and decoded > 1 and t0 is not None:
         source_fps = decoded / max(t - t0, 1e-6)
     frames = _fit_length(kept, cfg, path)

@@ -347,3 +347,44 @@ def test_qa_dispatcher_tgif_and_lsmdc(tmp_path):
     assert [(v.video, v.extra["video_id"]) for v in videos] == [(LSMDC_CLIP.decode(),) * 2]
     assert videos[0].extra["relpath"] == f"1001_Movie_A/{LSMDC_CLIP.decode()}.avi"
     assert videos.bad == shared == {"missing_field": 1}
+
+
+def test_qa_source_table_names_every_source_once_with_a_task_kind():
+    assert ann.QA_SOURCES == tuple(ann.QA_SOURCE_TABLE)
+    kinds = {s: src.task for s, src in ann.QA_SOURCE_TABLE.items()}
+    assert kinds["tgif_count"] == kinds["activitynet_qa"] == kinds["msrvtt_qa"] == "qa_open_ended"
+    assert kinds["lsmdc_fib"] == "qa_fill_in_blank" and kinds["msrvtt_mc"] == "zero_shot_multiple_choice"
+    assert set(kinds.values()) == {"qa_open_ended", "qa_multiple_choice", "qa_fill_in_blank",
+                                   "zero_shot_multiple_choice"}
+
+
+def test_activitynet_qa_joins_questions_and_answers_by_question_id(tmp_path):
+    questions = [
+        {"question": "what is the man doing", "video_name": "abc", "question_id": "abc_0"},
+        {"question": "is it indoors", "video_name": "v_def", "question_id": "def_1"},
+        {"question": "no answer row", "video_name": "ghi", "question_id": "ghi_2"},
+        {"question": "\u200b\x00", "video_name": "jkl", "question_id": "jkl_3"},
+    ]
+    answers = [  # a different order than the questions: the join is by id
+        {"answer": "yes", "type": 3, "question_id": "def_1"},
+        {"answer": "skiing", "type": 0, "question_id": "abc_0"},
+        {"answer": "x", "type": 99, "question_id": "jkl_3"},
+    ]
+    (tmp_path / "test_q.json").write_text(json.dumps(questions))
+    (tmp_path / "test_a.json").write_text(json.dumps(answers))
+    examples = ann.read_qa_examples("activitynet_qa", tmp_path / "test_q.json", "test")
+    assert [(q.video, q.question, q.answer, q.qid, q.extra["type"]) for q in examples] == [
+        ("v_abc", "what is the man doing", "skiing", "abc_0", "motion"),
+        ("v_def", "is it indoors", "yes", "def_1", "yes_no"),
+    ]
+    assert examples.bad == {"missing_field": 1, "empty_caption": 1}
+    with pytest.raises(ValueError, match="_q.json"):
+        ann.read_activitynet_qa(tmp_path / "test_a.json")
+
+
+def test_control_and_zero_width_characters_are_removed_before_the_emptiness_check(tmp_path):
+    path = write(tmp_path / "c.jsonl", [json.dumps({"video": v, "text": t}).encode() for v, t in [
+        ("a", "\x00\x00"), ("b", "\u200b\u200c\ufeff"), ("c", ["a\u200bdog\x07 runs", "\u2060"])]])
+    records = ann.read_generic_jsonl(path)
+    assert [(r.video, r.captions) for r in records] == [("c", ["adog runs"])]
+    assert records.bad == {"empty_caption": 3, "no_valid_caption": 2}

@@ -1,4 +1,5 @@
 """PyAV decoding: containers/codecs of the real clips, fps resampling, short side, loop/pad, skip reasons."""
+import dataclasses
 import json
 import wave
 
@@ -133,3 +134,31 @@ def test_webm_roundtrip(tmp_path):
     assert clip.frames.shape == (6, 32, 48, 3) and clip.fps == pytest.approx(6.0)
     assert np.abs(clip.frames.astype(int) - frames).mean() < 20
     assert decode_video(path, DecodeConfig(fps=3.0, short_side=16)).frames.shape == (3, 16, 24, 3)
+
+
+def test_mp4_cut_after_its_front_index_is_truncated_and_skipped_by_default(tmp_path):
+    """An MP4 with its index (moov) at the front, cut at 30% of its bytes, still opens and decodes its
+    first frames: the decode ends well before the stated duration, so it is `truncated`."""
+    import av
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)  # noise: every frame costs bytes
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), mode="w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.3)])
+    keep_all = DecodeConfig(fps=None, short_side=None)
+    assert decode_video(whole, keep_all).frames.shape[0] == 40
+    with pytest.raises(VideoDecodeError) as err:
+        decode_video(cut, keep_all)
+    assert err.value.reason == "truncated"
+    kept = decode_video(cut, dataclasses.replace(keep_all, truncated_policy="keep"))
+    assert 0 < kept.frames.shape[0] < 20
