@@ -12,12 +12,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from clover_jax.tasks import QA_TASKS
 from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource, QAItems
 from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
 
 SYNTHETIC = "synthetic"
-QA_TASKS = ("qa_open_ended", "qa_multiple_choice", "qa_fill_in_blank")
 
 
 def cache_dir(data_cfg: Any) -> pathlib.Path:

@@ -15,6 +15,8 @@ import jax
 import ml_collections
 import optax
 
+from clover_jax.param_paths import path_to_str
+
 # Path components that mark parameters excluded from weight decay (matched per component, lower case).
 _NO_DECAY_LEAVES = frozenset({"bias", "scale"})  # every bias; LayerNorm scale (and its bias)
 _NO_DECAY_COMPONENT = re.compile(
@@ -42,19 +44,6 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "lr_multipliers": {},  # {param path prefix: factor}, e.g. {"qa_head": 10.0}
         }
     )
-
-
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'a/b/c' from a jax key path (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def decays(path: str) -> bool:

@@ -15,6 +15,8 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clover_jax.param_paths import path_to_str
+
 Rules = tuple[tuple[str, Any], ...]
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -125,13 +127,6 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
     return jax.device_put(batch, batch_sharding(mesh, rules))
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        parts.append(str(next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key)))
-    return "/".join(parts)
-
-
 def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
@@ -142,7 +137,7 @@ def _check_logical_names(logical_specs: Any, rules: Rules) -> None:
         for name in spec:
             if isinstance(name, str) and name not in known:
                 raise ValueError(
-                    f"parameter {_path_str(path)} uses logical axis {name!r}, which the rules table does not "
+                    f"parameter {path_to_str(path)} uses logical axis {name!r}, which the rules table does not "
                     f"map; known names: {sorted(known)} (add a rule to sharding.LOGICAL_RULES)"
                 )
 
@@ -155,13 +150,13 @@ def _check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
     for (path, x), sharding in zip(leaves, sh_leaves):
         spec = sharding.spec
         if len(spec) > len(x.shape):
-            raise ValueError(f"parameter {_path_str(path)}: spec {spec} has more entries than its shape {x.shape}")
+            raise ValueError(f"parameter {path_to_str(path)}: spec {spec} has more entries than its shape {x.shape}")
         for dim, entry in enumerate(spec):
             axes = _mesh_axes_of(entry)
             size = math.prod(mesh.shape[a] for a in axes)
             if axes and x.shape[dim] % size:
                 raise ValueError(
-                    f"parameter {_path_str(path)}: dimension {dim} has size {x.shape[dim]}, not divisible by "
+                    f"parameter {path_to_str(path)}: dimension {dim} has size {x.shape[dim]}, not divisible by "
                     f"mesh axis {'x'.join(axes)} of size {size}; change the mesh or the rule for that dimension"
                 )
 
@@ -210,4 +205,4 @@ def partition_spec_table(abstract_params: Any, mesh: Mesh, rules: Rules = LOGICA
     """{param path: str(PartitionSpec)} for golden dumps (boxed abstract params in, mesh specs out)."""
     shardings = param_shardings(abstract_params, mesh, rules)
     flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-    return {_path_str(path): str(s.spec) for path, s in flat}
+    return {path_to_str(path): str(s.spec) for path, s in flat}

@@ -15,9 +15,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from clover_jax import sharding as shard_lib
+from clover_jax.grad_cache import LossFn, ValueAndGradFn
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-ValueAndGradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
 RESERVED_METRICS = ("loss", "grad_norm", "param_norm", "lr", "finite")
 
 

@@ -74,6 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 msvd_mapping="", text_length=text_length, mc_format="full", seed=0)
     c.data.sources = {}
     c.data.text_masking = "none"
+    c.evals = dict(qa=dict(type="qa", every_steps=0))
+    c.best_metric = "qa/accuracy"
     c.eval.num_views = views
     c.optim.lr = lr
     c.optim.weight_decay = 1e-3 if name == "msrvtt_qa" else 0.01

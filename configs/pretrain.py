@@ -59,8 +59,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mask_grid=7, mask_cells=10, mask_min_block=4, text_length=16, text_masking="semantic",
         seed=0, prefetch=2,
     )
+    # Input settings every evaluator starts from; each `evals` entry may override any of them.
     c.eval = dict(dataset="synthetic", split="test", batch_size=32, num_frames=4, image_size=56,
                   text_length=16, report_queries=20, num_views=1)
+    # Evaluators (`clover_jax.evaluators.entries`): every_steps N > 0 also runs one every N steps, 0 only
+    # after the last step, -1 only on demand (`python -m clover_jax.eval --evaluator=NAME`).
+    c.evals = dict(retrieval=dict(type="retrieval", every_steps=0),
+                   msrvtt_mc=dict(type="multiple_choice", every_steps=-1, file=""))
+    c.best_metric = "retrieval/t2v_r1"  # "<evaluator>/<metric>" kept in <workdir>/best; "" keeps none
+    c.best_mode = "max"
 
     c.optim = default_optim_config()
     c.optim.lr = 1e-3

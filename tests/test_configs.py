@@ -4,7 +4,7 @@ import pytest
 
 from clover_jax.convert.common import flatten
 from clover_jax.models.clover import abstract_params
-from clover_jax.train import load_config_file, model_config_from
+from clover_jax.run import load_config_file, model_config_from
 
 FILES = ["configs/pretrain.py", "configs/pretrain.py:tiny", "configs/pretrain.py:base",
          "configs/qa_synthetic.py:open", "configs/qa_synthetic.py:mc",

@@ -14,10 +14,10 @@ from clover_jax import checkpoint as ckpt_lib
 from clover_jax import data as data_glue
 from clover_jax import sharding as shard_lib
 from clover_jax import tasks
-from clover_jax.eval import evaluate_qa
+from clover_jax.evaluators import entries
 from clover_jax.evaluators.qa import open_ended_accuracy
 from clover_jax.models.clover import init_params
-from clover_jax.train import model_config_from
+from clover_jax.run import model_config_from
 from configs import qa_synthetic
 from data_pipelines import input_pipeline as ip
 from data_pipelines import synthetic
@@ -274,7 +274,7 @@ def test_init_from_a_checkpoint_without_the_qa_head_keeps_the_head_fresh(open_ru
 
 def test_eval_scores_every_question_and_counts_out_of_vocab_wrong(open_run, batch_sharding, tmp_path):
     config, model_config, params, _, _ = open_run
-    metrics = evaluate_qa(config, model_config, params, batch_sharding, tmp_path, step=3)
+    metrics = entries.make_evaluators(config, model_config, batch_sharding, tmp_path, ["qa"])["qa"].run(params, 3)
     items, info = data_glue.qa_items(config, "test", model_config.num_answers)
     assert metrics["num"] == len(items) == 16
     assert metrics["num_out_of_vocab"] == int((items.answer_index == -1).sum()) > 0
