@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 
 from clover_jax.param_paths import flatten, unflatten
 
-
 T = TypeVar("T")
 
 

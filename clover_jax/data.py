@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from clover_jax.tasks import QA_TASKS
+from data_pipelines import qa_tasks
 from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource, QAItems
 from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
@@ -148,7 +149,7 @@ def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAIt
         if num_answers < 1:
             raise ValueError("open-ended QA needs model.overrides.num_answers >= 1 (the answer-vocabulary size)")
         train = sqa.open_ended_questions(sqa.clip_attributes(folder, config.data.split), qa.seed)
-        vocab = sqa.answer_vocab([q.answer for q in train], num_answers)
+        vocab = qa_tasks.rank_answers([q.answer for q in train], num_answers)
         questions = sqa.open_ended_questions(attributes, qa.seed)
         ids, mask = sqa.encode_texts([q.question for q in questions], qa.text_length)
         answers = [q.answer for q in questions]
@@ -182,7 +183,7 @@ def _qa_file(config: Any, split: str) -> str:
 
 
 def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
-    from data_pipelines import annotations, builder, qa_tasks
+    from data_pipelines import annotations, builder
 
     if source not in qa_tasks.SOURCE_TASKS:
         raise ValueError(f"config.qa.source={source!r}; valid: 'synthetic', {sorted(qa_tasks.SOURCE_TASKS)}")
@@ -212,7 +213,7 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
         if qa.get("answer_vocab"):
             vocab = qa_tasks.load_answer_vocab(os.path.expanduser(qa.answer_vocab))
         elif train:
-            vocab = tuple(annotations.answer_vocabulary(train, num_answers))  # labels in frequency order
+            vocab = qa_tasks.rank_answers([ex.answer for ex in train], num_answers)
         else:
             raise ValueError(f"{source}: set config.qa.answer_vocab (a vocabulary file) or config.qa.train_file "
                              "(its most frequent answers) to fix the answer vocabulary")

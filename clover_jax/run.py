@@ -21,9 +21,8 @@ import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
 from clover_jax import data as data_glue
-from clover_jax import grad_cache
+from clover_jax import grad_cache, tasks
 from clover_jax import sharding as shard_lib
-from clover_jax import tasks
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
 from clover_jax.train_step import TrainState, create_train_state
 from data_pipelines.input_pipeline import make_mixture_iterator

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from clover_jax import grad_cache, losses
+from clover_jax.defaults import TEMPERATURE
 from clover_jax.models.clover import Clover, CloverConfig
 
 LossFn = grad_cache.LossFn
@@ -61,7 +62,7 @@ def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_r
     encoder is unused; no per-example term)."""
     del num_data_replicas
     model = Clover(model_config)
-    temperature = loss_config.get("temperature", 0.05) if hasattr(loss_config, "get") else 0.05
+    temperature = loss_config.get("temperature", TEMPERATURE) if hasattr(loss_config, "get") else TEMPERATURE
 
     def embed(params, batch, rng):
         rngs = {"dropout": rng}

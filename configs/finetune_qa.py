@@ -38,18 +38,20 @@ import ml_collections
 
 from configs import pretrain
 from configs.common import parse_arg
+from data_pipelines.qa_tasks import SOURCE_TASKS
 
-TASKS = ("msrvtt_qa", "msvd_qa", "tgif_frame", "tgif_action", "tgif_transition", "lsmdc_mc", "lsmdc_fib")
-# task, answers, text length, lr, epochs, batch, training questions, test views
+# Per QA source (the keys of `qa_tasks.SOURCE_TASKS`, which also names each source's task):
+# answers, text length, lr, epochs, batch, training questions, test views
 _RECIPES = {
-    "msrvtt_qa": ("qa_open_ended", 1500, 40, 1.2e-5, 20, 256, 158_581, 1),
-    "msvd_qa": ("qa_open_ended", 1000, 40, 1.2e-5, 40, 128, 30_933, 1),
-    "tgif_frame": ("qa_open_ended", 1540, 40, 1.2e-5, 20, 128, 39_392, 1),
-    "tgif_action": ("qa_multiple_choice", 0, 100, 5e-6, 100, 128, 20_475, 4),
-    "tgif_transition": ("qa_multiple_choice", 0, 100, 5e-6, 50, 128, 52_704, 4),
-    "lsmdc_mc": ("qa_multiple_choice", 0, 256, 1.2e-5, 20, 128, 101_079, 1),
-    "lsmdc_fib": ("qa_fill_in_blank", 908, 200, 1.2e-5, 20, 128, 296_960, 1),
+    "msrvtt_qa": (1500, 40, 1.2e-5, 20, 256, 158_581, 1),
+    "msvd_qa": (1000, 40, 1.2e-5, 40, 128, 30_933, 1),
+    "tgif_frame": (1540, 40, 1.2e-5, 20, 128, 39_392, 1),
+    "tgif_action": (0, 100, 5e-6, 100, 128, 20_475, 4),
+    "tgif_transition": (0, 100, 5e-6, 50, 128, 52_704, 4),
+    "lsmdc_mc": (0, 256, 1.2e-5, 20, 128, 101_079, 1),
+    "lsmdc_fib": (908, 200, 1.2e-5, 20, 128, 296_960, 1),
 }
+TASKS = tuple(SOURCE_TASKS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if len(chosen) != 1:
         raise ValueError(f"choose exactly one task variant of {TASKS} (plus 'tiny' if wanted), got {chosen}")
     name = chosen[0]
-    task, answers, text_length, lr, epochs, batch, num_train, views = _RECIPES[name]
+    answers, text_length, lr, epochs, batch, num_train, views = _RECIPES[name]
+    task = SOURCE_TASKS[name]
     c = pretrain.get_config("tiny" if a.tiny else "base")
     c.task = task
     c.init_from = ""

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from clover_jax.losses import default_loss_config
-from clover_jax.optim import default_optim_config
+from clover_jax.defaults import default_loss_config, default_optim_config
 from configs.common import parse_arg
 
 

@@ -20,7 +20,7 @@ from clover_jax.models.clover import init_params
 from clover_jax.run import model_config_from
 from configs import qa_synthetic
 from data_pipelines import input_pipeline as ip
-from data_pipelines import synthetic
+from data_pipelines import qa_tasks, synthetic
 from data_pipelines import synthetic_qa as sqa
 
 DEMO = synthetic.SyntheticConfig(num_train=1024, num_test=256, num_frames=8, size=64)  # the demo's clips
@@ -51,13 +51,19 @@ def test_open_questions_are_deterministic_and_never_name_their_answer():
     assert sum(a.question != b.question for a, b in zip(questions, other)) > 100  # phrasing follows the seed
 
 
+def test_answer_ranking_breaks_ties_alphabetically_whatever_the_file_order():
+    answers = ["dog", "cat", "bird", "cat", "dog", "ant"]
+    assert qa_tasks.rank_answers(answers) == ("cat", "dog", "ant", "bird")
+    assert qa_tasks.rank_answers(list(reversed(answers)), top_k=3) == ("cat", "dog", "ant")
+
+
 def test_answer_vocab_covers_every_answer_and_marks_the_rest_out_of_vocab():
     train = sqa.open_ended_questions(demo_attributes("train", 1024))
-    vocab = sqa.answer_vocab([q.answer for q in train])
+    vocab = qa_tasks.rank_answers([q.answer for q in train])
     assert sorted(vocab) == sorted(sqa.ANSWERS) and len(vocab) == 21
     counts = collections.Counter(q.answer for q in train)
     assert [counts[a] for a in vocab] == sorted(counts.values(), reverse=True)
-    top5 = sqa.answer_vocab([q.answer for q in train], max_answers=5)
+    top5 = qa_tasks.rank_answers([q.answer for q in train], top_k=5)
     assert top5 == vocab[:5]
     test = sqa.open_ended_questions(demo_attributes("test", 256))
     index = sqa.answer_indices([q.answer for q in test], top5)
@@ -174,7 +180,7 @@ def test_clip_attributes_come_from_the_built_clips(cache):
 def test_open_ended_batches_shapes_labels_and_exact_resume(open_run):
     config, _, _, items, info = open_run
     assert len(items) == 4 * 8 and items.text_ids.shape == (32, 16) and not items.multiple_choice
-    assert info["vocab"] == sqa.answer_vocab(info["train_answers"], 6)
+    assert info["vocab"] == qa_tasks.rank_answers(info["train_answers"], 6)
     assert np.array_equal(items.answer_index, sqa.answer_indices(info["answers"], info["vocab"]))
     assert (items.answer_index == -1).any()
     cfg = data_glue.train_input(config.data, data_glue.resolve_dataset("synthetic", config.data))

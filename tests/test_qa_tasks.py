@@ -9,16 +9,16 @@ import pytest
 
 from clover_jax import data as data_glue
 from clover_jax import eval as eval_lib
+from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax import tasks
-from clover_jax import run as run_lib
 from clover_jax import train as train_lib
 from clover_jax.evaluators import entries
 from clover_jax.models.clover import Clover, clover_config, init_params
 from configs import finetune_qa
 from data_pipelines import builder, prepare, qa_tasks
 from data_pipelines import input_pipeline as ip
-from data_pipelines.annotations import QAExample, answer_vocabulary, read_lsmdc_fib, read_msvd_qa
+from data_pipelines.annotations import QAExample, read_lsmdc_fib, read_msvd_qa
 
 MSVD_CLIPS = ("3qqEKTPxLNs_1_15", "UXs3eq68ZjE_250_255", "WTf5EgVY5uU_124_128", "j2Dhf-xFUxU_13_20",
               "klteYv1Uv9A_27_33")  # the MSVD clips in shared/data/real/msvd/clips
@@ -197,7 +197,7 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     model_config = run_lib.model_config_from(config)
     items, info = data_glue.qa_items(config, "train", 3)
     assert len(items) == 4 and ((items.text_ids == 103).sum(axis=1) == 1).all()
-    assert info["vocab"] == tuple(answer_vocabulary(read_lsmdc_fib(fib_file), 3))
+    assert info["vocab"] == qa_tasks.rank_answers([ex.answer for ex in read_lsmdc_fib(fib_file)], 3)
     loss_fn = tasks.qa_fill_in_blank_loss_fn(model_config, config.loss, 1)
     params = jax.jit(lambda r: nn.unbox(init_params(model_config, r)))(jax.random.key(0))
     batch = next(ip.numpy_batches(ip.make_qa_train_dataset(data_glue.train_input(
