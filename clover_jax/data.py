@@ -102,6 +102,13 @@ def train_mixture(data_cfg: Any) -> MixtureConfig:
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
 
 
+def captioned_clips(cfg: InputConfig) -> int:
+    """The clips of `cfg.split` that have a caption: what one training epoch of that split visits."""
+    from data_pipelines.builder import split_index
+
+    return int(np.count_nonzero(split_index(cfg.dataset, cfg.split).num_captions > 0))
+
+
 def qa_eval_input(config: Any) -> InputConfig:
     """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views."""
     dataset = qa_clips_folder(config, config.eval.split)

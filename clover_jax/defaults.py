@@ -31,6 +31,7 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "weight_decay": 0.005,
             "grad_clip": 15.0,  # global-norm clip; 0 or None disables
             "warmup_steps": 0,
+            "warmup_epochs": 0.0,  # > 0: the warm-up in epochs of the training data (wins over warmup_steps)
             "warmup_init_ratio": 1e-3,
             "min_lr_ratio": 1e-3,
             "lr_multipliers": {},  # {param path prefix: factor}, e.g. {"qa_head": 10.0}

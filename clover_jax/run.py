@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import pathlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -209,13 +210,65 @@ def initial_state(run: Run, config: ml_collections.ConfigDict, tx: Any, manager:
     return create_train_state(params, tx, state_shardings), source
 
 
-def train_batches(run: Run, start_step: int) -> Iterator[tuple[str, dict]]:
-    """(source name, global batch) per training step from `start_step`: the caption mixture, or the QA items."""
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """The training examples of a run: how many one epoch visits, and the batch stream from a step."""
+
+    examples_per_epoch: int
+    batches: Callable[[int], Iterator[tuple[str, dict]]]  # start step -> (source name, global batch) per step
+
+
+def train_data(run: Run) -> TrainData:
+    """The caption mixture (an epoch visits every captioned clip of every source once) or the QA items of
+    the training split (an epoch visits every question with a clip once)."""
     config = run.config
     if config.task in data_glue.QA_TASKS:
         qa_items, _ = data_glue.qa_items(config, config.data.split, run.model_config.num_answers)
-        return data_glue.qa_train_batches(config, qa_items, start_step, run.batch_sharding)
-    return make_mixture_iterator(data_glue.train_mixture(config.data), start_step, run.batch_sharding)
+        return TrainData(len(qa_items), lambda start: data_glue.qa_train_batches(config, qa_items, start,
+                                                                                  run.batch_sharding))
+    mixture = data_glue.train_mixture(config.data)
+    examples = sum(data_glue.captioned_clips(source.input) for source in mixture.sources)
+    return TrainData(examples, lambda start: make_mixture_iterator(mixture, start, run.batch_sharding))
+
+
+@dataclasses.dataclass(frozen=True)
+class Durations:
+    """A run's lengths in optimizer steps, resolved from epochs where the config gives epochs."""
+
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+
+    def steps(self, epochs: float) -> int:
+        return max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def describe(self, examples: int, batch_size: int) -> str:
+        return (f"{examples} training examples, batch {batch_size}: 1 epoch = {self.steps_per_epoch:.1f} steps; "
+                f"{self.total_steps} steps = {self.total_steps / self.steps_per_epoch:.2f} epochs, "
+                f"warm-up {self.warmup_steps} steps")
+
+
+def resolve_durations(config: ml_collections.ConfigDict, examples_per_epoch: int) -> Durations:
+    """`total_epochs` (> 0) and `optim.warmup_epochs` (> 0) in steps of `data.batch_size`, else the config's
+    `total_steps` and `optim.warmup_steps`."""
+    if examples_per_epoch < 1:
+        raise ConfigError("the training split holds no example: prepare it, or check config.data.split")
+    per_epoch = examples_per_epoch / config.data.batch_size
+    durations = Durations(per_epoch, config.total_steps, config.optim.warmup_steps)
+    if config.get("total_epochs", 0) > 0:
+        durations = dataclasses.replace(durations, total_steps=durations.steps(config.total_epochs))
+    if config.optim.get("warmup_epochs", 0) > 0:
+        durations = dataclasses.replace(durations, warmup_steps=durations.steps(config.optim.warmup_epochs))
+    if durations.total_steps < 1:
+        raise ConfigError(f"total_steps={durations.total_steps} must be >= 1")
+    return durations
+
+
+def optim_config(config: ml_collections.ConfigDict, durations: Durations) -> ml_collections.ConfigDict:
+    """`config.optim` with the resolved warm-up steps (what `optim.make_optimizer` reads)."""
+    optim = ml_collections.ConfigDict(config.optim.to_dict())
+    optim.warmup_steps = durations.warmup_steps
+    return optim
 
 
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,

@@ -1,8 +1,10 @@
 """Device mesh, the one logical-axis rules table, and param/batch/optimizer-state shardings.
 
 Parameters carry logical axis names (`clover_jax/models/layers.py`); `LOGICAL_RULES` maps them to the
-mesh axes ("data", "fsdp", "model"). Meshes use Auto axis types so GSPMD propagates shardings and
-`nn.with_logical_constraint` works inside jit. Parameters are created already sharded by
+mesh axes ("data", "fsdp", "model"); a run's table is `config.sharding_rules` (default this one, see
+`clover_jax.run.logical_rules`). Meshes use Auto axis types, so GSPMD propagates shardings from the
+parameters and the batch; the models place no activation constraints of their own (gradient caching
+constrains its re-assembled chunks to the batch axes). Parameters are created already sharded by
 `create_sharded` (eval_shape, then jit with out_shardings), so the full model never sits on one device.
 """
 from __future__ import annotations

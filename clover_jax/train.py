@@ -99,10 +99,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = quiet_third_party_logs(workdir)
     run = run_lib.setup_run(config)
-    total = config.total_steps
-    if total < 1:
-        raise ConfigError(f"total_steps={total} must be >= 1")
-    tx, schedule = make_optimizer(config.optim, total)
+    data = run_lib.train_data(run)
+    durations = run_lib.resolve_durations(config, data.examples_per_epoch)
+    total = durations.total_steps
+    print(f"clover_jax: {durations.describe(data.examples_per_epoch, config.data.batch_size)}", flush=True)
+    tx, schedule = make_optimizer(run_lib.optim_config(config, durations), total)
     state_shardings = train_state_shardings(tx, nn.unbox(run.abstract_params), run.param_shardings, run.mesh)
     manager = ckpt_lib.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
     note = check_workdir_config(workdir, config.to_dict(), has_checkpoint=bool(manager.all_steps()))
@@ -110,7 +111,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         print(f"clover_jax: {note}", flush=True)
     names = entries.evaluator_names(config, scheduled_only=True)
     try:
-        evaluators = entries.make_evaluators(config, run.model_config, run.batch_sharding, workdir / "eval", names)
+        evaluators = entries.make_evaluators(config, run.model_config, run.batch_sharding, workdir / "eval", names,
+                                             durations.steps_per_epoch)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     best = _best_checkpoint(config, workdir, names)
@@ -124,7 +126,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                               mesh=run.mesh, schedule=schedule, rules=run_lib.logical_rules(config),
                               **_gradient_fn(run, config))
     rng = jax.random.key(config.seed + 1)
-    batches = run_lib.train_batches(run, start)
+    batches = data.batches(start)
     writer = MetricWriter(workdir)
     stop = _StopRequest()
     last_good = manager.latest_step()

@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The synthetic clips of the demo (same seed and sizes: the cache is reused, nothing re-rendered).
     c.qa = dict(source="synthetic", dataset="synthetic", seed=0, text_length=16, mc_format="caption", mc_per_clip=2)
     c.data.text_masking = "none"
-    c.evals = dict(qa=dict(type="qa", every_steps=0))
+    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0))
     c.best_metric = "qa/accuracy"
     c.total_steps, c.log_every, c.checkpoint_every = 500, 50, 250
     c.optim.lr = 3e-4

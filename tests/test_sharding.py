@@ -8,11 +8,13 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax.models import layers
 
@@ -161,3 +163,16 @@ def test_opt_state_follows_params(mesh222):
     real = jax.eval_shape(tx.init, nn.unbox(abstract))
     is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
     assert jax.tree.structure(real) == jax.tree.structure(opt_sh, is_leaf=is_sharding)
+
+
+def test_config_sharding_rules_replace_the_default_table(mesh222):
+    """`config.sharding_rules` () is the default table; a table read back from config.json (lists) works."""
+    assert run_lib.logical_rules(ml_collections.ConfigDict({"sharding_rules": ()})) == shard_lib.LOGICAL_RULES
+    no_fsdp = [[name, None if axes == "fsdp" else list(axes) if isinstance(axes, tuple) else axes]
+               for name, axes in shard_lib.LOGICAL_RULES]
+    rules = run_lib.logical_rules(ml_collections.ConfigDict({"sharding_rules": no_fsdp}))
+    assert dict(rules)["batch"] == ("data", "fsdp") and dict(rules)["embed"] is None
+    default = shard_lib.partition_spec_table(abstract_toy(), mesh222)
+    table = shard_lib.partition_spec_table(abstract_toy(), mesh222, rules)
+    assert any("fsdp" in spec for spec in default.values())
+    assert table.keys() == default.keys() and not any("fsdp" in spec for spec in table.values())

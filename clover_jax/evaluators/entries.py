@@ -3,7 +3,8 @@
 An entry's input settings are `config.eval`'s (split, dataset, batch_size, num_frames, image_size,
 text_length, report_queries, num_views) with the entry's own keys on top. `every_steps` schedules it
 during training: N > 0 every N steps and after the last step, 0 only after the last step, -1 never
-(on demand: `python -m clover_jax.eval --evaluator=NAME`). Each evaluator builds its inputs and jitted
+(on demand: `python -m clover_jax.eval --evaluator=NAME`); `every_epochs` (> 0) instead counts in
+epochs of the training data, resolved to steps when training starts. Each evaluator builds its inputs and jitted
 passes once; `run(params, step)` prints its table, writes `<out_dir>/<name>_step{N}.json` (and the
 retrieval HTML report) on process 0, and returns the metrics.
 """
@@ -24,12 +25,14 @@ from clover_jax.evaluators.retrieval import multiple_choice_accuracy, retrieval_
 from clover_jax.evaluators.split_passes import SplitPasses
 from clover_jax.models.clover import CloverConfig
 
-SCHEDULE_KEYS = ("type", "every_steps")
+SCHEDULE_KEYS = ("type", "every_steps", "every_epochs")
 EXTRA_KEYS = {"multiple_choice": ("file",)}  # keys only some types take
 
 
-def settings_of(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """`config.eval` with the keys of `config.evals[name]` on top; ValueError on keys the type does not take."""
+def settings_of(config: ml_collections.ConfigDict, name: str,
+                steps_per_epoch: float = 0.0) -> ml_collections.ConfigDict:
+    """`config.eval` with the keys of `config.evals[name]` on top, `every_epochs` turned into `every_steps`
+    with `steps_per_epoch`; ValueError on keys the type does not take."""
     entry = dict(config.evals[name])
     kind = entry.get("type", "")
     if kind not in EVALUATORS:
@@ -41,6 +44,10 @@ def settings_of(config: ml_collections.ConfigDict, name: str) -> ml_collections.
     merged = ml_collections.ConfigDict(config.eval.to_dict())
     merged.update({k: v for k, v in entry.items() if k in config.eval})
     merged.every_steps = entry.get("every_steps", 0)
+    if entry.get("every_epochs", 0) > 0:
+        if steps_per_epoch <= 0:
+            raise ValueError(f"config.evals.{name}.every_epochs needs the size of the training data (a training run)")
+        merged.every_steps = max(1, round(entry["every_epochs"] * steps_per_epoch))
     for key in EXTRA_KEYS.get(kind, ()):
         merged[key] = entry.get(key, "")
     return merged
@@ -49,15 +56,16 @@ def settings_of(config: ml_collections.ConfigDict, name: str) -> ml_collections.
 def evaluator_names(config: ml_collections.ConfigDict, *, scheduled_only: bool = False) -> list[str]:
     """The names of `config.evals` (in config order); `scheduled_only` leaves out every_steps < 0."""
     evals = config.get("evals", {})
-    return [n for n in evals if not scheduled_only or evals[n].get("every_steps", 0) >= 0]
+    return [n for n in evals if not scheduled_only or evals[n].get("every_steps", 0) >= 0
+            or evals[n].get("every_epochs", 0) > 0]
 
 
 def make_evaluators(config: ml_collections.ConfigDict, model_config: CloverConfig, batch_sharding: Any,
-                    out_dir: pathlib.Path | None, names: list[str]) -> dict[str, Any]:
+                    out_dir: pathlib.Path | None, names: list[str], steps_per_epoch: float = 0.0) -> dict[str, Any]:
     """{name: evaluator} of the named `config.evals` entries."""
     out = {}
     for name in names:
-        settings = settings_of(config, name)
+        settings = settings_of(config, name, steps_per_epoch)
         out[name] = EVALUATORS[config.evals[name].type](name, settings, config, model_config, batch_sharding,
                                                         out_dir)
     return out
