@@ -14,7 +14,9 @@ import numpy as np
 
 from clover_jax.tasks import QA_TASKS
 from data_pipelines import qa_tasks
-from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource, QAItems
+from data_pipelines.input_config import InputConfig
+from data_pipelines.mixtures import MixtureConfig, MixtureSource
+from data_pipelines.qa_inputs import QAItems
 from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
 
@@ -240,7 +242,8 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
 
 def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
     """(name, global batch) per step from `start_step`, like `make_mixture_iterator` for one QA source."""
-    from data_pipelines.input_pipeline import device_iterator, make_qa_train_dataset, numpy_batches
+    from data_pipelines.device_transfer import device_iterator, numpy_batches
+    from data_pipelines.qa_inputs import make_qa_train_dataset
 
     cfg = train_input(config.data, qa_clips_folder(config, config.data.split))
     for batch in device_iterator(numpy_batches(make_qa_train_dataset(cfg, items, start_step)), sharding, cfg.prefetch):

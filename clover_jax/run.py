@@ -26,7 +26,7 @@ from clover_jax import grad_cache, tasks
 from clover_jax import sharding as shard_lib
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
 from clover_jax.train_step import TrainState, create_train_state
-from data_pipelines.input_pipeline import make_mixture_iterator
+from data_pipelines.mixtures import make_mixture_iterator
 
 
 class ConfigError(ValueError):

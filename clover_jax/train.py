@@ -131,11 +131,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     stop = _StopRequest()
     last_good = manager.latest_step()
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet checked on the host
+    held: dict[int, dict[str, float]] = {}  # training scalars of an evaluation step, written with its results
+
+    def due_at(step: int) -> list[str]:
+        return [name for name, e in evaluators.items() if entries.is_due(e, step, total)]
     t0, t_steps, clips = time.time(), 0, 0
     batch_size = config.data.batch_size
 
     def drain(upto_all: bool) -> None:
-        """Fetches pending metrics (all, or all but the newest), checks finiteness, logs log_every steps."""
+        """Fetches pending metrics (all, or all but the newest), checks finiteness, logs log_every steps and
+        evaluation steps (whose row waits for the evaluation's scalars)."""
         nonlocal t0, t_steps, clips
         keep = 0 if upto_all else 1
         while len(pending) > keep:
@@ -146,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                          else "no checkpoint was written yet")
                 raise NonFiniteLossError(f"non-finite loss or gradient at step {s + 1} "
                                          f"(loss={float(host['loss'])}); {where}")
-            if (s + 1) % config.log_every == 0 or s + 1 == total:
+            if (s + 1) % config.log_every == 0 or s + 1 == total or due_at(s + 1):
                 dt = time.time() - t0
                 rate = t_steps / dt if dt > 0 else float("nan")
                 scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0 and k != "finite"}
@@ -154,13 +159,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 eta = (total - s - 1) / rate if rate > 0 else float("nan")
                 print(f"step {s + 1}/{total} {_format_metrics(scalars)} steps/s={rate:.2f} "
                       f"clips/s={scalars['clips_per_s']:.1f} eta={eta:.0f}s", flush=True)
-                writer.write(s + 1, scalars)
+                if due_at(s + 1):
+                    held[s + 1] = scalars
+                else:
+                    writer.write(s + 1, scalars)
                 t0, t_steps, clips = time.time(), 0, 0
 
     def evaluate(step: int, due: list[str]) -> dict[str, dict[str, Any]]:
-        """Runs the `due` evaluators on the current state; writes their scalars; keeps the best state."""
+        """Runs the `due` evaluators on the current state, writes their scalars in the step's row of training
+        scalars (a finished run evaluated again adds no row), and keeps the best state."""
         results = {name: evaluators[name].run(state.params, step) for name in due}
-        writer.write(step, {k: v for name in due for k, v in entries.scalars(name, results[name]).items()})
+        if step in held:
+            writer.write(step, {**held.pop(step), **{k: v for name in due
+                                                     for k, v in entries.scalars(name, results[name]).items()}})
         best_of = best.metric.partition("/")[0] if best is not None else None
         if best_of in results:
             value = entries.scalars(best_of, results[best_of]).get(best.metric)
@@ -189,14 +200,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 print(f"clover_jax: received signal {stop.signal}; saved step {step}; exiting", flush=True)
                 writer.close()
                 return {}
-            due = [name for name, e in evaluators.items() if entries.is_due(e, step, total)]
+            due = due_at(step)
             if due:
                 drain(upto_all=True)  # evaluate finite states only
                 results = evaluate(step, due)
                 t0, t_steps, clips = time.time(), 0, 0  # evaluation time is not training throughput
         drain(upto_all=True)
         if start == total:  # nothing left to train: evaluate the finished run again
-            results = evaluate(step, [n for n, e in evaluators.items() if entries.is_due(e, step, total)])
+            results = evaluate(step, due_at(step))
     finally:
         manager.wait_until_finished()
         if best is not None:

@@ -14,7 +14,8 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           Supply the prepared folders: --config.data.sources.webvid.dataset=… and
           --config.data.sources.cc3m.dataset=…, and the MSR-VTT 1k-A test folder as --config.eval.dataset.
           Hardware: 32 A100/H100-class GPUs or a v4-64 TPU slice. 40 epochs (4 warm-up), an epoch being
-          one pass over both prepared sources: steps are resolved from their sizes at start. Expected zero-shot MSR-VTT R@1/5/10 ≈ 26.4/49.5/60.0 (paper, 5M pairs).
+          one pass over both prepared sources: steps are resolved from their sizes at start. Expected
+          zero-shot MSR-VTT R@1/5/10 ≈ 26.4/49.5/60.0 (paper, 5M pairs).
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from data_pipelines.annotations import FIB_BLANK, QAExample, read_ans2label, read_answer_set
-from data_pipelines.input_pipeline import QAItems
+from data_pipelines.qa_inputs import QAItems
 from data_pipelines.synthetic_qa import MC_FORMATS
 
 SOURCE_TASKS: dict[str, str] = {

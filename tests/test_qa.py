@@ -19,9 +19,9 @@ from clover_jax.evaluators.qa import open_ended_accuracy
 from clover_jax.models.clover import init_params
 from clover_jax.run import model_config_from
 from configs import qa_synthetic
-from data_pipelines import input_pipeline as ip
-from data_pipelines import qa_tasks, synthetic
+from data_pipelines import qa_inputs, qa_tasks, synthetic
 from data_pipelines import synthetic_qa as sqa
+from data_pipelines.device_transfer import numpy_batches
 
 DEMO = synthetic.SyntheticConfig(num_train=1024, num_test=256, num_frames=8, size=64)  # the demo's clips
 SMALL = dict(seed=5, num_train=8, num_test=4, num_frames=8, size=32)
@@ -163,7 +163,7 @@ def open_run(cache):
 
 
 def first_batches(cfg, items, n, start_step=0):
-    iterator = ip.numpy_batches(ip.make_qa_train_dataset(cfg, items, start_step))
+    iterator = numpy_batches(qa_inputs.make_qa_train_dataset(cfg, items, start_step))
     return [next(iterator) for _ in range(n)]
 
 
@@ -200,7 +200,7 @@ def test_multiple_choice_batches_and_padded_eval(cache):
     items, info = data_glue.qa_items(config, "test")
     assert items.multiple_choice and items.text_ids.shape == (4, 5, 16) and len(info["answers"]) == 4
     cfg = data_glue.eval_input(config.eval, config.data, data_glue.resolve_dataset("synthetic", config.data))
-    data = ip.make_qa_eval_dataset(cfg, items)
+    data = qa_inputs.make_qa_eval_dataset(cfg, items)
     batches = list(data)
     assert data.num_batches == len(batches) == 2  # 4 items in batches of 3: two padding rows
     valid = np.concatenate([b["valid"] for b in batches])
@@ -290,3 +290,13 @@ def test_eval_scores_every_question_and_counts_out_of_vocab_wrong(open_run, batc
     assert metrics["majority_baseline"] == pytest.approx(100 * np.mean([a == majority for a in info["answers"]]))
     saved = json.loads((tmp_path / "qa_step3.json").read_text())
     assert saved["accuracy"] == metrics["accuracy"] and saved["vocab_size"] == 6
+
+
+def test_two_qa_evaluators_of_one_config_score_their_own_split(open_run, batch_sharding, tmp_path):
+    """qa (the test questions) and qa_train (the training questions) share one model pass set-up."""
+    config, model_config, params, items, _ = open_run
+    evaluators = entries.make_evaluators(config, model_config, batch_sharding, tmp_path, ["qa", "qa_train"])
+    test, train = evaluators["qa"].run(params, 3), evaluators["qa_train"].run(params, 3)
+    assert (test["split"], test["num"]) == ("test", 16) and (train["split"], train["num"]) == ("train", len(items))
+    assert entries.scalars("qa_train", train)["qa_train/accuracy"] == train["accuracy"]
+    assert json.loads((tmp_path / "qa_train_step3.json").read_text())["num"] == len(items) == 32

@@ -16,9 +16,9 @@ from clover_jax import train as train_lib
 from clover_jax.evaluators import entries
 from clover_jax.models.clover import Clover, clover_config, init_params
 from configs import finetune_qa
-from data_pipelines import builder, prepare, qa_tasks
-from data_pipelines import input_pipeline as ip
+from data_pipelines import builder, prepare, qa_inputs, qa_tasks
 from data_pipelines.annotations import QAExample, read_lsmdc_fib, read_msvd_qa
+from data_pipelines.device_transfer import numpy_batches
 
 MSVD_CLIPS = ("3qqEKTPxLNs_1_15", "UXs3eq68ZjE_250_255", "WTf5EgVY5uU_124_128", "j2Dhf-xFUxU_13_20",
               "klteYv1Uv9A_27_33")  # the MSVD clips in shared/data/real/msvd/clips
@@ -187,9 +187,9 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     assert metrics["accuracy_by_kind"].keys() == {"lsmdc_mc"}
     items, _ = data_glue.qa_items(config, "test", 0)
     cfg = data_glue.qa_eval_input(config)
-    batch = next(iter(ip.make_qa_eval_dataset(cfg, items)))
+    batch = next(iter(qa_inputs.make_qa_eval_dataset(cfg, items)))
     assert batch["video"].shape == (8, 4, 2, 28, 28, 3) and batch["option_ids"].shape == (8, 5, 64)
-    single = next(iter(ip.make_qa_eval_dataset(cfg.replace(num_views=1, num_frames=8), items)))
+    single = next(iter(qa_inputs.make_qa_eval_dataset(cfg.replace(num_views=1, num_frames=8), items)))
     np.testing.assert_allclose(batch["video"][:, 1], single["video"][:, 1::4], atol=1e-5)  # view 1: frames 1, 5
     # Fill in the blank: the head reads the fused state at the [MASK].
     config = tiny_config("lsmdc_fib", msvd, train_file=fib_file, eval_file=fib_file)
@@ -200,7 +200,7 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     assert info["vocab"] == qa_tasks.rank_answers([ex.answer for ex in read_lsmdc_fib(fib_file)], 3)
     loss_fn = tasks.qa_fill_in_blank_loss_fn(model_config, config.loss, 1)
     params = jax.jit(lambda r: nn.unbox(init_params(model_config, r)))(jax.random.key(0))
-    batch = next(ip.numpy_batches(ip.make_qa_train_dataset(data_glue.train_input(
+    batch = next(numpy_batches(qa_inputs.make_qa_train_dataset(data_glue.train_input(
         config.data, data_glue.qa_clips_folder(config, "train")), items)))
     model = Clover(model_config)
     at_mask = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],

@@ -61,8 +61,7 @@ def _losses(workdir) -> dict[int, float]:
     out = {}
     for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "loss" in row:  # evaluation rows hold <evaluator>/<metric> scalars
-            out[row["step"]] = row["loss"]
+        out[row["step"]] = row["loss"]
     return out
 
 
