@@ -4,7 +4,7 @@ import pytest
 from clover_jax.convert.common import flatten
 from clover_jax.evaluators import entries
 from clover_jax.models.clover import abstract_params
-from clover_jax.run import load_config_file, model_config_from
+from clover_jax.run import load_config_file, model_config_from, resolve_durations
 from configs import finetune_qa
 from data_pipelines import qa_tasks
 
@@ -79,3 +79,15 @@ def test_unknown_evaluator_keys_and_types_are_named():
     config.evals.retrieval.type = "recall"
     with pytest.raises(ValueError, match="'retrieval', 'qa', 'multiple_choice'"):
         entries.settings_of(config, "retrieval")
+
+
+def test_epochs_resolve_to_steps_from_the_training_examples():
+    config = load_config_file("configs/finetune_retrieval.py:msrvtt")  # 100 epochs, 10 warm-up, batch 128
+    durations = resolve_durations(config, 9000)
+    assert durations.steps_per_epoch == 9000 / 128
+    assert (durations.total_steps, durations.warmup_steps) == (7032, 704)  # ceil(100 * 70.3125), ceil(703.125)
+    assert "9000 training examples, batch 128: 1 epoch = 70.3 steps" in durations.describe(9000, 128)
+    demo = load_config_file("configs/pretrain.py")  # given in steps: the split size only describes them
+    assert (resolve_durations(demo, 1024).total_steps, resolve_durations(demo, 1024).warmup_steps) == (400, 25)
+    with pytest.raises(ValueError, match="no example"):
+        resolve_durations(demo, 0)
