@@ -196,6 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                               force=True)
                 last_good = step
             if stop.signal is not None:
+                for s in sorted(held):  # stopped before its evaluation: the training scalars still go out
+                    writer.write(s, held.pop(s))
                 manager.wait_until_finished()
                 print(f"clover_jax: received signal {stop.signal}; saved step {step}; exiting", flush=True)
                 writer.close()
