@@ -61,6 +61,9 @@ def test_every_evaluator_entry_is_valid_and_best_metric_names_a_scheduled_one(sp
         assert settings.every_steps >= -1 and settings.split and settings.batch_size > 0
     scheduled = entries.evaluator_names(config, scheduled_only=True)
     assert config.best_metric.partition("/")[0] in scheduled
+    for name in scheduled:
+        if config.evals[name].get("every_epochs", 0) > 0:  # 64 steps per epoch
+            assert entries.settings_of(config, name, 64.0).every_steps == round(64 * config.evals[name].every_epochs)
 
 
 def test_qa_recipes_cover_exactly_the_qa_sources_and_take_their_task():

@@ -44,9 +44,7 @@ def settings_of(config: ml_collections.ConfigDict, name: str,
     merged = ml_collections.ConfigDict(config.eval.to_dict())
     merged.update({k: v for k, v in entry.items() if k in config.eval})
     merged.every_steps = entry.get("every_steps", 0)
-    if entry.get("every_epochs", 0) > 0:
-        if steps_per_epoch <= 0:
-            raise ValueError(f"config.evals.{name}.every_epochs needs the size of the training data (a training run)")
+    if entry.get("every_epochs", 0) > 0 and steps_per_epoch > 0:  # 0 outside training: no schedule to resolve
         merged.every_steps = max(1, round(entry["every_epochs"] * steps_per_epoch))
     for key in EXTRA_KEYS.get(kind, ()):
         merged[key] = entry.get(key, "")
