@@ -64,9 +64,10 @@ def build(media: pathlib.Path, out: str, fps: float, short_side: int, workers: i
 def time_pipeline(data_dir: str, batch: int, steps: int, threads: int) -> dict[str, float]:
     """First-batch latency and steady-state clips/s of the training pipeline (8 frames x 224²)."""
     from data_pipelines import input_pipeline as ip
+    from data_pipelines.device_transfer import numpy_batches
 
     icfg = ip.InputConfig(dataset=data_dir, batch_size=batch, num_frames=8, image_size=224, threads=threads)
-    it = ip.numpy_batches(ip.make_train_dataset(icfg, process_index=0, process_count=1))
+    it = numpy_batches(ip.make_train_dataset(icfg, process_index=0, process_count=1))
     start = time.perf_counter()
     next(it)
     first_s = time.perf_counter() - start
@@ -84,8 +85,7 @@ def time_generator(data_dir: str, batch: int, elements: int) -> float:
     from data_pipelines import input_pipeline as ip
 
     icfg = ip.InputConfig(dataset=data_dir, batch_size=batch, num_frames=8, image_size=224)
-    source = ip._Source(data_dir, icfg.split)
-    gen = ip._train_elements(icfg, source, 0, 0, 1)
+    gen = ip._train_elements(icfg, ip.open_pass(icfg, 0, 1), 0)
     for _ in range(batch):  # warm-up: first permutation, file handles
         next(gen)
     start = time.perf_counter()

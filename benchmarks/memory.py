@@ -4,7 +4,7 @@
       [--batch-per-device 2,4] [--verify 32] [--remat on,off] [--dtype bf16,f32] [--microbatches 1,4]
       [--attention auto,per_clip] [--capacity-gib 16,32,80] [--global-batch 1024] [--dump DIR] [--fast] [--json]
 
-The step is the one `clover_jax.train` runs: `train.setup_run` (mesh, model config, parameter shardings),
+The step is the one `clover_jax.train` runs: `run.setup_run` (mesh, model config, parameter shardings),
 `optim.make_optimizer`, the task's loss (or, with `config.microbatches > 1`, the gradient-caching
 value-and-grad) and `train_step.make_train_step`. It is lowered from `jax.ShapeDtypeStruct`s carrying
 their shardings and compiled for `--mesh` on virtual CPU devices (XLA_FLAGS=
@@ -87,9 +87,9 @@ class Measurement:
 
 def load_config(spec: str, mesh_axes: dict[str, int], setting: Setting, global_batch: int) -> Any:
     """The run config of `spec` with the mesh, batch, remat, dtype, microbatches and attention applied."""
-    from clover_jax import train
+    from clover_jax import run as run_lib
 
-    config = train.load_config_file(spec)
+    config = run_lib.load_config_file(spec)
     config.compilation_cache_dir = ""
     config.mesh = dict(mesh_axes)
     config.data.batch_size = global_batch
@@ -110,17 +110,15 @@ def compile_step(config: Any) -> tuple[Any, float, dict[str, Any]]:
     import jax.numpy as jnp
 
     from clover_jax import optim, train
+    from clover_jax import run as run_lib
     from clover_jax import train_step as ts
     from clover_jax.models.clover import dummy_batch
 
-    run = train.setup_run(config)
+    run = run_lib.setup_run(config)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     params = nn.unbox(run.abstract_params)
     state_sh = ts.train_state_shardings(tx, params, run.param_shardings, run.mesh)
-    if hasattr(train, "_gradient_fn"):  # config.microbatches support (gradient caching)
-        grad_kw = train._gradient_fn(run, config)
-    else:
-        grad_kw = {"loss_fn": train._loss_fn(run, config)}
+    grad_kw = train._gradient_fn(run, config)
     step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=run.batch_sharding, mesh=run.mesh,
                               schedule=schedule, **grad_kw)
 
@@ -194,10 +192,10 @@ def measure_from_dump(spec: str, mesh_axes: dict[str, int], replicas: int, setti
 
 def feature_available(spec: str, setting: Setting) -> str:
     """'' when the code base supports the setting, else the reason it cannot be compiled yet."""
-    from clover_jax import train
+    from clover_jax import run as run_lib
 
-    config = train.load_config_file(spec)
-    if setting.microbatches != 1 and ("microbatches" not in config or not hasattr(train, "_gradient_fn")):
+    config = run_lib.load_config_file(spec)
+    if setting.microbatches != 1 and "microbatches" not in config:
         return "config.microbatches is not available in this checkout"
     if setting.attention != "-" and "attention" not in config.model:
         return "config.model.attention is not available in this checkout"

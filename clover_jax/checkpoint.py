@@ -1,11 +1,13 @@
-"""Checkpoints: orbax CheckpointManager (async, keep-K) for train state + run metadata, and `init_from`.
+"""Checkpoints: orbax CheckpointManager (async, keep-K) for the train state and run metadata, and `init_from`.
 
 A checkpoint step folder holds two items: `state` (the TrainState: step, params, optimizer state) and
-`meta` (JSON: step, the data position, the seed, the config). orbax writes each save into a temporary
-folder and renames it when complete, so a process killed mid-save leaves the previous step intact.
+`meta` (JSON: the step, the data step and the seed). orbax writes each save into a temporary folder and
+renames it when complete, so a process killed mid-save leaves the previous step intact. The newest
+`keep_checkpoints` steps live in `<workdir>/checkpoints/`; the step with the best value of
+`config.best_metric` so far lives in `<workdir>/best/` (`BestCheckpoint`).
 
-Restore order of a training run (`restore_or_init`): the workdir's latest checkpoint, then
-`config.resume` (another run's checkpoint, full state), then `config.init_from` (params only: a
+The restore order of a training run is `clover_jax.run.initial_state`'s: the workdir's newest checkpoint,
+then `config.resume` (another run's checkpoint, full state), then `config.init_from` (params only: a
 `python -m clover_jax.convert` output or a training checkpoint, optionally limited to some top-level
 modules, e.g. only the text encoder), then a fresh initialisation.
 
@@ -28,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from clover_jax.convert.common import flatten, unflatten
-
+from clover_jax.param_paths import flatten, unflatten
 
 T = TypeVar("T")
 
@@ -99,13 +100,13 @@ def set_aside(ckpt_dir: pathlib.Path, steps: Sequence[int]) -> list[pathlib.Path
     return moved
 
 
-def make_manager(workdir: str | pathlib.Path, *, save_every: int, keep: int, async_save: bool = True
-                 ) -> ocp.CheckpointManager:
+def make_manager(workdir: str | pathlib.Path, *, save_every: int, keep: int, async_save: bool = True,
+                 folder: str = "checkpoints") -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_every), max_to_keep=keep, enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options,
+    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / folder, options=options,
                                  item_names=("state", "meta"))
 
 
@@ -113,6 +114,43 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, f
     """Starts an (async) save of `state` and `meta` at `step`; returns whether a save was started."""
     return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(meta)), force=force)
+
+
+BEST_FOLDER = "best"
+
+
+class BestCheckpoint:
+    """Keeps the train state of the best value of one metric in `<workdir>/best/<step>` (one step) and its
+    record in `<workdir>/best/best.json` ({metric, mode, value, step}). `mode` "max" or "min"."""
+
+    def __init__(self, workdir: pathlib.Path, metric: str, mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"best_mode={mode!r}; valid: 'max', 'min'")
+        self.metric, self.mode = metric, mode
+        self.manager = make_manager(workdir, save_every=1, keep=1, folder=BEST_FOLDER)
+        self.record_path = pathlib.Path(self.manager.directory) / "best.json"
+        record = json.loads(self.record_path.read_text()) if self.record_path.exists() else {}
+        self.value = record.get("value") if record.get("metric") == metric else None
+
+    def is_better(self, value: float) -> bool:
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+    def update(self, step: int, value: float, state: Any, meta: dict) -> bool:
+        """Saves `state` as the best checkpoint when `value` beats the best so far; returns whether it did."""
+        if not self.is_better(value):
+            return False
+        if step in self.manager.all_steps():  # the same step evaluated again (a resumed run)
+            self.manager.wait_until_finished()
+        else:
+            save(self.manager, step, state, meta, force=True)
+        self.value = value
+        write_json(self.record_path, dict(metric=self.metric, mode=self.mode, value=value, step=step))
+        return True
+
+    def wait_until_finished(self) -> None:
+        self.manager.wait_until_finished()
 
 
 def _abstract(state: Any, shardings: Any) -> Any:

@@ -12,12 +12,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from data_pipelines.input_pipeline import InputConfig, MixtureConfig, MixtureSource, QAItems
+from clover_jax.tasks import QA_TASKS
+from data_pipelines import qa_tasks
+from data_pipelines.input_config import InputConfig
+from data_pipelines.mixtures import MixtureConfig, MixtureSource
+from data_pipelines.qa_inputs import QAItems
 from data_pipelines.text_masking import TextMaskingConfig
 from data_pipelines.video_masking import BlockMaskConfig
 
 SYNTHETIC = "synthetic"
-QA_TASKS = ("qa_open_ended", "qa_multiple_choice", "qa_fill_in_blank")
 
 
 def cache_dir(data_cfg: Any) -> pathlib.Path:
@@ -101,6 +104,13 @@ def train_mixture(data_cfg: Any) -> MixtureConfig:
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
 
 
+def captioned_clips(cfg: InputConfig) -> int:
+    """The clips of `cfg.split` that have a caption: what one training epoch of that split visits."""
+    from data_pipelines.builder import split_index
+
+    return int(np.count_nonzero(split_index(cfg.dataset, cfg.split).num_captions > 0))
+
+
 def qa_eval_input(config: Any) -> InputConfig:
     """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views."""
     dataset = qa_clips_folder(config, config.eval.split)
@@ -148,7 +158,7 @@ def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAIt
         if num_answers < 1:
             raise ValueError("open-ended QA needs model.overrides.num_answers >= 1 (the answer-vocabulary size)")
         train = sqa.open_ended_questions(sqa.clip_attributes(folder, config.data.split), qa.seed)
-        vocab = sqa.answer_vocab([q.answer for q in train], num_answers)
+        vocab = qa_tasks.rank_answers([q.answer for q in train], num_answers)
         questions = sqa.open_ended_questions(attributes, qa.seed)
         ids, mask = sqa.encode_texts([q.question for q in questions], qa.text_length)
         answers = [q.answer for q in questions]
@@ -182,7 +192,7 @@ def _qa_file(config: Any, split: str) -> str:
 
 
 def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
-    from data_pipelines import annotations, builder, qa_tasks
+    from data_pipelines import annotations, builder
 
     if source not in qa_tasks.SOURCE_TASKS:
         raise ValueError(f"config.qa.source={source!r}; valid: 'synthetic', {sorted(qa_tasks.SOURCE_TASKS)}")
@@ -212,7 +222,7 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
         if qa.get("answer_vocab"):
             vocab = qa_tasks.load_answer_vocab(os.path.expanduser(qa.answer_vocab))
         elif train:
-            vocab = tuple(annotations.answer_vocabulary(train, num_answers))  # labels in frequency order
+            vocab = qa_tasks.rank_answers([ex.answer for ex in train], num_answers)
         else:
             raise ValueError(f"{source}: set config.qa.answer_vocab (a vocabulary file) or config.qa.train_file "
                              "(its most frequent answers) to fix the answer vocabulary")
@@ -232,7 +242,8 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
 
 def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
     """(name, global batch) per step from `start_step`, like `make_mixture_iterator` for one QA source."""
-    from data_pipelines.input_pipeline import device_iterator, make_qa_train_dataset, numpy_batches
+    from data_pipelines.device_transfer import device_iterator, numpy_batches
+    from data_pipelines.qa_inputs import make_qa_train_dataset
 
     cfg = train_input(config.data, qa_clips_folder(config, config.data.split))
     for batch in device_iterator(numpy_batches(make_qa_train_dataset(cfg, items, start_step)), sharding, cfg.prefetch):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 Embeddings = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]  # (params, batch, rng) -> (loss, metrics)
 ValueAndGradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Metrics], Any]]
 
 
@@ -42,7 +43,7 @@ class EmbeddingLoss(NamedTuple):
     loss: Callable[[Embeddings, jax.Array], tuple[jax.Array, Metrics]]
 
 
-def plain_loss_fn(objective: EmbeddingLoss) -> Callable[[Any, Any, jax.Array], tuple[jax.Array, Metrics]]:
+def plain_loss_fn(objective: EmbeddingLoss) -> LossFn:
     """`(params, batch, rng) -> (loss, metrics)` on the whole batch at once (k = 1)."""
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:

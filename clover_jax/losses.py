@@ -11,18 +11,18 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+
+from clover_jax.defaults import TEMPERATURE, TERM_NAMES, default_loss_config
+from clover_jax.models.clover import PRETRAIN_OUTPUTS
 
 Array = jax.Array
 
 # The reference excludes the anchor's other positives with a finite trick, s - (s + 1e4), not -inf.
 _EXCLUSION_OFFSET = 1e4
 
-TERM_NAMES = ("mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor", "rank_text_anchor")
 CONTRASTIVE_TERMS = TERM_NAMES[1:]
 GRAD_SCALES = ("global", "reference")
-OUTPUT_KEYS = ("v", "t", "v_masked", "t_masked", "z_v", "z_t", "mlm_logits")
-EMBEDDING_KEYS = OUTPUT_KEYS[:-1]  # the (B, D) outputs the contrastive terms read
+EMBEDDING_KEYS = PRETRAIN_OUTPUTS[:-1]  # the (B, D) outputs the contrastive terms read
 
 
 def _float(x: Array) -> Array:
@@ -38,7 +38,7 @@ def l2_normalize(x: Array, eps: float = 1e-8) -> Array:
     return x / jnp.maximum(norm, eps)
 
 
-def cosine_logits(a: Array, b: Array, temperature: float = 0.05, eps: float = 1e-8) -> Array:
+def cosine_logits(a: Array, b: Array, temperature: float = TEMPERATURE, eps: float = 1e-8) -> Array:
     """(Na, Nb) cosine similarities divided by `temperature`; row i is a_i against every b_j."""
     return l2_normalize(a, eps) @ l2_normalize(b, eps).T / temperature
 
@@ -54,7 +54,7 @@ def tri_modal_exclusive_nce(
     masked: Array,
     fused: Array,
     *,
-    temperature: float = 0.05,
+    temperature: float = TEMPERATURE,
     margin: float = 5.0,
 ) -> tuple[Array, Array]:
     """Tri-modal exclusive NCE and pair-wise ranking loss of one reference call (§2.2).
@@ -91,7 +91,7 @@ def tri_modal_exclusive_nce(
     return a2c + c2a, rank
 
 
-def symmetric_infonce(video: Array, text: Array, temperature: float = 0.05) -> Array:
+def symmetric_infonce(video: Array, text: Array, temperature: float = TEMPERATURE) -> Array:
     """Sum of the video->text and text->video InfoNCE over cosine logits (retrieval fine-tuning loss)."""
     logits = cosine_logits(video, text, temperature)
     return -jnp.mean(_diag_log_softmax(logits, axis=1)) - jnp.mean(_diag_log_softmax(logits, axis=0))
@@ -125,19 +125,6 @@ def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_inde
     """
     total, count = focal_mlm_sum(logits, labels, gamma, ignore_index)
     return total / jnp.maximum(count, 1).astype(total.dtype)
-
-
-def default_loss_config() -> ml_collections.ConfigDict:
-    """Defaults for `pretrain_objective` (paper values, clover-reference.md §2)."""
-    return ml_collections.ConfigDict(
-        {
-            "temperature": 0.05,
-            "rank_margin": 5.0,
-            "focal_gamma": 2.0,
-            "loss_weights": {name: 1.0 for name in TERM_NAMES},
-            "contrastive_grad_scale": "global",
-        }
-    )
 
 
 def _cfg_value(cfg: Any, name: str, default: Any) -> Any:
@@ -179,10 +166,11 @@ def _objective_settings(cfg: Any, num_data_replicas: int) -> dict[str, Any]:
         raise ValueError(f"contrastive_grad_scale={grad_scale!r}; choose one of {GRAD_SCALES}")
     if num_data_replicas < 1:
         raise ValueError(f"num_data_replicas must be >= 1, got {num_data_replicas}")
+    defaults = default_loss_config()
     return {
-        "temperature": _cfg_value(cfg, "temperature", 0.05),
-        "margin": _cfg_value(cfg, "rank_margin", 5.0),
-        "gamma": _cfg_value(cfg, "focal_gamma", 2.0),
+        "temperature": _cfg_value(cfg, "temperature", defaults.temperature),
+        "margin": _cfg_value(cfg, "rank_margin", defaults.rank_margin),
+        "gamma": _cfg_value(cfg, "focal_gamma", defaults.focal_gamma),
         "weights": {name: float(weights.get(name, 1.0)) for name in TERM_NAMES},
         "grad_scale": grad_scale,
     }
@@ -216,9 +204,9 @@ def pretrain_objective(
     monitoring metrics (in-batch top-1 accuracy v->t and t->v, mean positive and negative cosine).
     This is `pretrain_objective_from_mlm` with mlm = `focal_mlm_loss(outputs["mlm_logits"], mlm_labels)`.
     """
-    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    missing = [k for k in PRETRAIN_OUTPUTS if k not in outputs]
     if missing:
-        raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(OUTPUT_KEYS)}")
+        raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(PRETRAIN_OUTPUTS)}")
     gamma = _objective_settings(cfg, num_data_replicas)["gamma"]
     mlm = focal_mlm_loss(outputs["mlm_logits"], mlm_labels, gamma=gamma)
     return pretrain_objective_from_mlm(outputs, mlm, cfg, num_data_replicas=num_data_replicas)
@@ -259,7 +247,7 @@ def pretrain_objective_from_mlm(
     """
     missing = [k for k in EMBEDDING_KEYS if k not in embeddings]
     if missing:
-        raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(OUTPUT_KEYS)}")
+        raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(PRETRAIN_OUTPUTS)}")
     mlm_weight = _objective_settings(cfg, num_data_replicas)["weights"]["mlm"]
     contrastive, terms = pretrain_contrastive(embeddings, cfg, num_data_replicas=num_data_replicas)
     total = contrastive + mlm_weight * mlm

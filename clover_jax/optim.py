@@ -12,8 +12,10 @@ import re
 from typing import Any, Callable, Mapping
 
 import jax
-import ml_collections
 import optax
+
+from clover_jax.defaults import default_optim_config
+from clover_jax.param_paths import path_to_str
 
 # Path components that mark parameters excluded from weight decay (matched per component, lower case).
 _NO_DECAY_LEAVES = frozenset({"bias", "scale"})  # every bias; LayerNorm scale (and its bias)
@@ -24,37 +26,6 @@ _NO_DECAY_COMPONENT = re.compile(
     r"|relative_position|rel_pos"  # Swin relative-position bias tables
     r"|mask_token)"  # Swin mask token
 )
-
-
-def default_optim_config() -> ml_collections.ConfigDict:
-    """Paper values (§4); `warmup_steps` is in optimizer steps (the paper: 4 of 40 epochs)."""
-    return ml_collections.ConfigDict(
-        {
-            "lr": 5e-5,
-            "b1": 0.9,
-            "b2": 0.98,
-            "eps": 1e-8,
-            "weight_decay": 0.005,
-            "grad_clip": 15.0,  # global-norm clip; 0 or None disables
-            "warmup_steps": 0,
-            "warmup_init_ratio": 1e-3,
-            "min_lr_ratio": 1e-3,
-            "lr_multipliers": {},  # {param path prefix: factor}, e.g. {"qa_head": 10.0}
-        }
-    )
-
-
-def path_to_str(path: tuple[Any, ...]) -> str:
-    """'a/b/c' from a jax key path (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def decays(path: str) -> bool:

@@ -1,8 +1,10 @@
 """Device mesh, the one logical-axis rules table, and param/batch/optimizer-state shardings.
 
 Parameters carry logical axis names (`clover_jax/models/layers.py`); `LOGICAL_RULES` maps them to the
-mesh axes ("data", "fsdp", "model"). Meshes use Auto axis types so GSPMD propagates shardings and
-`nn.with_logical_constraint` works inside jit. Parameters are created already sharded by
+mesh axes ("data", "fsdp", "model"); a run's table is `config.sharding_rules` (default this one, see
+`clover_jax.run.logical_rules`). Meshes use Auto axis types, so GSPMD propagates shardings from the
+parameters and the batch; the models place no activation constraints of their own (gradient caching
+constrains its re-assembled chunks to the batch axes). Parameters are created already sharded by
 `create_sharded` (eval_shape, then jit with out_shardings), so the full model never sits on one device.
 """
 from __future__ import annotations
@@ -14,6 +16,8 @@ import flax.linen as nn
 import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from clover_jax.param_paths import path_to_str
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -125,13 +129,6 @@ def shard_batch(batch: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
     return jax.device_put(batch, batch_sharding(mesh, rules))
 
 
-def _path_str(path: tuple[Any, ...]) -> str:
-    parts = []
-    for key in path:
-        parts.append(str(next((getattr(key, a) for a in ("key", "name", "idx") if hasattr(key, a)), key)))
-    return "/".join(parts)
-
-
 def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
@@ -142,7 +139,7 @@ def _check_logical_names(logical_specs: Any, rules: Rules) -> None:
         for name in spec:
             if isinstance(name, str) and name not in known:
                 raise ValueError(
-                    f"parameter {_path_str(path)} uses logical axis {name!r}, which the rules table does not "
+                    f"parameter {path_to_str(path)} uses logical axis {name!r}, which the rules table does not "
                     f"map; known names: {sorted(known)} (add a rule to sharding.LOGICAL_RULES)"
                 )
 
@@ -155,13 +152,13 @@ def _check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
     for (path, x), sharding in zip(leaves, sh_leaves):
         spec = sharding.spec
         if len(spec) > len(x.shape):
-            raise ValueError(f"parameter {_path_str(path)}: spec {spec} has more entries than its shape {x.shape}")
+            raise ValueError(f"parameter {path_to_str(path)}: spec {spec} has more entries than its shape {x.shape}")
         for dim, entry in enumerate(spec):
             axes = _mesh_axes_of(entry)
             size = math.prod(mesh.shape[a] for a in axes)
             if axes and x.shape[dim] % size:
                 raise ValueError(
-                    f"parameter {_path_str(path)}: dimension {dim} has size {x.shape[dim]}, not divisible by "
+                    f"parameter {path_to_str(path)}: dimension {dim} has size {x.shape[dim]}, not divisible by "
                     f"mesh axis {'x'.join(axes)} of size {size}; change the mesh or the rule for that dimension"
                 )
 
@@ -210,4 +207,4 @@ def partition_spec_table(abstract_params: Any, mesh: Mesh, rules: Rules = LOGICA
     """{param path: str(PartitionSpec)} for golden dumps (boxed abstract params in, mesh specs out)."""
     shardings = param_shardings(abstract_params, mesh, rules)
     flat = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))[0]
-    return {_path_str(path): str(s.spec) for path, s in flat}
+    return {path_to_str(path): str(s.spec) for path, s in flat}

@@ -5,10 +5,13 @@
 `qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2), and
 `qa_fill_in_blank` is open-ended QA read at the question's [MASK] token instead (LSMDC-FiB).
 The first two are also exposed as `grad_cache.EmbeddingLoss` objectives (`EMBEDDING_OBJECTIVES`), the
-form that gradient caching (`config.microbatches`) needs.
+form that gradient caching (`config.microbatches`) needs. `TASKS` is the one table of task -> loss function
+and evaluator type; the predict functions (`video_embedding_fn`, `text_embedding_fn`, `qa_predict_fn`) are
+the deterministic forwards the evaluators score with.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -16,9 +19,10 @@ import jax.numpy as jnp
 import optax
 
 from clover_jax import grad_cache, losses
+from clover_jax.defaults import TEMPERATURE
 from clover_jax.models.clover import Clover, CloverConfig
 
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = grad_cache.LossFn
 
 
 def pretrain_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
@@ -58,7 +62,7 @@ def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_r
     encoder is unused; no per-example term)."""
     del num_data_replicas
     model = Clover(model_config)
-    temperature = loss_config.get("temperature", 0.05) if hasattr(loss_config, "get") else 0.05
+    temperature = loss_config.get("temperature", TEMPERATURE) if hasattr(loss_config, "get") else TEMPERATURE
 
     def embed(params, batch, rng):
         rngs = {"dropout": rng}
@@ -94,15 +98,29 @@ def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data
     answer_index. Questions whose answer is outside the vocabulary (-1) are left out of the loss but
     counted wrong in `accuracy`. `at_mask_token` reads the head at each question's [MASK] (fill-in-the-blank)."""
     del loss_config, num_data_replicas
-    model = Clover(model_config)
+    forward = _qa_open_ended_forward(Clover(model_config), at_mask_token)
 
     def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
-                             deterministic=False, at_mask_token=at_mask_token, rngs={"dropout": rng},
-                             method=Clover.qa_open_ended)
-        return _classification_loss(logits, batch["answer_index"])
+        return _classification_loss(forward(params, batch, False, {"dropout": rng}), batch["answer_index"])
 
     return loss_fn
+
+
+def _qa_open_ended_forward(model: Clover, at_mask_token: bool) -> Callable:
+    def forward(params, batch, deterministic, rngs):
+        return model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
+                           deterministic=deterministic, at_mask_token=at_mask_token, rngs=rngs,
+                           method=Clover.qa_open_ended)
+
+    return forward
+
+
+def _qa_multiple_choice_forward(model: Clover) -> Callable:
+    def forward(params, batch, deterministic, rngs):
+        return model.apply({"params": params}, batch["video"], batch["option_ids"], batch["option_mask"],
+                           deterministic=deterministic, rngs=rngs, method=Clover.qa_multiple_choice)
+
+    return forward
 
 
 def qa_fill_in_blank_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
@@ -114,12 +132,10 @@ def qa_multiple_choice_loss_fn(model_config: CloverConfig, loss_config: Any, num
     """Cross-entropy over the K option scores (`Clover.qa_multiple_choice`) on video, option_ids,
     option_mask (B, K, L) and answer_index (the true option)."""
     del loss_config, num_data_replicas
-    model = Clover(model_config)
+    forward = _qa_multiple_choice_forward(Clover(model_config))
 
     def loss_fn(params, batch, rng):
-        scores = model.apply({"params": params}, batch["video"], batch["option_ids"], batch["option_mask"],
-                             deterministic=False, rngs={"dropout": rng}, method=Clover.qa_multiple_choice)
-        return _classification_loss(scores, batch["answer_index"])
+        return _classification_loss(forward(params, batch, False, {"dropout": rng}), batch["answer_index"])
 
     return loss_fn
 
@@ -131,3 +147,51 @@ def _classification_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arra
     loss = jnp.sum(jnp.where(known, ce, 0.0)) / jnp.maximum(jnp.sum(known), 1)
     accuracy = 100.0 * jnp.mean(known & (jnp.argmax(logits, axis=-1) == labels))
     return loss, {"accuracy": jax.lax.stop_gradient(accuracy)}
+
+
+def video_embedding_fn(model_config: CloverConfig) -> Callable[[Any, jax.Array], jax.Array]:
+    """(params, video (B, T, H, W, 3)) -> v = g_v(pool Swin(V)) (B, E), deterministic."""
+    model = Clover(model_config)
+    return lambda params, video: model.apply({"params": params}, video, method=Clover.encode_video)[1]
+
+
+def text_embedding_fn(model_config: CloverConfig) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, text_ids, text_mask) -> t = g_t(BERT [CLS]) (B, E), deterministic."""
+    model = Clover(model_config)
+    return lambda params, ids, mask: model.apply({"params": params}, ids, mask, method=Clover.encode_text)[1]
+
+
+def qa_predict_fn(model_config: CloverConfig, task: str) -> Callable[[Any, dict], jax.Array]:
+    """(params, batch) -> answer logits (B, num_answers) or option scores (B, K): the forward of `task`'s loss,
+    deterministic."""
+    model = Clover(model_config)
+    if task == "qa_multiple_choice":
+        forward = _qa_multiple_choice_forward(model)
+    else:
+        forward = _qa_open_ended_forward(model, at_mask_token=task == "qa_fill_in_blank")
+    return lambda params, batch: forward(params, batch, True, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A training objective: its loss function and the evaluator type that scores it by default."""
+
+    loss_fn: Callable[[CloverConfig, Any, int], LossFn]
+    evaluator: str
+
+
+TASKS = {
+    "pretrain": Task(pretrain_loss_fn, "retrieval"),
+    "retrieval": Task(retrieval_loss_fn, "retrieval"),
+    "qa_open_ended": Task(qa_open_ended_loss_fn, "qa"),
+    "qa_multiple_choice": Task(qa_multiple_choice_loss_fn, "qa"),
+    "qa_fill_in_blank": Task(qa_fill_in_blank_loss_fn, "qa"),
+}
+QA_TASKS = tuple(name for name, task in TASKS.items() if task.evaluator == "qa")
+
+
+def loss_fn_of(task: str, model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+    """The loss function of `config.task`; ValueError names the valid tasks."""
+    if task not in TASKS:
+        raise ValueError(f"config.task={task!r}; valid: {', '.join(map(repr, TASKS))}")
+    return TASKS[task].loss_fn(model_config, loss_config, num_data_replicas)

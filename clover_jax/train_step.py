@@ -15,9 +15,8 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
 from clover_jax import sharding as shard_lib
+from clover_jax.grad_cache import LossFn, ValueAndGradFn
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-ValueAndGradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, dict[str, jax.Array]], Any]]
 RESERVED_METRICS = ("loss", "grad_norm", "param_norm", "lr", "finite")
 
 
@@ -70,7 +69,8 @@ def make_train_step(
     """Jitted `step(state, batch, rng) -> (state, metrics)`; the input state is donated.
 
     `loss_fn(params, batch, rng) -> (loss, aux_metrics)` is traced under `mesh` and the logical axis
-    `rules`, so `nn.with_logical_constraint` inside the model is effective. Every leaf of `batch` has the
+    `rules` (the run's `config.sharding_rules`), so a `nn.with_logical_constraint` in the loss (gradient
+    caching's chunk re-assembly) maps to mesh axes; the models add none. Every leaf of `batch` has the
     global batch as its leading dimension (sharded by `batch_sharding`; `sharding.shard_batch` checks it
     divides by the data replicas, as does jit itself); `rng` is replicated and folded
     with `state.step`. Metrics: loss, every aux entry, grad_norm (before clipping), param_norm (after the

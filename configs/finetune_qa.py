@@ -29,7 +29,7 @@ Variants (§5.2; 8 frames at 224², AdamW betas (0.9, 0.98), cosine to 0 after 1
                    20 epochs. Paper: 54.1%. The annotation layout is UNCONFIRMED (see read_lsmdc_fib).
   tiny             with any of the above: the demo's tiny model (4 frames at 56², batch 8, a few steps),
                    for tests and CPU smoke runs on a handful of real clips.
-`num_train` (training questions per epoch) turns epochs into steps; override total_steps for your copy.
+Epochs become steps at start, from the training questions whose clip is in the prepared split (printed).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
 """
 from __future__ import annotations
@@ -38,18 +38,20 @@ import ml_collections
 
 from configs import pretrain
 from configs.common import parse_arg
+from data_pipelines.qa_tasks import SOURCE_TASKS
 
-TASKS = ("msrvtt_qa", "msvd_qa", "tgif_frame", "tgif_action", "tgif_transition", "lsmdc_mc", "lsmdc_fib")
-# task, answers, text length, lr, epochs, batch, training questions, test views
+# Per QA source (the keys of `qa_tasks.SOURCE_TASKS`, which also names each source's task):
+# answers, text length, lr, epochs, batch, test views
 _RECIPES = {
-    "msrvtt_qa": ("qa_open_ended", 1500, 40, 1.2e-5, 20, 256, 158_581, 1),
-    "msvd_qa": ("qa_open_ended", 1000, 40, 1.2e-5, 40, 128, 30_933, 1),
-    "tgif_frame": ("qa_open_ended", 1540, 40, 1.2e-5, 20, 128, 39_392, 1),
-    "tgif_action": ("qa_multiple_choice", 0, 100, 5e-6, 100, 128, 20_475, 4),
-    "tgif_transition": ("qa_multiple_choice", 0, 100, 5e-6, 50, 128, 52_704, 4),
-    "lsmdc_mc": ("qa_multiple_choice", 0, 256, 1.2e-5, 20, 128, 101_079, 1),
-    "lsmdc_fib": ("qa_fill_in_blank", 908, 200, 1.2e-5, 20, 128, 296_960, 1),
+    "msrvtt_qa": (1500, 40, 1.2e-5, 20, 256, 1),
+    "msvd_qa": (1000, 40, 1.2e-5, 40, 128, 1),
+    "tgif_frame": (1540, 40, 1.2e-5, 20, 128, 1),
+    "tgif_action": (0, 100, 5e-6, 100, 128, 4),
+    "tgif_transition": (0, 100, 5e-6, 50, 128, 4),
+    "lsmdc_mc": (0, 256, 1.2e-5, 20, 128, 1),
+    "lsmdc_fib": (908, 200, 1.2e-5, 20, 128, 1),
 }
+TASKS = tuple(SOURCE_TASKS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if len(chosen) != 1:
         raise ValueError(f"choose exactly one task variant of {TASKS} (plus 'tiny' if wanted), got {chosen}")
     name = chosen[0]
-    task, answers, text_length, lr, epochs, batch, num_train, views = _RECIPES[name]
+    answers, text_length, lr, epochs, batch, views = _RECIPES[name]
+    task = SOURCE_TASKS[name]
     c = pretrain.get_config("tiny" if a.tiny else "base")
     c.task = task
     c.init_from = ""
@@ -74,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 msvd_mapping="", text_length=text_length, mc_format="full", seed=0)
     c.data.sources = {}
     c.data.text_masking = "none"
+    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0))
+    c.best_metric = "qa/accuracy"
     c.eval.num_views = views
     c.optim.lr = lr
     c.optim.weight_decay = 1e-3 if name == "msrvtt_qa" else 0.01
@@ -86,8 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
     c.data.update(batch_size=batch, num_frames=8, flip_prob=0.0)
     c.eval.update(num_frames=8, batch_size=64)
-    steps_per_epoch = max(1, num_train // batch)
-    c.total_steps = epochs * steps_per_epoch
-    c.optim.warmup_steps = max(1, c.total_steps // 10)
+    c.total_epochs = float(epochs)  # steps from the training questions that have a clip, at start
+    c.optim.warmup_epochs = epochs / 10
     c.log_every, c.checkpoint_every = 50, 1000
     return c

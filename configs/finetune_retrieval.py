@@ -13,8 +13,8 @@ Variants (§5.1 recipes; AdamW lr 1.2e-5, wd 0.01, betas (0.9, 0.98), clip 5, co
           text 50 / 64. Paper: 50.1/76.7/85.6/1.
   lsmdc   batch 256, 50 epochs (5), 8 / 32 frames, text 40 / 40. Paper: 24.8/44.0/54.5/8.
   demo    the synthetic dataset and the demo's tiny model (CPU): fine-tunes `workdirs/demo`.
-Prepare the folders with `python -m data_pipelines.prepare` (see README). `num_train` below is the
-number of training clips, used to turn epochs into steps; override it for your copy of the data.
+Prepare the folders with `python -m data_pipelines.prepare` (see README). Epochs become steps when the
+run starts, from the clips of the prepared training split (printed on the first line).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
 """
 from __future__ import annotations
@@ -24,10 +24,10 @@ import ml_collections
 from configs import pretrain
 from configs.common import parse_arg
 
-_RECIPES = {  # batch, epochs, warm-up epochs, train frames, test frames, train text, test text, flip, clips
-    "msrvtt": (128, 100, 10, 12, 32, 30, 25, 0.5, 9000),
-    "didemo": (256, 50, 5, 8, 32, 50, 64, 0.0, 8395),
-    "lsmdc": (256, 50, 5, 8, 32, 40, 40, 0.0, 101079),
+_RECIPES = {  # batch, epochs, warm-up epochs, train frames, test frames, train text, test text, flip
+    "msrvtt": (128, 100, 10, 12, 32, 30, 25, 0.5),
+    "didemo": (256, 50, 5, 8, 32, 50, 64, 0.0),
+    "lsmdc": (256, 50, 5, 8, 32, 40, 40, 0.0),
 }
 
 
@@ -49,14 +49,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.warmup_steps = 20
         c.data.flip_prob = 0.5
         return c
-    batch, epochs, warmup, frames, test_frames, text, test_text, flip, clips = _RECIPES[name]
+    batch, epochs, warmup, frames, test_frames, text, test_text, flip = _RECIPES[name]
     c.model.overrides = {"num_frames": 8}  # fusion tables as pre-trained; retrieval never runs the fusion
     c.data.sources = {"train": pretrain._source("", frames)}
     c.data.update(batch_size=batch, num_frames=frames, text_length=text, flip_prob=flip, text_masking="none")
     c.eval.update(num_frames=test_frames, text_length=test_text)
-    steps_per_epoch = max(1, clips // batch)
-    c.total_steps = epochs * steps_per_epoch
+    c.total_epochs = float(epochs)  # steps from the prepared training split's clips at start
     c.optim.lr = 1.2e-5
-    c.optim.warmup_steps = warmup * steps_per_epoch
+    c.optim.warmup_epochs = float(warmup)
     c.log_every, c.checkpoint_every = 50, 1000
     return c

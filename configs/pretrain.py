@@ -13,15 +13,15 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           device near 10 GiB (README, Memory).
           Supply the prepared folders: --config.data.sources.webvid.dataset=… and
           --config.data.sources.cc3m.dataset=…, and the MSR-VTT 1k-A test folder as --config.eval.dataset.
-          Hardware: 32 A100/H100-class GPUs or a v4-64 TPU slice; `steps_per_epoch` below is for 2.5M
-          WebVid clips. Expected zero-shot MSR-VTT R@1/5/10 ≈ 26.4/49.5/60.0 (paper, 5M pairs).
+          Hardware: 32 A100/H100-class GPUs or a v4-64 TPU slice. 40 epochs (4 warm-up), an epoch being
+          one pass over both prepared sources: steps are resolved from their sizes at start. Expected
+          zero-shot MSR-VTT R@1/5/10 ≈ 26.4/49.5/60.0 (paper, 5M pairs).
 """
 from __future__ import annotations
 
 import ml_collections
 
-from clover_jax.losses import default_loss_config
-from clover_jax.optim import default_optim_config
+from clover_jax.defaults import default_loss_config, default_optim_config
 from configs.common import parse_arg
 
 
@@ -35,6 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.task = "pretrain"
     c.seed = 0
     c.total_steps = 400
+    c.total_epochs = 0.0  # > 0: the run's length in epochs of the training data (wins over total_steps)
     c.log_every = 50
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
@@ -42,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init_from = ""
     c.init_from_include = ()  # e.g. ("text_encoder",) for a partial load
     c.mesh = dict(data=-1, fsdp=1, model=1)
+    # ((logical axis, mesh axes), ...) in priority order; () is `clover_jax.sharding.LOGICAL_RULES`.
+    c.sharding_rules = ()
     c.compilation_cache_dir = "~/.cache/clover_jax/xla"  # "" disables the persistent XLA cache
     c.microbatches = 1  # > 1: the step runs the batch in this many chunks (gradient caching, same result)
 
@@ -59,8 +62,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mask_grid=7, mask_cells=10, mask_min_block=4, text_length=16, text_masking="semantic",
         seed=0, prefetch=2,
     )
+    # Input settings every evaluator starts from; each `evals` entry may override any of them.
     c.eval = dict(dataset="synthetic", split="test", batch_size=32, num_frames=4, image_size=56,
                   text_length=16, report_queries=20, num_views=1)
+    # Evaluators (`clover_jax.evaluators.entries`): every_steps N > 0 also runs one every N steps, 0 only
+    # after the last step, -1 only on demand (`python -m clover_jax.eval --evaluator=NAME`); every_epochs
+    # > 0 counts in epochs of the training data instead.
+    c.evals = dict(retrieval=dict(type="retrieval", every_steps=0, every_epochs=0.0),
+                   msrvtt_mc=dict(type="multiple_choice", every_steps=-1, file=""))
+    c.best_metric = "retrieval/t2v_r1"  # "<evaluator>/<metric>" kept in <workdir>/best; "" keeps none
+    c.best_mode = "max"
 
     c.optim = default_optim_config()
     c.optim.lr = 1e-3
@@ -80,9 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.update(batch_size=1024, num_frames=8, image_size=224, crop_area=(0.08, 1.0), mask_grid=7,
                       mask_cells=10, mask_min_block=4, text_length=30)
         c.eval.update(dataset="", batch_size=256, num_frames=32, image_size=224, text_length=30)
-        steps_per_epoch = 2 * 2_500_000 // 1024  # one WebVid and one CC3M step per outer step
-        c.total_steps = 40 * steps_per_epoch
+        c.total_epochs = 40.0  # an epoch visits every captioned clip of both sources once
         c.log_every, c.checkpoint_every, c.keep_checkpoints = 100, 2000, 3
         c.optim = default_optim_config()  # lr 5e-5, wd 0.005, betas (0.9, 0.98), clip 15
-        c.optim.warmup_steps = 4 * steps_per_epoch
+        c.optim.warmup_epochs = 4.0
+        c.evals.retrieval.every_epochs = 1.0  # zero-shot recall once per epoch while it trains
     return c

@@ -7,6 +7,7 @@
   python -m clover_jax.train --config=configs/qa_synthetic.py:mc --workdir=/tmp/h9_mc \
       --config.init_from=/tmp/h9_demo --config.data.cache_dir=/tmp/clover_cache
   python -m clover_jax.eval --workdir=/tmp/h9_open        # prints the QA accuracy again
+  python -m clover_jax.eval --workdir=/tmp/h9_open --evaluator=qa_train   # accuracy on the training questions
 
 Variants (the part after ':'):
   open  (default) Open-ended attribute questions (`data_pipelines.synthetic_qa`): 4 per clip (colour,
@@ -54,6 +55,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The synthetic clips of the demo (same seed and sizes: the cache is reused, nothing re-rendered).
     c.qa = dict(source="synthetic", dataset="synthetic", seed=0, text_length=16, mc_format="caption", mc_per_clip=2)
     c.data.text_masking = "none"
+    # qa: the held-out clips' questions; qa_train: the training questions (on demand; every_steps=N to watch
+    # the gap between the two while it trains).
+    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0),
+                   qa_train=dict(type="qa", split="train", every_steps=-1, every_epochs=0.0))
+    c.best_metric = "qa/accuracy"
     c.total_steps, c.log_every, c.checkpoint_every = 500, 50, 250
     c.optim.lr = 3e-4
     c.optim.weight_decay = 0.01

@@ -17,14 +17,15 @@ is not an item: it is returned in `missing_kinds`, and evaluation counts it wron
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from data_pipelines.annotations import FIB_BLANK, QAExample, read_ans2label, read_answer_set
-from data_pipelines.input_pipeline import QAItems
+from data_pipelines.qa_inputs import QAItems
 from data_pipelines.synthetic_qa import MC_FORMATS
 
 SOURCE_TASKS: dict[str, str] = {
@@ -63,6 +64,16 @@ def question_kind(example: QAExample, source: str) -> str:
         return str(extra["task"])
     words = example.question.lower().split()
     return words[0] if words and words[0] in QUESTION_WORDS else source
+
+
+def rank_answers(train_answers: Iterable[str], top_k: int = 0) -> tuple[str, ...]:
+    """The `top_k` (0: all) most frequent training answers, most frequent first; equal counts in alphabetical
+    order, so the vocabulary does not depend on the order of the annotation file. Label = position."""
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    counts = collections.Counter(train_answers)
+    ranked = sorted(counts, key=lambda a: (-counts[a], a))
+    return tuple(ranked[:top_k] if top_k else ranked)
 
 
 def load_answer_vocab(path: str | pathlib.Path) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ Open-ended: per clip, one question per attribute, phrased so the question never 
   shape   "what shape are the red objects?"     -> "square"
   count   "how many red squares are there?"     -> "two"   (always plural: the noun cannot leak the count)
   motion  "how do the red squares move?"        -> "left"
-Answers form one vocabulary (`ANSWERS`, 21 words); `answer_vocab` keeps the most frequent training
+Answers form one vocabulary (`ANSWERS`, 21 words); `qa_tasks.rank_answers` keeps the most frequent training
 answers (like MSRVTT-QA's top-1500) and `answer_indices` gives -1 to an answer outside it.
 
 Multiple choice: 5 caption-style options per clip, one true. The options form a "star": a centre
@@ -150,17 +150,6 @@ def mc_option_text(question: str, options: Sequence[str], option: str, fmt: str 
     if fmt == "full":
         return f"{question} Options: {'. '.join(options)}. Answer: {option}"
     raise ValueError(f"multiple-choice text format {fmt!r}; valid: {MC_FORMATS}")
-
-
-def answer_vocab(train_answers: Sequence[str], max_answers: int = 0) -> tuple[str, ...]:
-    """The `max_answers` (0: all) most frequent training answers; ties keep `ANSWERS` order, then first seen."""
-    counts: dict[str, int] = {}
-    for a in train_answers:
-        counts[a] = counts.get(a, 0) + 1
-    rank = {a: i for i, a in enumerate(ANSWERS)}
-    first = {a: i for i, a in reversed(list(enumerate(train_answers)))}
-    ordered = sorted(counts, key=lambda a: (-counts[a], rank.get(a, len(rank)), first[a]))
-    return tuple(ordered[:max_answers] if max_answers else ordered)
 
 
 def answer_indices(answers: Sequence[str], vocab: Sequence[str]) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-VOCAB_PATH = pathlib.Path(__file__).resolve().parents[1] / "clover_jax" / "assets" / "bert_base_uncased_vocab.txt"
+VOCAB_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "bert_base_uncased_vocab.txt"
 IGNORE_LABEL = -100
 OUTPUT_KEYS = ("text_ids", "text_mask", "text_ids_masked", "mlm_labels")
 MASK_MODES = ("semantic", "random_whole_word", "none")

@@ -127,7 +127,8 @@ def test_bert_prefixed_state_dict_and_missing_keys(tiny):
 
 def test_fusion_from_bert_plan_maps_first_layers():
     plan = fusion_from_bert_plan(3, "fusion")
-    assert plan["fusion/encoder/layer_2/attention/query/kernel"][0] == "bert.encoder.layer.2.attention.self.query.weight"
+    query = plan["fusion/encoder/layer_2/attention/query/kernel"][0]
+    assert query == "bert.encoder.layer.2.attention.self.query.weight"
     assert not any("layer_3" in k for k in plan)
     full = hf_bert_plan(bert_config("base"), "text_encoder", src_prefix="bert.")
     # The fusion plan's sources are exactly the text plan's sources for layers 0..2.

@@ -91,7 +91,8 @@ def test_tiny_pretraining_forward_under_jit_shapes_and_mask_token():
     tokens = jax.jit(patch_tokens)(params, batch["video"], batch["video_mask"])
     plain = jax.jit(patch_tokens)(params, batch["video"], jnp.zeros_like(batch["video_mask"]))
     token = np.asarray(params["video_encoder"]["mask_token"])
-    np.testing.assert_allclose(np.asarray(tokens)[:, :, :4, :4], np.broadcast_to(token, tokens[:, :, :4, :4].shape), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(tokens)[:, :, :4, :4], np.broadcast_to(token, tokens[:, :, :4, :4].shape),
+                               atol=1e-6)
     np.testing.assert_array_equal(np.asarray(tokens)[:, :, 4:], np.asarray(plain)[:, :, 4:])
 
 

@@ -23,9 +23,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clover_jax import losses, optim
+from clover_jax import losses, optim, tasks
 from clover_jax import sharding as shard_lib
-from clover_jax import tasks
 from clover_jax import train_step as ts
 from clover_jax.models import clover
 

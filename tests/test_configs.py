@@ -1,17 +1,18 @@
 """Every run config builds, is lockable, and fine-tuning models load pre-training checkpoints' shapes."""
-import jax
 import pytest
 
 from clover_jax.convert.common import flatten
+from clover_jax.evaluators import entries
 from clover_jax.models.clover import abstract_params
-from clover_jax.train import load_config_file, model_config_from
+from clover_jax.run import load_config_file, model_config_from, resolve_durations
+from configs import finetune_qa
+from data_pipelines import qa_tasks
 
 FILES = ["configs/pretrain.py", "configs/pretrain.py:tiny", "configs/pretrain.py:base",
          "configs/qa_synthetic.py:open", "configs/qa_synthetic.py:mc",
          "configs/finetune_retrieval.py:msrvtt", "configs/finetune_retrieval.py:didemo",
          "configs/finetune_retrieval.py:lsmdc", "configs/finetune_retrieval.py:demo",
-         *(f"configs/finetune_qa.py:{t}" for t in ("msrvtt_qa", "msvd_qa", "tgif_frame", "tgif_action",
-                                                    "tgif_transition", "lsmdc_mc", "lsmdc_fib")),
+         *(f"configs/finetune_qa.py:{t}" for t in finetune_qa.TASKS),
          "configs/finetune_qa.py:msvd_qa,tiny"]
 
 
@@ -50,3 +51,46 @@ def test_qa_config_needs_exactly_one_task():
 def test_bad_variant_names_the_valid_ones():
     with pytest.raises(ValueError, match="valid"):
         load_config_file("configs/finetune_retrieval.py:msvd")
+
+
+@pytest.mark.parametrize("spec", FILES)
+def test_every_evaluator_entry_is_valid_and_best_metric_names_a_scheduled_one(spec):
+    config = load_config_file(spec)
+    for name in entries.evaluator_names(config):
+        settings = entries.settings_of(config, name)
+        assert settings.every_steps >= -1 and settings.split and settings.batch_size > 0
+    scheduled = entries.evaluator_names(config, scheduled_only=True)
+    assert config.best_metric.partition("/")[0] in scheduled
+    for name in scheduled:
+        if config.evals[name].get("every_epochs", 0) > 0:  # 64 steps per epoch
+            assert entries.settings_of(config, name, 64.0).every_steps == round(64 * config.evals[name].every_epochs)
+
+
+def test_qa_recipes_cover_exactly_the_qa_sources_and_take_their_task():
+    assert finetune_qa.TASKS == tuple(qa_tasks.SOURCE_TASKS)
+    assert set(finetune_qa._RECIPES) == set(qa_tasks.SOURCE_TASKS)
+    for source, task in qa_tasks.SOURCE_TASKS.items():
+        assert load_config_file(f"configs/finetune_qa.py:{source}").task == task
+
+
+def test_unknown_evaluator_keys_and_types_are_named():
+    config = load_config_file("configs/pretrain.py:tiny")
+    config.evals.retrieval.every_step = 5
+    with pytest.raises(ValueError, match="every_step"):
+        entries.settings_of(config, "retrieval")
+    config = load_config_file("configs/pretrain.py:tiny")
+    config.evals.retrieval.type = "recall"
+    with pytest.raises(ValueError, match="'retrieval', 'qa', 'multiple_choice'"):
+        entries.settings_of(config, "retrieval")
+
+
+def test_epochs_resolve_to_steps_from_the_training_examples():
+    config = load_config_file("configs/finetune_retrieval.py:msrvtt")  # 100 epochs, 10 warm-up, batch 128
+    durations = resolve_durations(config, 9000)
+    assert durations.steps_per_epoch == 9000 / 128
+    assert (durations.total_steps, durations.warmup_steps) == (7032, 704)  # ceil(100 * 70.3125), ceil(703.125)
+    assert "9000 training examples, batch 128: 1 epoch = 70.3 steps" in durations.describe(9000, 128)
+    demo = load_config_file("configs/pretrain.py")  # given in steps: the split size only describes them
+    assert (resolve_durations(demo, 1024).total_steps, resolve_durations(demo, 1024).warmup_steps) == (400, 25)
+    with pytest.raises(ValueError, match="no example"):
+        resolve_durations(demo, 0)

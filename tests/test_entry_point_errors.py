@@ -57,3 +57,30 @@ def test_eval_without_workdir_is_one_line(capsys):
         eval_cli.main([])
     assert info.value.code == 2
     assert "--workdir" in _one_error_line(capsys)
+
+
+@pytest.fixture
+def saved_run(tmp_path):
+    """A workdir holding only the config.json of a `pretrain.py:tiny` run (no checkpoint)."""
+    from clover_jax.checkpoint import write_json
+    from clover_jax.run import load_config_file
+
+    write_json(tmp_path / "config.json", load_config_file("configs/pretrain.py:tiny").to_dict())
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--evaluator=recall"], "--evaluator=recall: the run's config has no such evaluator; valid: msrvtt_mc, retrieval"),
+    (["--checkpoint=newest"], "--checkpoint=newest: expected best, latest, a step number or a checkpoint folder"),
+    (["--checkpoint=12"], "holds no step 12"),
+    (["--checkpoint=best"], "holds no best checkpoint"),
+    (["--config.evals.retrieval.every_step=3"], "the config has no key 'evals.retrieval.every_step'"),
+    (["--config.eval.batch_size=eight"], "--config.eval.batch_size=eight: invalid literal"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_eval_mistakes_are_one_line(saved_run, capsys, argv, expected):
+    with pytest.raises(SystemExit) as info:
+        code = eval_cli.main([f"--workdir={saved_run}", *argv])
+        raise SystemExit(code)
+    assert info.value.code == 2
+    assert expected in _one_error_line(capsys)

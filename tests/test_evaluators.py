@@ -10,7 +10,6 @@ import pytest
 
 from clover_jax.evaluators import qa, report, retrieval
 
-
 # ---------------------------------------------------------------- helpers
 
 def _naive_ranks(video_emb, text_emb, text_to_video):
@@ -102,7 +101,10 @@ def test_angles_on_a_line_give_exact_ranks_for_a_permuted_labelling():
     n = 12
     video_deg = 5 * np.arange(n)
     text_deg = video_deg + 1
-    as_vec = lambda deg: np.stack([np.cos(np.radians(deg)), np.sin(np.radians(deg))], axis=1)
+
+    def as_vec(deg):
+        return np.stack([np.cos(np.radians(deg)), np.sin(np.radians(deg))], axis=1)
+
     labels = np.random.default_rng(2).permutation(n)
     ranks = retrieval.text_to_video_ranks(as_vec(video_deg), as_vec(text_deg), labels)
     expected = [1 + np.sum(np.abs(video_deg - text_deg[i]) < abs(video_deg[labels[i]] - text_deg[i]))

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from data_pipelines import input_pipeline as ip
-from data_pipelines import synthetic
+from data_pipelines import mixtures, synthetic
+from data_pipelines.device_transfer import numpy_batches
 from data_pipelines.video_masking import BlockMaskConfig, block_mask, block_mask_grid, token_grid_size
 
 CONTRACT = {"video", "video_mask", "text_ids", "text_mask", "text_ids_masked", "mlm_labels", "valid", "clip_index"}
@@ -22,7 +23,7 @@ def cfg(tmp_path_factory):
 
 
 def take(cfg, steps, start_step=0, process_index=0, process_count=1):
-    it = ip.numpy_batches(ip.make_train_dataset(cfg, start_step, process_index, process_count))
+    it = numpy_batches(ip.make_train_dataset(cfg, start_step, process_index, process_count))
     return [next(it) for _ in range(steps)]
 
 
@@ -115,7 +116,8 @@ def test_two_processes_cover_each_example_once_per_epoch(cfg):
     steps_per_epoch = n // b
     orders = []
     for epoch in range(2):
-        seen = np.concatenate([pp[s]["clip_index"] for s in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        seen = np.concatenate([pp[s]["clip_index"] for s in steps
                                for pp in per_process])
         print(f"epoch {epoch}: clips seen by the 2 processes {sorted(seen.tolist())}")
         assert sorted(seen.tolist()) == list(range(n))
@@ -166,7 +168,8 @@ def test_eval_pairs_cover_every_caption_once(cfg):
         run = ip.make_eval_dataset(ecfg, "pairs", include_video=False, process_index=p, process_count=2)
         for batch in run:
             assert "video" not in batch
-            pairs += list(zip(batch["clip_index"][batch["valid"]].tolist(), batch["caption_index"][batch["valid"]].tolist()))
+            valid = batch["valid"]
+            pairs += list(zip(batch["clip_index"][valid].tolist(), batch["caption_index"][valid].tolist()))
     expected = [(c, k) for c in range(SYN.num_test) for k in range(SYN.captions_per_clip)]
     assert sorted(pairs) == expected
 
@@ -193,19 +196,21 @@ def test_global_arrays_on_a_batch_sharding(cfg):
 
 def test_mixture_schedule_and_resume(cfg):
     images = cfg.replace(num_frames=1, seed=3)  # CC3M-like: one frame per example
-    alt = ip.MixtureConfig((ip.MixtureSource("webvid", cfg), ip.MixtureSource("cc3m", images)), mode="alternate")
-    assert ip.mixture_schedule(alt, 0, 6).tolist() == [0, 1, 0, 1, 0, 1]
-    weighted = ip.MixtureConfig(
-        (ip.MixtureSource("webvid", cfg, 3.0), ip.MixtureSource("cc3m", images, 1.0)), mode="weighted", seed=1
+    alt = mixtures.MixtureConfig((mixtures.MixtureSource("webvid", cfg), mixtures.MixtureSource("cc3m", images)),
+                                 mode="alternate")
+    assert mixtures.mixture_schedule(alt, 0, 6).tolist() == [0, 1, 0, 1, 0, 1]
+    weighted = mixtures.MixtureConfig(
+        (mixtures.MixtureSource("webvid", cfg, 3.0), mixtures.MixtureSource("cc3m", images, 1.0)), mode="weighted",
+        seed=1
     )
-    sched = ip.mixture_schedule(weighted, 0, 20000)
+    sched = mixtures.mixture_schedule(weighted, 0, 20000)
     print(f"weighted 3:1 schedule: {np.mean(sched == 0):.3f} webvid")
     assert abs(np.mean(sched == 0) - 0.75) < 0.02
-    np.testing.assert_array_equal(ip.mixture_schedule(weighted, 4090, 4100), sched[4090:4100])  # across chunks
+    np.testing.assert_array_equal(mixtures.mixture_schedule(weighted, 4090, 4100), sched[4090:4100])  # across chunks
     for mix in (alt, weighted):
-        it = ip.make_mixture_iterator(mix, 0, process_index=0, process_count=1)
+        it = mixtures.make_mixture_iterator(mix, 0, process_index=0, process_count=1)
         full = [next(it) for _ in range(5)]
-        it = ip.make_mixture_iterator(mix, 3, process_index=0, process_count=1)
+        it = mixtures.make_mixture_iterator(mix, 3, process_index=0, process_count=1)
         resumed = [next(it) for _ in range(2)]
         assert [n for n, _ in full[3:]] == [n for n, _ in resumed]
         assert_batches_equal([b for _, b in full[3:]], [b for _, b in resumed])

@@ -14,14 +14,14 @@ from clover_jax import checkpoint as ckpt_lib
 from clover_jax import data as data_glue
 from clover_jax import sharding as shard_lib
 from clover_jax import tasks
-from clover_jax.eval import evaluate_qa
+from clover_jax.evaluators import entries
 from clover_jax.evaluators.qa import open_ended_accuracy
 from clover_jax.models.clover import init_params
-from clover_jax.train import model_config_from
+from clover_jax.run import model_config_from
 from configs import qa_synthetic
-from data_pipelines import input_pipeline as ip
-from data_pipelines import synthetic
+from data_pipelines import qa_inputs, qa_tasks, synthetic
 from data_pipelines import synthetic_qa as sqa
+from data_pipelines.device_transfer import numpy_batches
 
 DEMO = synthetic.SyntheticConfig(num_train=1024, num_test=256, num_frames=8, size=64)  # the demo's clips
 SMALL = dict(seed=5, num_train=8, num_test=4, num_frames=8, size=32)
@@ -51,13 +51,19 @@ def test_open_questions_are_deterministic_and_never_name_their_answer():
     assert sum(a.question != b.question for a, b in zip(questions, other)) > 100  # phrasing follows the seed
 
 
+def test_answer_ranking_breaks_ties_alphabetically_whatever_the_file_order():
+    answers = ["dog", "cat", "bird", "cat", "dog", "ant"]
+    assert qa_tasks.rank_answers(answers) == ("cat", "dog", "ant", "bird")
+    assert qa_tasks.rank_answers(list(reversed(answers)), top_k=3) == ("cat", "dog", "ant")
+
+
 def test_answer_vocab_covers_every_answer_and_marks_the_rest_out_of_vocab():
     train = sqa.open_ended_questions(demo_attributes("train", 1024))
-    vocab = sqa.answer_vocab([q.answer for q in train])
+    vocab = qa_tasks.rank_answers([q.answer for q in train])
     assert sorted(vocab) == sorted(sqa.ANSWERS) and len(vocab) == 21
     counts = collections.Counter(q.answer for q in train)
     assert [counts[a] for a in vocab] == sorted(counts.values(), reverse=True)
-    top5 = sqa.answer_vocab([q.answer for q in train], max_answers=5)
+    top5 = qa_tasks.rank_answers([q.answer for q in train], top_k=5)
     assert top5 == vocab[:5]
     test = sqa.open_ended_questions(demo_attributes("test", 256))
     index = sqa.answer_indices([q.answer for q in test], top5)
@@ -157,7 +163,7 @@ def open_run(cache):
 
 
 def first_batches(cfg, items, n, start_step=0):
-    iterator = ip.numpy_batches(ip.make_qa_train_dataset(cfg, items, start_step))
+    iterator = numpy_batches(qa_inputs.make_qa_train_dataset(cfg, items, start_step))
     return [next(iterator) for _ in range(n)]
 
 
@@ -174,7 +180,7 @@ def test_clip_attributes_come_from_the_built_clips(cache):
 def test_open_ended_batches_shapes_labels_and_exact_resume(open_run):
     config, _, _, items, info = open_run
     assert len(items) == 4 * 8 and items.text_ids.shape == (32, 16) and not items.multiple_choice
-    assert info["vocab"] == sqa.answer_vocab(info["train_answers"], 6)
+    assert info["vocab"] == qa_tasks.rank_answers(info["train_answers"], 6)
     assert np.array_equal(items.answer_index, sqa.answer_indices(info["answers"], info["vocab"]))
     assert (items.answer_index == -1).any()
     cfg = data_glue.train_input(config.data, data_glue.resolve_dataset("synthetic", config.data))
@@ -194,7 +200,7 @@ def test_multiple_choice_batches_and_padded_eval(cache):
     items, info = data_glue.qa_items(config, "test")
     assert items.multiple_choice and items.text_ids.shape == (4, 5, 16) and len(info["answers"]) == 4
     cfg = data_glue.eval_input(config.eval, config.data, data_glue.resolve_dataset("synthetic", config.data))
-    data = ip.make_qa_eval_dataset(cfg, items)
+    data = qa_inputs.make_qa_eval_dataset(cfg, items)
     batches = list(data)
     assert data.num_batches == len(batches) == 2  # 4 items in batches of 3: two padding rows
     valid = np.concatenate([b["valid"] for b in batches])
@@ -274,7 +280,7 @@ def test_init_from_a_checkpoint_without_the_qa_head_keeps_the_head_fresh(open_ru
 
 def test_eval_scores_every_question_and_counts_out_of_vocab_wrong(open_run, batch_sharding, tmp_path):
     config, model_config, params, _, _ = open_run
-    metrics = evaluate_qa(config, model_config, params, batch_sharding, tmp_path, step=3)
+    metrics = entries.make_evaluators(config, model_config, batch_sharding, tmp_path, ["qa"])["qa"].run(params, 3)
     items, info = data_glue.qa_items(config, "test", model_config.num_answers)
     assert metrics["num"] == len(items) == 16
     assert metrics["num_out_of_vocab"] == int((items.answer_index == -1).sum()) > 0
@@ -284,3 +290,13 @@ def test_eval_scores_every_question_and_counts_out_of_vocab_wrong(open_run, batc
     assert metrics["majority_baseline"] == pytest.approx(100 * np.mean([a == majority for a in info["answers"]]))
     saved = json.loads((tmp_path / "qa_step3.json").read_text())
     assert saved["accuracy"] == metrics["accuracy"] and saved["vocab_size"] == 6
+
+
+def test_two_qa_evaluators_of_one_config_score_their_own_split(open_run, batch_sharding, tmp_path):
+    """qa (the test questions) and qa_train (the training questions) share one model pass set-up."""
+    config, model_config, params, items, _ = open_run
+    evaluators = entries.make_evaluators(config, model_config, batch_sharding, tmp_path, ["qa", "qa_train"])
+    test, train = evaluators["qa"].run(params, 3), evaluators["qa_train"].run(params, 3)
+    assert (test["split"], test["num"]) == ("test", 16) and (train["split"], train["num"]) == ("train", len(items))
+    assert entries.scalars("qa_train", train)["qa_train/accuracy"] == train["accuracy"]
+    assert json.loads((tmp_path / "qa_train_step3.json").read_text())["num"] == len(items) == 32

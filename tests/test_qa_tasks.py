@@ -9,14 +9,16 @@ import pytest
 
 from clover_jax import data as data_glue
 from clover_jax import eval as eval_lib
+from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax import tasks
 from clover_jax import train as train_lib
+from clover_jax.evaluators import entries
 from clover_jax.models.clover import Clover, clover_config, init_params
 from configs import finetune_qa
-from data_pipelines import builder, prepare, qa_tasks
-from data_pipelines import input_pipeline as ip
-from data_pipelines.annotations import QAExample, answer_vocabulary, read_lsmdc_fib, read_msvd_qa
+from data_pipelines import builder, prepare, qa_inputs, qa_tasks
+from data_pipelines.annotations import QAExample, read_lsmdc_fib, read_msvd_qa
+from data_pipelines.device_transfer import numpy_batches
 
 MSVD_CLIPS = ("3qqEKTPxLNs_1_15", "UXs3eq68ZjE_250_255", "WTf5EgVY5uU_124_128", "j2Dhf-xFUxU_13_20",
               "klteYv1Uv9A_27_33")  # the MSVD clips in shared/data/real/msvd/clips
@@ -141,7 +143,7 @@ def test_msvd_qa_fine_tune_then_eval_counts_every_real_question(msvd, tmp_path, 
     present = [q for q in all_questions if q.video in msvd["clips"]]
     # Of the 5 clips only klteYv1Uv9A_27_33 has MSVD-QA test questions (23; the manifest agrees).
     assert len(all_questions) == 13157 and {q.video for q in present} == {"klteYv1Uv9A_27_33"} and len(present) == 23
-    metrics = train_lib.train(config, tmp_path)
+    metrics = train_lib.train(config, tmp_path)["qa"]
     out = capsys.readouterr().out
     assert "msvd_qa train: 13157 questions, 23 with their clip, 13134 without" in out
     assert metrics["num"] == 13157 and metrics["num_missing_clip"] == 13134
@@ -178,27 +180,27 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     # Multiple choice, tested on 4 interleaved views per clip.
     config = tiny_config("lsmdc_mc", msvd, train_file=mc_file, eval_file=mc_file)
     config.eval.num_views = 4
-    model_config = train_lib.model_config_from(config)
+    model_config = run_lib.model_config_from(config)
     params = jax.jit(lambda r: nn.unbox(init_params(model_config, r)))(jax.random.key(0))
-    metrics = eval_lib.evaluate_qa(config, model_config, params, batch_sharding, None, step=0)
+    metrics = entries.make_evaluators(config, model_config, batch_sharding, None, ["qa"])["qa"].run(params)
     assert metrics["num"] == 4 and metrics["num_views"] == 4 and metrics["chance"] == 20.0
     assert metrics["accuracy_by_kind"].keys() == {"lsmdc_mc"}
     items, _ = data_glue.qa_items(config, "test", 0)
     cfg = data_glue.qa_eval_input(config)
-    batch = next(iter(ip.make_qa_eval_dataset(cfg, items)))
+    batch = next(iter(qa_inputs.make_qa_eval_dataset(cfg, items)))
     assert batch["video"].shape == (8, 4, 2, 28, 28, 3) and batch["option_ids"].shape == (8, 5, 64)
-    single = next(iter(ip.make_qa_eval_dataset(cfg.replace(num_views=1, num_frames=8), items)))
+    single = next(iter(qa_inputs.make_qa_eval_dataset(cfg.replace(num_views=1, num_frames=8), items)))
     np.testing.assert_allclose(batch["video"][:, 1], single["video"][:, 1::4], atol=1e-5)  # view 1: frames 1, 5
     # Fill in the blank: the head reads the fused state at the [MASK].
     config = tiny_config("lsmdc_fib", msvd, train_file=fib_file, eval_file=fib_file)
     config.model.overrides.num_answers = 3
-    model_config = train_lib.model_config_from(config)
+    model_config = run_lib.model_config_from(config)
     items, info = data_glue.qa_items(config, "train", 3)
     assert len(items) == 4 and ((items.text_ids == 103).sum(axis=1) == 1).all()
-    assert info["vocab"] == tuple(answer_vocabulary(read_lsmdc_fib(fib_file), 3))
+    assert info["vocab"] == qa_tasks.rank_answers([ex.answer for ex in read_lsmdc_fib(fib_file)], 3)
     loss_fn = tasks.qa_fill_in_blank_loss_fn(model_config, config.loss, 1)
     params = jax.jit(lambda r: nn.unbox(init_params(model_config, r)))(jax.random.key(0))
-    batch = next(ip.numpy_batches(ip.make_qa_train_dataset(data_glue.train_input(
+    batch = next(numpy_batches(qa_inputs.make_qa_train_dataset(data_glue.train_input(
         config.data, data_glue.qa_clips_folder(config, "train")), items)))
     model = Clover(model_config)
     at_mask = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
@@ -208,6 +210,6 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     assert not np.allclose(at_mask, at_cls)
     loss, metrics = loss_fn(params, batch, jax.random.key(1))
     assert np.isfinite(float(loss)) and 0.0 <= float(metrics["accuracy"]) <= 100.0
-    metrics = eval_lib.evaluate_qa(config, model_config, params, batch_sharding, None, step=0)
+    metrics = entries.make_evaluators(config, model_config, batch_sharding, None, ["qa"])["qa"].run(params)
     assert metrics["task"] == "qa_fill_in_blank" and metrics["num"] == 4
 

@@ -8,11 +8,13 @@ import pathlib
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax.models import layers
 
@@ -27,9 +29,12 @@ class ToyEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, ids):
-        words = layers.param_with_axes(self, "word_embeddings", layers.NORMAL_02, (self.vocab, self.embed), ("vocab", "embed"), jnp.float32)
-        pos = layers.param_with_axes(self, "position_embeddings", layers.NORMAL_02, (ids.shape[1], self.embed), (None, "embed"), jnp.float32)
-        table = layers.param_with_axes(self, "relative_position_bias_table", layers.NORMAL_02, (5, 2), (None, None), jnp.float32)
+        words = layers.param_with_axes(self, "word_embeddings", layers.NORMAL_02, (self.vocab, self.embed),
+                                       ("vocab", "embed"), jnp.float32)
+        pos = layers.param_with_axes(self, "position_embeddings", layers.NORMAL_02, (ids.shape[1], self.embed),
+                                     (None, "embed"), jnp.float32)
+        table = layers.param_with_axes(self, "relative_position_bias_table", layers.NORMAL_02, (5, 2), (None, None),
+                                       jnp.float32)
         x = words[ids] + pos[None] + table.sum()
         x = layers.layer_norm(name="norm")(x)
         x = layers.dense(16, ("embed", "heads"), name="qkv")(x)
@@ -113,7 +118,8 @@ def test_param_shardings_follow_rules(mesh222):
 def test_partition_specs_match_golden_json(mesh222):
     table = shard_lib.partition_spec_table(abstract_toy(), mesh222)
     if os.environ.get("REGENERATE_GOLDEN_SPECS"):
-        GOLDEN_SPECS.write_text(json.dumps({"mesh": dict(mesh222.shape), "specs": table}, indent=1, sort_keys=True) + "\n")
+        golden = {"mesh": dict(mesh222.shape), "specs": table}
+        GOLDEN_SPECS.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
     golden = json.loads(GOLDEN_SPECS.read_text())
     assert golden["mesh"] == dict(mesh222.shape)
     assert table == golden["specs"], "partition specs changed; rerun with REGENERATE_GOLDEN_SPECS=1 if intended"
@@ -121,7 +127,8 @@ def test_partition_specs_match_golden_json(mesh222):
 
 def test_indivisible_parameter_names_path_dim_axis_and_size():
     mesh = shard_lib.make_mesh({"data": 1, "fsdp": 4, "model": 2})
-    with pytest.raises(ValueError, match=r"parameter attn_out/bias: dimension 0 has size 6, not divisible by mesh axis fsdp of size 4"):
+    with pytest.raises(ValueError, match=r"parameter attn_out/bias: dimension 0 has size 6, "
+                                         r"not divisible by mesh axis fsdp of size 4"):
         shard_lib.param_shardings(abstract_toy(embed=6), mesh)
 
 
@@ -154,4 +161,18 @@ def test_opt_state_follows_params(mesh222):
     assert adam_state.count.is_fully_replicated
     # Structure matches the real state, so it can be used as jit out_shardings.
     real = jax.eval_shape(tx.init, nn.unbox(abstract))
-    assert jax.tree.structure(real) == jax.tree.structure(opt_sh, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    is_sharding = lambda x: isinstance(x, jax.sharding.NamedSharding)  # noqa: E731
+    assert jax.tree.structure(real) == jax.tree.structure(opt_sh, is_leaf=is_sharding)
+
+
+def test_config_sharding_rules_replace_the_default_table(mesh222):
+    """`config.sharding_rules` () is the default table; a table read back from config.json (lists) works."""
+    assert run_lib.logical_rules(ml_collections.ConfigDict({"sharding_rules": ()})) == shard_lib.LOGICAL_RULES
+    no_fsdp = [[name, None if axes == "fsdp" else list(axes) if isinstance(axes, tuple) else axes]
+               for name, axes in shard_lib.LOGICAL_RULES]
+    rules = run_lib.logical_rules(ml_collections.ConfigDict({"sharding_rules": no_fsdp}))
+    assert dict(rules)["batch"] == ("data", "fsdp") and dict(rules)["embed"] is None
+    default = shard_lib.partition_spec_table(abstract_toy(), mesh222)
+    table = shard_lib.partition_spec_table(abstract_toy(), mesh222, rules)
+    assert any("fsdp" in spec for spec in default.values())
+    assert table.keys() == default.keys() and not any("fsdp" in spec for spec in table.values())

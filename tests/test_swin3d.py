@@ -1,4 +1,5 @@
-"""Swin3D encoder: golden parity (torchvision and official Clover names), param counts, masking, converter errors, bf16."""
+"""Swin3D encoder: golden parity (torchvision and official Clover names), param counts, masking, converter errors,
+bf16."""
 from __future__ import annotations
 
 import jax

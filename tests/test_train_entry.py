@@ -149,10 +149,11 @@ def test_eval_cli_scores_msrvtt_style_multiple_choice(env, reference, tmp_path):
     rows.append({"qid": len(rows), "clip_name": "not_in_the_split", "options": options, "answer": "0"})
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps(r) for r in rows))
-    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}", f"--msrvtt_mc={mc}"],
+    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}", "--evaluator=msrvtt_mc",
+                           f"--config.evals.msrvtt_mc.file={mc}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((ref_dir / "eval" / f"multiple_choice_step{TOTAL}.json").read_text())
+    result = json.loads((ref_dir / "eval" / f"msrvtt_mc_step{TOTAL}.json").read_text())
     print(proc.stdout.splitlines()[-1])
     assert result["num_items"] == len(videos) + 1 and result["num_missing_clip"] == 1
     assert 0.0 <= result["mc_accuracy"] <= 100.0 * len(videos) / (len(videos) + 1)

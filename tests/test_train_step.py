@@ -29,15 +29,18 @@ class ToyTwoTower(nn.Module):
 
     @nn.compact
     def __call__(self, video, video_mask, text_ids):
-        mask_token = layers.param_with_axes(self, "mask_token", nn.initializers.normal(1.0), (FEATURES,), ("embed",), jnp.float32)
+        mask_token = layers.param_with_axes(self, "mask_token", nn.initializers.normal(1.0), (FEATURES,),
+                                            ("embed",), jnp.float32)
         v = video * (1.0 - video_mask[:, None]) + mask_token * video_mask[:, None]
         v = nn.with_logical_constraint(v, ("batch", "embed"))
         v = layers.gelu(layers.dense(16, ("embed", "mlp"), name="video_fc1")(v))
         v = layers.dense(8, ("mlp", "embed"), name="video_fc2")(v)
         v = layers.layer_norm(name="video_norm")(v)
 
-        words = layers.param_with_axes(self, "word_embeddings", layers.NORMAL_02, (VOCAB, 8), ("vocab", "embed"), jnp.float32)
-        pos = layers.param_with_axes(self, "position_embeddings", layers.NORMAL_02, (TEXT_LEN, 8), (None, "embed"), jnp.float32)
+        words = layers.param_with_axes(self, "word_embeddings", layers.NORMAL_02, (VOCAB, 8), ("vocab", "embed"),
+                                       jnp.float32)
+        pos = layers.param_with_axes(self, "position_embeddings", layers.NORMAL_02, (TEXT_LEN, 8), (None, "embed"),
+                                     jnp.float32)
         t = words[text_ids] * 20.0 + pos[None]
         t = nn.with_logical_constraint(t, ("batch", None, "embed"))
         t = layers.dense(8, ("embed", "heads"), name="text_attn")(t).mean(axis=1)
@@ -67,7 +70,8 @@ def toy_embeddings(params, batch):
 def toy_loss(params, batch, rng):
     v, t = toy_embeddings(params, batch)
     loss = losses.symmetric_infonce(v, t) * batch["loss_factor"][0]
-    return loss, {"rng_probe": jax.random.uniform(rng), "cos_pos": jnp.mean(jnp.sum(losses.l2_normalize(v) * losses.l2_normalize(t), -1))}
+    return loss, {"rng_probe": jax.random.uniform(rng),
+                  "cos_pos": jnp.mean(jnp.sum(losses.l2_normalize(v) * losses.l2_normalize(t), -1))}
 
 
 OPTIM = dict(lr=3e-2, warmup_steps=2, weight_decay=0.1, grad_clip=15.0, lr_multipliers={"text_proj": 2.0})
@@ -98,7 +102,8 @@ def setup(mesh_name: str) -> Setup:
     state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
     state0 = ts.create_train_state(params, tx, state_sh)
     batch_sh = shard_lib.batch_sharding(mesh)
-    step = ts.make_train_step(toy_loss, tx, state_shardings=state_sh, batch_sharding=batch_sh, mesh=mesh, schedule=schedule)
+    step = ts.make_train_step(toy_loss, tx, state_shardings=state_sh, batch_sharding=batch_sh, mesh=mesh,
+                              schedule=schedule)
     return Setup(mesh, state0, step, batch_sh, schedule)
 
 

@@ -31,7 +31,8 @@ def test_real_clip_decodes_every_frame(real_data_dir, manifest, relpath):
     clip = decode_video(real_data_dir / relpath, FAST)
     t, h, w, c = clip.frames.shape
     duration = info["frames_decoded"] / info["fps"]
-    print(f"{relpath}: {info['width']}x{info['height']} {info['fps']}fps {info['frames_decoded']} frames -> {clip.frames.shape}")
+    print(f"{relpath}: {info['width']}x{info['height']} {info['fps']}fps {info['frames_decoded']} frames "
+          f"-> {clip.frames.shape}")
     assert clip.frames.dtype == np.uint8 and c == 3
     assert clip.source_frames == info["frames_decoded"]  # decoded start to finish
     assert min(h, w) == 32 and (h > w) == (info["height"] > info["width"])  # portrait stays portrait

@@ -10,7 +10,8 @@ import dataclasses
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-from flax import traverse_util
+
+from clover_jax.param_paths import flatten, unflatten
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Plan = dict[str, tuple[str, Transform]]
@@ -47,15 +48,6 @@ class ConversionReport:
         if self.unexpected:
             lines.append(f"unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
         return "\n".join(lines)
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested param dict -> {"a/b/c": leaf}."""
-    return traverse_util.flatten_dict(dict(tree), sep="/")
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def assemble(

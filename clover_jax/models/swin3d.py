@@ -51,7 +51,8 @@ class Swin3DConfig:
                 "(one entry per stage)"
             )
         if len(self.patch_size) != 3 or len(self.window_size) != 3:
-            raise ValueError(f"patch_size {self.patch_size} and window_size {self.window_size} need 3 entries (t, h, w)")
+            raise ValueError(f"patch_size {self.patch_size} and window_size {self.window_size} need 3 entries "
+                             "(t, h, w)")
         for i, heads in enumerate(self.num_heads):
             if self.stage_dim(i) % heads:
                 raise ValueError(f"stage {i} width {self.stage_dim(i)} is not divisible by num_heads[{i}]={heads}")

@@ -1,0 +1,39 @@
+"""Paper defaults of the loss and the optimizer as ConfigDicts; imports no jax, so reading a config stays light."""
+from __future__ import annotations
+
+import ml_collections
+
+TERM_NAMES = ("mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor", "rank_text_anchor")
+TEMPERATURE = 0.05  # cosine-logit temperature of every contrastive loss (clover-reference.md §2)
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """Defaults for `losses.pretrain_objective` (paper values, clover-reference.md §2)."""
+    return ml_collections.ConfigDict(
+        {
+            "temperature": TEMPERATURE,
+            "rank_margin": 5.0,
+            "focal_gamma": 2.0,
+            "loss_weights": {name: 1.0 for name in TERM_NAMES},
+            "contrastive_grad_scale": "global",
+        }
+    )
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+    """Paper values (§4); `warmup_steps` is in optimizer steps (the paper: 4 of 40 epochs)."""
+    return ml_collections.ConfigDict(
+        {
+            "lr": 5e-5,
+            "b1": 0.9,
+            "b2": 0.98,
+            "eps": 1e-8,
+            "weight_decay": 0.005,
+            "grad_clip": 15.0,  # global-norm clip; 0 or None disables
+            "warmup_steps": 0,
+            "warmup_epochs": 0.0,  # > 0: the warm-up in epochs of the training data (wins over warmup_steps)
+            "warmup_init_ratio": 1e-3,
+            "min_lr_ratio": 1e-3,
+            "lr_multipliers": {},  # {param path prefix: factor}, e.g. {"qa_head": 10.0}
+        }
+    )
