@@ -5,8 +5,21 @@ import collections
 from typing import Iterator, Sequence
 
 from data_pipelines.annotation_rows import (
-    PathLike, Records, VideoText, _clean_caption_list, _clean_id, _clean_text, _cleaned, _Collector,
-    _csv_rows, _is_valid_utf8, _jsonl_rows, _load_json, _parse_duration, _read_text, _tsv_lines,
+    PathLike,
+    Records,
+    VideoText,
+    _clean_caption_list,
+    _clean_id,
+    _clean_text,
+    _cleaned,
+    _Collector,
+    _csv_rows,
+    _is_valid_utf8,
+    _jsonl_rows,
+    _load_json,
+    _parse_duration,
+    _read_text,
+    _tsv_lines,
 )
 
 

@@ -7,8 +7,20 @@ import re
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from data_pipelines.annotation_rows import (
-    PathLike, QAExample, Records, _clean_id, _clean_text, _cleaned, _cleaned_texts, _Collector, _csv_rows,
-    _is_valid_utf8, _jsonl_rows, _load_json, _numbered_tsv_lines, _read_text,
+    PathLike,
+    QAExample,
+    Records,
+    _clean_id,
+    _clean_text,
+    _cleaned,
+    _cleaned_texts,
+    _Collector,
+    _csv_rows,
+    _is_valid_utf8,
+    _jsonl_rows,
+    _load_json,
+    _numbered_tsv_lines,
+    _read_text,
 )
 
 TGIF_TASKS = ("action", "transition", "frameqa", "count")

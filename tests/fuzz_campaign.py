@@ -21,7 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def run_one(target: str, examples: int, seed: int) -> dict:
     """Runs one target in this process (called in the subprocess); returns counts and the finding."""
-    from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hypothesis_seed
 
     from tests import fuzz_targets
 

@@ -327,8 +327,8 @@ def check_annotations(case: tuple[str, bytes]) -> None:
 # ----------------------------------------------------------------------------- config overrides
 
 def _config_keys() -> list[str]:
-    from configs.pretrain import get_config
     from clover_jax.workdir_config import flatten_config
+    from configs.pretrain import get_config
 
     return sorted(flatten_config(get_config("tiny").to_dict()))
 

@@ -185,4 +185,5 @@ def test_synthetic_build_through_builder_and_cli(tmp_path):
         "--out", str(tmp_path / "cli"), "--name", "syn_cli", "--fps", "8", "--short-side", "32", "--workers", "1",
     ])
     assert rc == 0
-    assert builder.split_index(builder.dataset_dir(tmp_path / "cli", "syn_cli"), "train").num_captions.tolist() == [3] * 6
+    index = builder.split_index(builder.dataset_dir(tmp_path / "cli", "syn_cli"), "train")
+    assert index.num_captions.tolist() == [3] * 6

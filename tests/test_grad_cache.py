@@ -23,7 +23,15 @@ from clover_jax import sharding as shard_lib
 from clover_jax import train_step as ts
 from clover_jax.run import ConfigError, check_microbatches, load_config_file, setup_run
 from test_clover_train import (
-    MODEL, OPTIM, STEP_RNG_SEED, TOTAL_STEPS, boxed_abstract, host_params0, loss_config, make_batch, mesh_of,
+    MODEL,
+    OPTIM,
+    STEP_RNG_SEED,
+    TOTAL_STEPS,
+    boxed_abstract,
+    host_params0,
+    loss_config,
+    make_batch,
+    mesh_of,
 )
 
 MESH = "data4_model2"
