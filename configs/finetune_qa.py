@@ -46,6 +46,10 @@ _RECIPES = {
     "msrvtt_qa": (1500, 40, 1.2e-5, 20, 256, 1),
     "msvd_qa": (1000, 40, 1.2e-5, 40, 128, 1),
     "tgif_frame": (1540, 40, 1.2e-5, 20, 128, 1),
+    # Not in the paper (ours, by analogy with TGIF-Frame / MSRVTT-QA): counts as answer classes, and
+    # ActivityNet-QA's commonly used 1,000 most frequent training answers.
+    "tgif_count": (20, 40, 1.2e-5, 20, 128, 1),
+    "activitynet_qa": (1000, 40, 1.2e-5, 20, 128, 1),
     "tgif_action": (0, 100, 5e-6, 100, 128, 4),
     "tgif_transition": (0, 100, 5e-6, 50, 128, 4),
     "lsmdc_mc": (0, 256, 1.2e-5, 20, 128, 1),

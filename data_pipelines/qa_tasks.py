@@ -1,8 +1,8 @@
 """VideoQA items from annotation files: the QA examples of one source -> `QAItems` over the clips of a built split.
 
 A source (`annotations.read_qa_examples`) names a task of reference §5.2:
-  open-ended       msrvtt_qa, msvd_qa, tgif_frame: the question alone, answer index in a vocabulary
-                   (a file such as MSRVTT-QA's `msrvtt_train_ans2label.json` / MSVD-QA's
+  open-ended       msrvtt_qa, msvd_qa, tgif_frame, tgif_count, activitynet_qa: the question alone, answer
+                   index in a vocabulary (a file such as MSRVTT-QA's `msrvtt_train_ans2label.json` / MSVD-QA's
                    `msvd_answer_set.txt`, or the most frequent training answers); -1 = out of vocabulary.
   multiple choice  tgif_action, tgif_transition, lsmdc_mc: one text per option, §5.2's
                    question + " Options: " + all options + " Answer: " + option ("full") or the option
@@ -26,12 +26,12 @@ import numpy as np
 
 from data_pipelines.annotations import FIB_BLANK, QAExample, read_ans2label, read_answer_set
 from data_pipelines.qa_inputs import QAItems
+from data_pipelines.qa_sources import QA_SOURCE_TABLE
 from data_pipelines.synthetic_qa import MC_FORMATS
 
+# The trainable sources of the QA source table (MSR-VTT multiple choice is zero-shot: the retrieval model).
 SOURCE_TASKS: dict[str, str] = {
-    "msrvtt_qa": "qa_open_ended", "msvd_qa": "qa_open_ended", "tgif_frame": "qa_open_ended",
-    "tgif_action": "qa_multiple_choice", "tgif_transition": "qa_multiple_choice",
-    "lsmdc_mc": "qa_multiple_choice", "lsmdc_fib": "qa_fill_in_blank",
+    name: source.task for name, source in QA_SOURCE_TABLE.items() if source.task != "zero_shot_multiple_choice"
 }
 QUESTION_WORDS = ("what", "who", "how", "when", "where", "which", "why", "whose", "whom")
 

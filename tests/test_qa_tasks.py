@@ -16,7 +16,7 @@ from clover_jax import train as train_lib
 from clover_jax.evaluators import entries
 from clover_jax.models.clover import Clover, clover_config, init_params
 from configs import finetune_qa
-from data_pipelines import builder, prepare, qa_inputs, qa_tasks
+from data_pipelines import annotations, builder, prepare, qa_inputs, qa_tasks
 from data_pipelines.annotations import QAExample, read_lsmdc_fib, read_msvd_qa
 from data_pipelines.device_transfer import numpy_batches
 
@@ -42,6 +42,22 @@ def test_open_ended_items_match_clips_mark_out_of_vocab_and_keep_missing_kinds()
     assert split.items.text_ids.shape == (3, 16) and (split.items.text_ids[:, 0] == 101).all()
     with pytest.raises(ValueError, match="msvd_mapping"):
         qa_tasks.open_ended_items(examples, ["vid1"], ("cat",), 16, source="msvd_qa", split="test")
+
+
+def test_tgif_count_trains_as_open_ended_over_its_count_answers(tmp_path):
+    path = tmp_path / "Train_count_question.csv"
+    path.write_text("gif_name\tquestion\tanswer\tvid_id\tkey\n"
+                    "g1\thow many times does the man nod ?\t3\tc1\t1\n"
+                    "g2\thow many birds fly ?\t2\tc2\t2\n"
+                    "g1\thow many cars pass ?\t3\tc3\t3\n"
+                    "g3\thow many times does she jump ?\t12\tc4\t4\n")
+    examples = annotations.read_qa_examples("tgif_count", path, "train")
+    assert qa_tasks.SOURCE_TASKS["tgif_count"] == "qa_open_ended" == finetune_qa.get_config("tgif_count,tiny").task
+    vocab = qa_tasks.rank_answers([e.answer for e in examples])
+    assert vocab == ("3", "12", "2")  # by frequency, then alphabetical
+    split = qa_tasks.open_ended_items(examples, ["g1", "g2"], vocab, 16, source="tgif_count", split="train")
+    assert split.items.answer_index.tolist() == [0, 2, 0] and split.kinds == ["count"] * 3
+    assert split.missing_kinds == ["count"]  # g3 has no clip in the split: kept, scored wrong
 
 
 def test_fill_in_blank_puts_mask_in_place_and_cuts_long_sentences_around_it():
