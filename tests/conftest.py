@@ -33,3 +33,17 @@ def golden_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def real_data_dir() -> pathlib.Path:
     return _need(SHARED / "data" / "real")
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for running `python -m clover_jax.train/eval` in subprocesses: 2 CPU devices, library
+    logs off the terminal, no CLOVER_DEBUG tracebacks, and one XLA compilation cache and one synthetic-data
+    cache (`CLOVER_TEST_DATA_CACHE`) for every such run of the session, so the tiny step compiles once."""
+    cache = tmp_path_factory.mktemp("cli_cache")
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", CLOVER_TEST_DATA_CACHE=str(cache / "data"))
+    env.pop("CLOVER_DEBUG", None)
+    return env

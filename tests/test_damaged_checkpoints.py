@@ -7,7 +7,6 @@ also refuses a config whose state would not fit it, and the entry points answer 
 one line and exit status 2.
 """
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -23,26 +22,15 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 6
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             PYTHONUNBUFFERED="1", CLOVER_TEST_DATA_CACHE=str(cache / "data"))
-    e.pop("CLOVER_DEBUG", None)
-    return e
-
-
-def _train(env, workdir, *extra, timeout=900):
+def _train(cli_env, workdir, *extra, timeout=900):
     args = [sys.executable, "-m", "clover_jax.train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
             "--config.log_every=1", "--config.checkpoint_every=2", "--config.keep_checkpoints=5",
-            f"--config.data.cache_dir={env['CLOVER_TEST_DATA_CACHE']}", *extra]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+            f"--config.data.cache_dir={cli_env['CLOVER_TEST_DATA_CACHE']}", *extra]
+    return subprocess.run(args, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=timeout)
 
 
-def _eval(env, *args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "clover_jax.eval", *args], cwd=REPO, env=env,
+def _eval(cli_env, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "clover_jax.eval", *args], cwd=REPO, env=cli_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -64,9 +52,9 @@ def _cut_data_files_in_half(step_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(env, tmp_path_factory):
+def finished_run(cli_env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("finished")
-    proc = _train(env, workdir)
+    proc = _train(cli_env, workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4, 6]
@@ -90,8 +78,8 @@ def test_terminal_shows_progress_and_results_not_library_logs(finished_run):
     assert "checkpoint_manager.py" in log  # orbax's INFO lines went to the file
 
 
-def test_eval_falls_back_to_the_previous_checkpoint(env, damaged_copy):
-    proc = _eval(env, f"--workdir={damaged_copy}")
+def test_eval_falls_back_to_the_previous_checkpoint(cli_env, damaged_copy):
+    proc = _eval(cli_env, f"--workdir={damaged_copy}")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     fallback = [line for line in proc.stdout.splitlines() if "cannot be restored" in line]
     assert len(fallback) == 1 and "checkpoint step 6 at" in fallback[0] and "trying step 4" in fallback[0]
@@ -100,9 +88,9 @@ def test_eval_falls_back_to_the_previous_checkpoint(env, damaged_copy):
     print(fallback[0])
 
 
-def test_continuing_resumes_from_the_older_checkpoint_bit_identically(env, finished_run, damaged_copy):
+def test_continuing_resumes_from_the_older_checkpoint_bit_identically(cli_env, finished_run, damaged_copy):
     uninterrupted = _losses(finished_run[0])
-    proc = _train(env, damaged_copy)
+    proc = _train(cli_env, damaged_copy)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checkpoint step 6 at" in proc.stdout and "workdir checkpoint step 4" in proc.stdout, proc.stdout
     resumed = _losses(damaged_copy)  # steps 5 and 6 were logged again by the resumed run
@@ -117,22 +105,22 @@ def test_continuing_resumes_from_the_older_checkpoint_bit_identically(env, finis
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
-def test_no_readable_checkpoint_stops_listing_what_was_tried(env, finished_run, tmp_path):
+def test_no_readable_checkpoint_stops_listing_what_was_tried(cli_env, finished_run, tmp_path):
     workdir = tmp_path / "all_damaged"
     shutil.copytree(finished_run[0], workdir)
     for step in (2, 4, 6):
         _cut_data_files_in_half(workdir / "checkpoints" / str(step))
-    proc = _eval(env, f"--workdir={workdir}")
+    proc = _eval(cli_env, f"--workdir={workdir}")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and all(f"step {s}:" in errors[0] for s in (6, 4, 2)), errors
     print(errors[0][:300])
 
 
-def test_a_workdir_refuses_a_config_whose_state_would_not_fit(env, finished_run, tmp_path):
+def test_a_workdir_refuses_a_config_whose_state_would_not_fit(cli_env, finished_run, tmp_path):
     workdir = tmp_path / "other_model"
     shutil.copytree(finished_run[0], workdir)
-    proc = _train(env, workdir, "--config.model.preset=small", timeout=600)
+    proc = _train(cli_env, workdir, "--config.model.preset=small", timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(errors) == 1 and 'model.preset: "tiny" in the workdir, "small" now' in errors[0], errors
@@ -140,10 +128,10 @@ def test_a_workdir_refuses_a_config_whose_state_would_not_fit(env, finished_run,
     print(errors[0])
 
 
-def test_a_longer_run_continues_and_logs_the_allowed_difference(env, finished_run, tmp_path):
+def test_a_longer_run_continues_and_logs_the_allowed_difference(cli_env, finished_run, tmp_path):
     workdir = tmp_path / "longer"
     shutil.copytree(finished_run[0], workdir)
-    proc = _train(env, workdir, "--config.total_steps=7", "--config.eval.report_queries=5")
+    proc = _train(cli_env, workdir, "--config.total_steps=7", "--config.eval.report_queries=5")
     assert proc.returncode == 0, proc.stderr[-3000:]
     note = [line for line in proc.stdout.splitlines() if "config differs from" in line]
     assert len(note) == 1 and "total_steps 6 -> 7" in note[0] and "eval.report_queries 20 -> 5" in note[0], note
@@ -151,7 +139,7 @@ def test_a_longer_run_continues_and_logs_the_allowed_difference(env, finished_ru
 
 
 @pytest.mark.parametrize("case", ["empty_workdir", "missing_workdir", "missing_checkpoint_file", "bad_config_json"])
-def test_eval_user_mistakes_end_in_one_line(env, tmp_path, case):
+def test_eval_user_mistakes_end_in_one_line(cli_env, tmp_path, case):
     if case == "empty_workdir":
         (tmp_path / "w").mkdir()
         args = [f"--workdir={tmp_path / 'w'}"]
@@ -165,7 +153,7 @@ def test_eval_user_mistakes_end_in_one_line(env, tmp_path, case):
         (tmp_path / "w").mkdir()
         (tmp_path / "w" / "config.json").write_text("{not json")
         args = [f"--workdir={tmp_path / 'w'}"]
-    proc = _eval(env, *args, timeout=300)
+    proc = _eval(cli_env, *args, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

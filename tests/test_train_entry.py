@@ -5,7 +5,6 @@ SIGKILL while checkpoints are being written every step, and resumed again: its l
 parameters must equal the reference's exactly. The eval CLI must reproduce the run's printed metrics.
 """
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -21,31 +20,20 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = 6
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-    e["CLOVER_TEST_DATA_CACHE"] = str(cache / "data")
-    return e
-
-
 def _cmd(workdir, *extra):
     return [sys.executable, "-m", "clover_jax.train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
             "--config.log_every=1", "--config.checkpoint_every=100", *extra]
 
 
-def _run(env, workdir, *extra, timeout=600):
-    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={env['CLOVER_TEST_DATA_CACHE']}"]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cli_env, workdir, *extra, timeout=600):
+    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={cli_env['CLOVER_TEST_DATA_CACHE']}"]
+    return subprocess.run(args, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=timeout)
 
 
-def _run_until(env, workdir, marker, sig, *extra):
+def _run_until(cli_env, workdir, marker, sig, *extra):
     """Starts training, sends `sig` once stdout shows `marker`; returns (returncode, stdout)."""
-    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={env['CLOVER_TEST_DATA_CACHE']}"]
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    args = _cmd(workdir, *extra) + [f"--config.data.cache_dir={cli_env['CLOVER_TEST_DATA_CACHE']}"]
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -72,33 +60,33 @@ def _table(stdout: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
+def reference(cli_env, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("reference")
-    proc = _run(env, workdir)
+    proc = _run(cli_env, workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir, proc.stdout
 
 
-def test_resume_after_sigterm_and_kill9_matches_uninterrupted_run(env, reference, tmp_path):
+def test_resume_after_sigterm_and_kill9_matches_uninterrupted_run(cli_env, reference, tmp_path):
     ref_dir, _ = reference
     want = _losses(ref_dir)
     assert sorted(want) == list(range(1, TOTAL + 1))
 
     # SIGTERM: the step finishes, a checkpoint is saved and waited for, exit 0.
-    code, out = _run_until(env, tmp_path, "step 2/", signal.SIGTERM)
+    code, out = _run_until(cli_env, tmp_path, "step 2/", signal.SIGTERM)
     assert code == 0 and "received signal" in out, out
     stopped = checkpoint_dir_and_step(tmp_path)[1]
     assert 2 <= stopped < TOTAL
 
     # Resume with a checkpoint every step and SIGKILL it mid-run (saves are async, so one is in flight).
-    code, out = _run_until(env, tmp_path, f"step {stopped + 1}/", signal.SIGKILL, "--config.checkpoint_every=1")
+    code, out = _run_until(cli_env, tmp_path, f"step {stopped + 1}/", signal.SIGKILL, "--config.checkpoint_every=1")
     assert code == -signal.SIGKILL
     assert f"workdir checkpoint step {stopped}" in out
     survived = checkpoint_dir_and_step(tmp_path)[1]  # the newest *finished* checkpoint
     assert survived >= stopped
     load_params(tmp_path)  # restorable
 
-    proc = _run(env, tmp_path)
+    proc = _run(cli_env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"workdir checkpoint step {survived}" in proc.stdout
     got = _losses(tmp_path)
@@ -110,10 +98,10 @@ def test_resume_after_sigterm_and_kill9_matches_uninterrupted_run(env, reference
         np.testing.assert_array_equal(params[key], ref_params[key], err_msg=key)
 
 
-def test_eval_cli_reproduces_the_run_metrics(env, reference):
+def test_eval_cli_reproduces_the_run_metrics(cli_env, reference):
     ref_dir, train_out = reference
     trained = json.loads((ref_dir / "eval" / f"retrieval_step{TOTAL}.json").read_text())
-    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}"], cwd=REPO, env=cli_env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _table(proc.stdout) == _table(train_out)
@@ -122,25 +110,25 @@ def test_eval_cli_reproduces_the_run_metrics(env, reference):
     assert html.count("<img") >= 5 and "data:image/png;base64," in html
 
 
-def test_config_typo_and_bad_batch_fail_in_one_line(env, tmp_path):
-    proc = _run(env, tmp_path, "--config.optim.lrr=1", timeout=120)
+def test_config_typo_and_bad_batch_fail_in_one_line(cli_env, tmp_path):
+    proc = _run(cli_env, tmp_path, "--config.optim.lrr=1", timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "lrr" in lines[0] and '"lr"' in lines[0], proc.stderr[-2000:]
 
-    proc = _run(env, tmp_path, "--config.data.batch_size=3", timeout=300)  # 2 devices
+    proc = _run(cli_env, tmp_path, "--config.data.batch_size=3", timeout=300)  # 2 devices
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(lines) == 1 and "batch size 3" in lines[0] and "by 2" in lines[0], proc.stderr[-2000:]
 
 
-def test_eval_cli_scores_msrvtt_style_multiple_choice(env, reference, tmp_path):
+def test_eval_cli_scores_msrvtt_style_multiple_choice(cli_env, reference, tmp_path):
     """The MSR-VTT MC format over the run's eval clips; an item whose clip is absent counts as wrong."""
     from data_pipelines.builder import split_index
 
     ref_dir, _ = reference
     config = json.loads((ref_dir / "config.json").read_text())
-    folder = next(pathlib.Path(env["CLOVER_TEST_DATA_CACHE"]).glob("tfds/*/synthetic_*/*"))
+    folder = next(pathlib.Path(cli_env["CLOVER_TEST_DATA_CACHE"]).glob("tfds/*/synthetic_*/*"))
     assert config["eval"]["split"] == "test"
     videos = split_index(folder, "test").video_id
     options = ["a red circle moves to the left", "two blue squares spin around", "a green cross stays in place",
@@ -151,7 +139,7 @@ def test_eval_cli_scores_msrvtt_style_multiple_choice(env, reference, tmp_path):
     mc.write_text("\n".join(json.dumps(r) for r in rows))
     proc = subprocess.run([sys.executable, "-m", "clover_jax.eval", f"--workdir={ref_dir}", "--evaluator=msrvtt_mc",
                            f"--config.evals.msrvtt_mc.file={mc}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((ref_dir / "eval" / f"msrvtt_mc_step{TOTAL}.json").read_text())
     print(proc.stdout.splitlines()[-1])
