@@ -34,7 +34,6 @@ from data_pipelines.qa_sources import (
     QA_SOURCES,
     QASource,
     answer_coverage,
-    answer_vocabulary,
     read_qa_examples,
     read_qa_videos,
 )
@@ -53,7 +52,6 @@ __all__ = [
     "TGIF_TASKS",
     "VideoText",
     "answer_coverage",
-    "answer_vocabulary",
     "clean_caption_text",
     "read_activitynet_qa",
     "read_ans2label",

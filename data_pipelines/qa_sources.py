@@ -80,15 +80,6 @@ def read_qa_videos(
     return Records(videos.values(), bad=collections.Counter(examples.bad))
 
 
-def answer_vocabulary(examples: Iterable[QAExample], top_k: int) -> dict[str, int]:
-    """The `top_k` most frequent answers -> labels 0..k-1 (ties broken alphabetically, deterministic)."""
-    if top_k <= 0:
-        raise ValueError(f"top_k must be positive, got {top_k}")
-    counts = collections.Counter(ex.answer for ex in examples)
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
-    return {answer: label for label, (answer, _) in enumerate(ranked)}
-
-
 def answer_coverage(examples: Iterable[QAExample], vocab: Mapping[str, int] | Iterable[str]) -> float:
     """Fraction of examples whose answer is in `vocab` (the accuracy ceiling of a classifier head)."""
     vocab = set(vocab)

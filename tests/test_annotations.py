@@ -5,6 +5,7 @@ import json
 import pytest
 
 from data_pipelines import annotations as ann
+from data_pipelines import qa_tasks
 
 BAD_BYTES = b"\xff\xfe caf\xe9"  # not UTF-8
 
@@ -35,7 +36,7 @@ def test_msrvtt_qa_answer_coverage(real_data_dir):
     qa = ann.read_msrvtt_qa_jsonl(real_data_dir / "msrvtt" / "msrvtt_qa" / "msrvtt_qa_val.jsonl")
     vocab = ann.read_ans2label(real_data_dir / "msrvtt" / "msrvtt_qa" / "msrvtt_train_ans2label.json")
     coverage = ann.answer_coverage(qa, vocab)
-    own_vocab = ann.answer_vocabulary(qa, 1500)
+    own_vocab = qa_tasks.rank_answers((q.answer for q in qa), 1500)
     print(f"\n[MSRVTT-QA val] {len(qa)} QAs over {len({q.video for q in qa})} videos; "
           f"1,500-answer train vocab covers {100 * coverage:.2f}%; "
           f"val's own top-1500 covers {100 * ann.answer_coverage(qa, own_vocab):.2f}%")
@@ -222,12 +223,13 @@ def test_generic_jsonl_and_shared_counter(tmp_path):
 
 def test_answer_vocabulary_and_coverage():
     examples = [ann.QAExample("v", "q", a) for a in ["dog", "cat", "dog", "bird", "cat", "ant", "dog"]]
-    vocab = ann.answer_vocabulary(examples, top_k=3)
-    assert vocab == {"dog": 0, "cat": 1, "ant": 2}  # ties (ant, bird: 1 each) broken alphabetically
+    vocab = qa_tasks.rank_answers((e.answer for e in examples), top_k=3)
+    assert vocab == ("dog", "cat", "ant")  # ties (ant, bird: 1 each) broken alphabetically
+    assert qa_tasks.rank_answers(e.answer for e in examples) == ("dog", "cat", "ant", "bird")  # 0: all
     assert ann.answer_coverage(examples, vocab) == pytest.approx(6 / 7)
     assert ann.answer_coverage(examples, ["bird"]) == pytest.approx(1 / 7)
     with pytest.raises(ValueError):
-        ann.answer_vocabulary(examples, top_k=0)
+        qa_tasks.rank_answers(["dog"], top_k=-1)
 
 
 # ----------------------------------------------------------------------------- LSMDC QA, QA dispatcher

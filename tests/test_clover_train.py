@@ -119,16 +119,23 @@ class StepResult(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def one_step(mesh_name: str) -> StepResult:
-    mesh = mesh_of(mesh_name)
+def initial_state_and_step(mesh: jax.sharding.Mesh, **step_fns: Any) -> tuple[ts.TrainState, Any]:
+    """The train state from `host_params0()` on `mesh` and a train step built from `step_fns` (the
+    `loss_fn` / `value_and_grad_fn` keywords of `make_train_step`)."""
     param_sh = shard_lib.param_shardings(boxed_abstract("tiny"), mesh)
     params = jax.device_put(host_params0(), param_sh)
     tx, schedule = optim.make_optimizer(OPTIM, TOTAL_STEPS)
     state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
     state = ts.create_train_state(params, tx, state_sh)
+    step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=shard_lib.batch_sharding(mesh),
+                              mesh=mesh, schedule=schedule, **step_fns)
+    return state, step
+
+
+def one_step(mesh_name: str) -> StepResult:
+    mesh = mesh_of(mesh_name)
     loss_fn = tasks.pretrain_loss_fn(MODEL, loss_config(), shard_lib.num_data_replicas(mesh))
-    step = ts.make_train_step(loss_fn, tx, state_shardings=state_sh, batch_sharding=shard_lib.batch_sharding(mesh),
-                              mesh=mesh, schedule=schedule)
+    state, step = initial_state_and_step(mesh, loss_fn=loss_fn)
     batch = shard_lib.shard_batch(make_batch(), mesh)
     state, metrics = step(state, batch, jax.random.key(STEP_RNG_SEED))
     return StepResult(jax.device_get(metrics), jax.device_get(state.params), state, step, batch)

@@ -20,15 +20,13 @@ import pytest
 
 from clover_jax import grad_cache, optim, tasks, train
 from clover_jax import sharding as shard_lib
-from clover_jax import train_step as ts
 from clover_jax.run import ConfigError, check_microbatches, load_config_file, setup_run
 from test_clover_train import (
     MODEL,
-    OPTIM,
     STEP_RNG_SEED,
-    TOTAL_STEPS,
     boxed_abstract,
     host_params0,
+    initial_state_and_step,
     loss_config,
     make_batch,
     mesh_of,
@@ -59,19 +57,13 @@ class StepResult(NamedTuple):
 def one_step(microbatches: int, grad_scale: str = "global") -> StepResult:
     """One optimizer step from `host_params0()`; k = 1 goes through the plain `loss_fn` path of the step."""
     mesh = mesh_of(MESH)
-    param_sh = shard_lib.param_shardings(boxed_abstract("tiny"), mesh)
-    params = jax.device_put(host_params0(), param_sh)
-    tx, schedule = optim.make_optimizer(OPTIM, TOTAL_STEPS)
-    state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
-    state = ts.create_train_state(params, tx, state_sh)
     cfg = loss_config(contrastive_grad_scale=grad_scale)
     if microbatches == 1:
         fns = {"loss_fn": tasks.pretrain_loss_fn(MODEL, cfg, REPLICAS, deterministic=True)}
     else:
         objective = tasks.pretrain_objective(MODEL, cfg, REPLICAS, deterministic=True)
         fns = {"loss_fn": None, "value_and_grad_fn": grad_cache.value_and_grad(objective, microbatches)}
-    step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=shard_lib.batch_sharding(mesh),
-                              mesh=mesh, schedule=schedule, **fns)
+    state, step = initial_state_and_step(mesh, **fns)
     state, metrics = step(state, shard_lib.shard_batch(batch16(), mesh), jax.random.key(STEP_RNG_SEED))
     return StepResult(jax.device_get(metrics), jax.device_get(state.params))
 
