@@ -6,7 +6,9 @@
 
 Sources: `official_clover` (a whole official pre-training checkpoint), `torchvision_swin3d` /
 `official_swin3d` (video encoder only; add `--bert-dir` to also load a HF BERT into the text and
-fusion encoders), `hf_bert` (a HF folder with config.json + model.safetensors: text + fusion layers).
+fusion encoders), `hf_bert` (a HF folder with config.json + model.safetensors: text + fusion layers,
+and the MLM head when the file holds `cls.predictions.*`, as BertForMaskedLM / BertForPreTraining files do;
+a BERT without it is named in one printed line and the head stays freshly initialised).
 The output folder holds `params/` (orbax; only the converted subtrees) and `conversion.json` (the
 preset, what was loaded, what stays freshly initialised, and unused checkpoint keys).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import pathlib
 
-from clover_jax.convert.bert import load_hf_bert_dir
+from clover_jax.convert.bert import has_hf_mlm_head, load_hf_bert_dir
 from clover_jax.convert.checkpoint_io import load_state_dict
 from clover_jax.convert.clover import import_official_clover, import_pretrained_parts
 from clover_jax.convert.common import CheckpointMismatchError
@@ -40,6 +42,9 @@ def convert(source: str, checkpoint: str | None, model: str, out: str, bert_dir:
         video = None if source == "hf_bert" else load_state_dict(checkpoint)
         bert_path = checkpoint if source == "hf_bert" else bert_dir
         bert = load_hf_bert_dir(bert_path)[1] if bert_path else None
+        if bert is not None and not has_hf_mlm_head(bert):
+            print(f"{bert_path}: no cls.predictions.* (BERT's MLM head) in this checkpoint; "
+                  "mlm_head stays at its fresh initialisation")
         params, report = import_pretrained_parts(
             config, target, video_state_dict=video,
             video_source="official" if source == "official_swin3d" else "torchvision", bert_state_dict=bert,

@@ -23,6 +23,7 @@ from clover_jax.convert.common import (
 )
 from clover_jax.convert.safetensors_io import load_safetensors
 from clover_jax.models.bert import BertConfig, BertModel
+from clover_jax.models.heads import MLMHead
 
 # HF buffers that are not parameters.
 HF_BERT_BUFFERS = ("embeddings.position_ids", "bert.embeddings.position_ids")
@@ -30,6 +31,10 @@ HF_BERT_BUFFERS = ("embeddings.position_ids", "bert.embeddings.position_ids")
 CLOVER_FUSION_UNUSED = ("multimodal_backbone.bert_embedding.",)
 CLOVER_TEXT_SRC = "text_backbone.bert."
 CLOVER_FUSION_SRC = "multimodal_backbone."
+HF_MLM_SRC = "cls.predictions."
+HF_MLM_TIED_BIAS = "cls.predictions.decoder.bias"  # HF ties it to `cls.predictions.bias`
+# Pre-2019 checkpoints (bert-base-uncased's own files among them) name LayerNorm parameters gamma/beta.
+LEGACY_NORM_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
 
 
 def _join(prefix: str, name: str) -> str:
@@ -88,6 +93,18 @@ def hf_bert_plan(
     return plan
 
 
+def canonical_hf_names(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The state dict with legacy `LayerNorm.gamma` / `LayerNorm.beta` keys renamed `.weight` / `.bias`
+    (what HF's loader does); other keys unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in LEGACY_NORM_NAMES.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        out[key] = value
+    return out
+
+
 def detect_hf_prefix(state_dict: Mapping[str, np.ndarray]) -> str:
     """"bert." when the BERT lives under `bert.` (BertFor* checkpoints), "" for a bare BertModel."""
     if "bert.embeddings.word_embeddings.weight" in state_dict:
@@ -122,6 +139,7 @@ def convert_hf_bert(
     state_dict: Mapping[str, np.ndarray], config: BertConfig, *, add_pooler: bool = True
 ) -> tuple[dict, ConversionReport]:
     """HF BERT state dict (bare or `bert.`-prefixed) -> BertModel params, checked by name and shape."""
+    state_dict = canonical_hf_names(state_dict)
     prefix = detect_hf_prefix(state_dict)
     plan = hf_bert_plan(config, "", src_prefix=prefix, add_pooler=add_pooler)
     ignore = HF_BERT_BUFFERS + (() if add_pooler else (f"{prefix}pooler.",)) + ("cls.",)
@@ -228,3 +246,40 @@ def mlm_head_plan(dst_prefix: str, src_prefix: str, *, bias_key: str = "decoder.
 def clover_mlm_head_plan(dst_prefix: str) -> Plan:
     """`mlm_head.predictions.*` onto MLMHead (its decoder is untied, with its own bias)."""
     return mlm_head_plan(dst_prefix, "mlm_head.predictions.")
+
+
+def has_hf_mlm_head(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """Whether a HF checkpoint holds BERT's MLM head (`cls.predictions.transform.*`)."""
+    return f"{HF_MLM_SRC}transform.dense.weight" in state_dict
+
+
+def hf_mlm_head_plan(state_dict: Mapping[str, np.ndarray], dst_prefix: str) -> Plan:
+    """HF BertForMaskedLM / BertForPreTraining `cls.predictions.*` onto MLMHead at `dst_prefix`.
+
+    The vocabulary bias is `cls.predictions.bias` (HF ties `decoder.bias` to it; a file holding only
+    `decoder.bias` gives that). A file without `decoder.weight` (tied to the word embeddings, so often not
+    saved) gives the word-embedding matrix instead; either way our decoder is a copy, untied from the
+    text encoder, as in the official head.
+    """
+    bias_key = "bias" if f"{HF_MLM_SRC}bias" in state_dict else "decoder.bias"
+    plan = mlm_head_plan(dst_prefix, HF_MLM_SRC, bias_key=bias_key)
+    if f"{HF_MLM_SRC}decoder.weight" not in state_dict:
+        words = f"{detect_hf_prefix(state_dict)}embeddings.word_embeddings.weight"
+        plan[_join(dst_prefix, "decoder/kernel")] = (words, linear_weight)
+    return plan
+
+
+def mlm_head_param_shapes(config: BertConfig) -> dict:
+    """Abstract params of our MLMHead for a BERT of `config`."""
+    head = MLMHead(config.vocab_size, layer_norm_eps=config.layer_norm_eps)
+    abstract = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, config.hidden_size)))
+    return nn.unbox(abstract)["params"]
+
+
+def convert_hf_mlm_head(state_dict: Mapping[str, np.ndarray], config: BertConfig) -> tuple[dict, ConversionReport]:
+    """HF `cls.predictions.*` -> MLMHead params (every one required). Only `cls.predictions.*` keys
+    count as unused; HF's tied copy `decoder.bias` of the bias is not one."""
+    state_dict = canonical_hf_names(state_dict)
+    plan = hf_mlm_head_plan(state_dict, "")
+    ignore = tuple(k for k in state_dict if not k.startswith(HF_MLM_SRC)) + (HF_MLM_TIED_BIAS,)
+    return assemble(state_dict, plan, mlm_head_param_shapes(config), ignore_unexpected=ignore)

@@ -3,8 +3,9 @@
 `import_official_clover` maps every key of an official pre-training checkpoint (`backbone.*`,
 `text_backbone.bert.*`, `multimodal_backbone.*`, `ssl_head.*`, `mlm_head.*`, `mlm_ssl_{V,T}_head.*`)
 onto our `Clover` parameters. `import_pretrained_parts` builds the partial tree the paper starts from:
-Video Swin (torchvision or official names) for the video encoder, a HF BERT for the text encoder and
-its first k layers for the fusion encoder; everything else stays at its fresh initialisation.
+Video Swin (torchvision or official names) for the video encoder, a HF BERT for the text encoder, its
+first k layers for the fusion encoder and its MLM head (`cls.predictions.*`, when present) for ours;
+everything else stays at its fresh initialisation.
 """
 from __future__ import annotations
 
@@ -57,8 +58,10 @@ def import_pretrained_parts(
     video_source: str = "torchvision",
     bert_state_dict: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, Any], ConversionReport]:
-    """Partial params from public weights: Swin3D -> video_encoder; BERT -> text_encoder and the first
-    `fusion_layers` layers -> fusion encoder. Missing entries are what stays freshly initialised."""
+    """Partial params from public weights: Swin3D -> video_encoder; BERT -> text_encoder, its first
+    `fusion_layers` layers -> fusion encoder and, when the checkpoint holds `cls.predictions.*`
+    (BertForMaskedLM / BertForPreTraining files such as bert-base-uncased's), its MLM head -> mlm_head.
+    Missing entries are what stays freshly initialised."""
     state: dict[str, np.ndarray] = {}
     plan: Plan = {}
     ignore: list[str] = []
@@ -71,14 +74,17 @@ def import_pretrained_parts(
         plan.update({f"video_encoder/{d}": (f"video::{s}", t) for d, (s, t) in video_plan.items()})
         ignore += [f"video::{k}" for k in swin_convert.ignored_keys(config.video, video_source, prefix)]
     if bert_state_dict is not None:
+        bert_state_dict = bert_convert.canonical_hf_names(bert_state_dict)
         prefix = bert_convert.detect_hf_prefix(bert_state_dict)
         tagged = {f"text::{k}": v for k, v in bert_state_dict.items()}
         state.update(tagged)
         text_plan = bert_convert.hf_bert_plan(config.text, "text_encoder", src_prefix=prefix, add_pooler=False)
         fusion_plan = bert_convert.fusion_from_bert_plan(config.fusion_layers, "fusion", src_prefix=prefix)
-        for d, (s, t) in {**text_plan, **fusion_plan}.items():
+        head_plan = (bert_convert.hf_mlm_head_plan(bert_state_dict, "mlm_head")
+                     if bert_convert.has_hf_mlm_head(bert_state_dict) else {})
+        for d, (s, t) in {**text_plan, **fusion_plan, **head_plan}.items():
             plan[d] = (f"text::{s}", t)
-        ignore += ["text::"]  # the BERT's pooler / MLM head / buffers are not ours
+        ignore += ["text::"]  # the BERT's pooler, NSP head and buffers are not ours
     if not state:
         raise ValueError("import_pretrained_parts: give video_state_dict and/or bert_state_dict")
     params, report = assemble(state, plan, target, ignore_unexpected=tuple(ignore), strict=False)
