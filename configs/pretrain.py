@@ -16,6 +16,10 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           Hardware: 32 A100/H100-class GPUs or a v4-64 TPU slice. 40 epochs (4 warm-up), an epoch being
           one pass over both prepared sources: steps are resolved from their sizes at start. Expected
           zero-shot MSR-VTT R@1/5/10 ≈ 26.4/49.5/60.0 (paper, 5M pairs).
+          Start it as the paper does with --config.init_from=<converter output> from
+          `python -m clover_jax.convert --source official_swin3d … --bert-dir bert-base-uncased/`: that
+          loads the Swin, the text encoder, fusion layers 0-2 and BERT's MLM head (`cls.predictions.*`,
+          as the official `BertForMaskedLM.from_pretrained` head; untied from the text encoder).
 """
 from __future__ import annotations
 

@@ -53,3 +53,48 @@ def test_cli_converts_official_checkpoint_to_orbax(golden_dir, tmp_path, capsys)
     assert main(["--source", "official_clover", "--checkpoint", str(ckpt), "--model", "tiny",
                  "--out", str(tmp_path / "x")]) == 2
     assert "checkpoint key" in capsys.readouterr().err
+
+
+def _hf_folder(folder, weights, config):
+    """A HF model folder (config.json + model.safetensors) linking to golden files."""
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(weights)
+    (folder / "config.json").symlink_to(config)
+    return folder
+
+
+def test_cli_hf_bert_carries_the_mlm_head_into_init_from(golden_dir, tmp_path, capsys):
+    """`--source hf_bert` on a BertForMaskedLM file fills mlm_head; `init_from` (the pre-training recipes'
+    start from bert-base-uncased) loads it with the encoders. A BERT without `cls.*` says so in one line."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from clover_jax.checkpoint import params_from_init
+    from clover_jax.models.clover import abstract_params, clover_config
+
+    src = golden_dir / "bert_mlm"
+    folder = _hf_folder(tmp_path / "bert_mlm", src / "weights.safetensors", src / "config.json")
+    out = tmp_path / "init"
+    assert main(["--source", "hf_bert", "--checkpoint", str(folder), "--model", "tiny", "--out", str(out)]) == 0
+    assert "cls.predictions" not in capsys.readouterr().out
+    record = json.loads((out / "conversion.json").read_text())
+    assert not [p for p in record["fresh"] if p.startswith("mlm_head/")]
+    hf = load_file(str(src / "weights.safetensors"))
+    fresh = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(clover_config("tiny")))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params, loaded = params_from_init(out, fresh, jax.tree.map(lambda _: device, fresh))
+    assert {k.split("/")[0] for k in loaded} == {"text_encoder", "fusion", "mlm_head"}
+    flat = flatten(params)
+    np.testing.assert_array_equal(flat["mlm_head/decoder/kernel"], hf["cls.predictions.decoder.weight"].T)
+    np.testing.assert_array_equal(flat["mlm_head/decoder/bias"], hf["cls.predictions.bias"])
+    np.testing.assert_array_equal(flat["mlm_head/dense/kernel"], hf["cls.predictions.transform.dense.weight"].T)
+    np.testing.assert_array_equal(flat["mlm_head/LayerNorm/scale"], hf["cls.predictions.transform.LayerNorm.weight"])
+
+    bare = _hf_folder(tmp_path / "bare", golden_dir / "bert" / "tiny_random_weights.safetensors",
+                      golden_dir / "bert" / "tiny_random_config.json")
+    assert main(["--source", "hf_bert", "--checkpoint", str(bare), "--model", "tiny",
+                 "--out", str(tmp_path / "bare_init")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("no cls.predictions.* (BERT's MLM head)") == 1, printed
+    fresh_paths = json.loads((tmp_path / "bare_init" / "conversion.json").read_text())["fresh"]
+    assert {"mlm_head/decoder/kernel", "mlm_head/dense/kernel"} <= set(fresh_paths)

@@ -1,4 +1,5 @@
-"""Name maps from PyTorch checkpoints to our BERT, fusion encoder and heads: HF BERT and official Clover.
+"""Name maps from PyTorch checkpoints to our BERT, fusion encoder and heads: HF BERT (with its MLM
+head) and official Clover.
 
 Every `*_plan` builder returns a `Plan` ({our param path: (source key, transform)}) rooted at
 `dst_prefix` (our module's path inside the whole model, e.g. "text_encoder" or "" for a bare
@@ -232,8 +233,7 @@ def mlm_head_plan(dst_prefix: str, src_prefix: str, *, bias_key: str = "decoder.
     """HF `BertLMPredictionHead` at `src_prefix` (e.g. "cls.predictions.") onto MLMHead.
 
     Official Clover stores the vocabulary bias as `decoder.bias`; HF BertForMaskedLM checkpoints hold
-    it as `bias` (pass bias_key="bias"), and may omit `decoder.weight` when it is tied to the word
-    embeddings (then plan `word_embeddings.weight` onto `decoder/kernel` yourself).
+    it as `bias` and may omit the tied `decoder.weight`: `hf_mlm_head_plan` handles both.
     """
     plan: Plan = {}
     _dense(plan, _join(dst_prefix, "dense"), f"{src_prefix}transform.dense")

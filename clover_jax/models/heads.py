@@ -146,7 +146,8 @@ class FusedTextHead(nn.Module):
 class MLMHead(nn.Module):
     """BERT prediction head: dense -> GELU -> LN (eps 1e-12) -> decoder to the vocabulary (+ bias).
 
-    Not tied to any embedding table (the official head is a copy of a separate BertForMaskedLM).
+    Not tied to any embedding table (the official head is a copy of a separate BertForMaskedLM);
+    `clover_jax.convert` fills it from a HF checkpoint's `cls.predictions.*`, else it starts Xavier.
     Input (..., H); output logits (..., vocab_size) in `dtype` (cast to float32 for the loss).
     """
 
