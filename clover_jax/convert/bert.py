@@ -1,5 +1,4 @@
-"""Name maps from PyTorch checkpoints to our BERT, fusion encoder and heads: HF BERT (with its MLM
-head) and official Clover.
+"""Name maps from PyTorch checkpoints to our BERT, fusion encoder and heads: HF BERT (+ MLM head), official Clover.
 
 Every `*_plan` builder returns a `Plan` ({our param path: (source key, transform)}) rooted at
 `dst_prefix` (our module's path inside the whole model, e.g. "text_encoder" or "" for a bare
