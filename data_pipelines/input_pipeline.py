@@ -69,7 +69,17 @@ class Pass:
 
 
 def open_pass(cfg: InputConfig, process_index: int | None, process_count: int | None) -> Pass:
-    """The set-up every dataset of this package starts from (defaults: jax's process layout)."""
+    """The set-up every dataset of this package starts from (defaults: jax's process layout).
+
+    Official semantic masking (text mode "semantic") refuses a build whose stored word tags follow the
+    previous rule (spaCy over the cased caption).
+    """
+    if cfg.text.mode == "semantic" and builder.stored_tag_rule(cfg.dataset) not in (None, "wordpiece_lower"):
+        raise ValueError(
+            f"{cfg.dataset} stores word tags of the previous rule (spaCy over the cased caption); official "
+            "semantic masking needs tags over the lower-cased WordPiece words: prepare it again with "
+            "`python -m data_pipelines.prepare ... --overwrite`, or keep the previous rule with "
+            "data.text_masking='semantic_dedup'")
     process_index, process_count, local_batch = process_layout(cfg.batch_size, process_index, process_count)
     return Pass(SplitSource(cfg.dataset, cfg.split), process_index, process_count, local_batch)
 
