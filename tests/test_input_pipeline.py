@@ -233,6 +233,6 @@ def test_official_semantic_masking_refuses_tags_of_the_previous_rule(cfg, tmp_pa
     (old / build_store.KEY_FILE).write_text(json.dumps(key))
     assert builder.stored_tag_rule(old) == "cased_caption"
     with pytest.raises(ValueError, match="previous rule.*--overwrite.*semantic_dedup"):
-        ip.open_pass(cfg.replace(dataset=str(old)), 0, 1)
-    previous = TextMaskingConfig(mode="semantic_dedup")
-    assert ip.open_pass(cfg.replace(dataset=str(old), text=previous), 0, 1).local_batch == cfg.batch_size
+        ip.make_train_dataset(cfg.replace(dataset=str(old)), 0, 0, 1)
+    for mode in ("semantic_dedup", "none"):
+        ip.check_tag_rule(cfg.replace(dataset=str(old), text=TextMaskingConfig(mode=mode)))
