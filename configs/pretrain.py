@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mask_grid=7, mask_cells=10, mask_min_block=4, text_length=16, text_masking="semantic",
         seed=0, prefetch=2,
     )
+    # text_masking (`text_masking.MASK_MODES`): "semantic" = the official rule; "semantic_dedup" = the previous
+    # rule (k from distinct candidate words; with data prepared by `prepare --tag-rule cased_caption`).
     # Input settings every evaluator starts from; each `evals` entry may override any of them.
     c.eval = dict(dataset="synthetic", split="test", batch_size=32, num_frames=4, image_size=56,
                   text_length=16, report_queries=20, num_views=1)

@@ -142,7 +142,8 @@ class _ClipToExample(beam.DoFn):
             return
         _counter(f"{split}/written")
         Metrics.counter(NAMESPACE, "captions_written").inc(len(captions))
-        yield clip_examples.example_key(index), clip_examples.example_fields(record, captions, clip, self._nlp)
+        fields = clip_examples.example_fields(record, captions, clip, self._nlp, cfg.tag_rule)
+        yield clip_examples.example_key(index), fields
 
 
 def clip_examples_transform(split: str, pattern: str, media_dir: str, cfg) -> beam.PTransform:

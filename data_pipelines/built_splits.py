@@ -62,6 +62,17 @@ def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
     return index
 
 
+def stored_tag_rule(dataset_folder: str | os.PathLike) -> str | None:
+    """The word-tag rule (`text_tags.TAG_RULES`) of a finished build; None when it stores no tags or holds no
+    build key. Builds whose key predates the "tag_rule" entry hold the previous rule, "cased_caption"."""
+    from data_pipelines.build_store import finished_key
+
+    key = finished_key(dataset_folder)
+    if key is None or key.get("tagger") == "None":
+        return None
+    return key.get("tag_rule", "cased_caption")
+
+
 def open_source(dataset_folder: str | os.PathLike, split: str):
     """Random access to the serialized examples of a split: `len(src)`, `src[i]`, `src.__getitems__(ids)`."""
     builder = load_builder(dataset_folder)

@@ -179,11 +179,11 @@ def decode_clip(path: str, decode: DecodeConfig, jpeg_quality: int) -> tuple[str
     }
 
 
-def example_fields(record: VideoText, captions: list[str], clip: dict, nlp) -> dict:
-    """The TFDS example of a decoded clip: its frames fields, captions, their word tags and metadata."""
+def example_fields(record: VideoText, captions: list[str], clip: dict, nlp, tag_rule: str) -> dict:
+    """The TFDS example of a decoded clip: its frames fields, captions, their word tags (`tag_rule`) and metadata."""
     from data_pipelines import text_tags
 
-    tags = text_tags.tag_captions(captions, nlp) if nlp is not None and captions else []
+    tags = text_tags.tag_captions(captions, nlp, rule=tag_rule) if nlp is not None and captions else []
     if not tags:
         tags = [{k: np.zeros(0, np.int32) for k in TAG_KEYS} for _ in captions]
     return {

