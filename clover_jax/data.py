@@ -211,7 +211,8 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
     clip_ids = builder.split_index(folder, split).video_id
     info: dict[str, Any] = {}
     if config.task == "qa_multiple_choice":
-        shuffle = qa.seed if split == config.data.split else None
+        is_train = split == config.data.split
+        shuffle = qa_tasks.training_shuffle_seed(qa.get("option_order", "file"), qa.seed) if is_train else None
         result = qa_tasks.multiple_choice_items(examples, clip_ids, qa.text_length, qa.mc_format, source=source,
                                                 split=split, shuffle_seed=shuffle)
         vocab = None

@@ -15,7 +15,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "rank_margin": 5.0,
             "focal_gamma": 2.0,
             "loss_weights": {name: 1.0 for name in TERM_NAMES},
-            "contrastive_grad_scale": "global",
+            "contrastive_grad_scale": "global",  # or "official" / "reference": losses.contrastive_grad_factor
+            "official_replicas": 32,  # the official pre-training run's GPUs (8 x 4 machines), for "official"
         }
     )
 

@@ -3,7 +3,7 @@
 Every contrastive function takes GLOBAL-batch embeddings. Inside `jax.jit` on batch-sharded arrays the
 plain `a @ b.T` below makes XLA gather what it needs (jax-anchors §5/§11.3); there is no hand-written
 all_gather. The reference (clover-reference.md §2) all-gathers too, so its means are over the global
-batch; the only difference is the gradient scale, see `pretrain_objective` and `contrastive_grad_scale`.
+batch; the only difference is the gradient scale, see `contrastive_grad_factor`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ Array = jax.Array
 _EXCLUSION_OFFSET = 1e4
 
 CONTRASTIVE_TERMS = TERM_NAMES[1:]
-GRAD_SCALES = ("global", "reference")
+GRAD_SCALES = ("global", "reference", "official")
 EMBEDDING_KEYS = PRETRAIN_OUTPUTS[:-1]  # the (B, D) outputs the contrastive terms read
 
 
@@ -155,24 +155,49 @@ def in_batch_metrics(video: Array, text: Array) -> dict[str, Array]:
     }
 
 
+def contrastive_grad_factor(cfg: Any, num_data_replicas: int = 1) -> float:
+    """The factor a contrastive loss's gradient is multiplied by (its value never changes), from the loss
+    config's `contrastive_grad_scale`:
+      "global"     1: the gradient of the global-batch loss (what plain jit over global arrays gives).
+      "official"   1 / `official_replicas`: the official run's gradient. Its all-gather's backward returns
+                   only the local slice and DDP averages, so the net gradient is ∇L_global / world size
+                   (§2.5), for pre-training and retrieval fine-tuning alike; `official_replicas` is that
+                   run's GPU count (the recipes set it), whatever our device count.
+      "reference"  1 / `num_data_replicas`: the same mechanism at our data-replica count (the official code
+                   run on as many GPUs as we have replicas); equals "official" only when the counts agree.
+    The MLM and QA cross-entropies are never scaled: per-rank means averaged by DDP already have the
+    global-mean gradient.
+    """
+    grad_scale = _cfg_value(cfg, "contrastive_grad_scale", "global")
+    if grad_scale not in GRAD_SCALES:
+        raise ValueError(f"contrastive_grad_scale={grad_scale!r}; choose one of {GRAD_SCALES}")
+    if num_data_replicas < 1:
+        raise ValueError(f"num_data_replicas must be >= 1, got {num_data_replicas}")
+    if grad_scale == "reference":
+        return 1.0 / num_data_replicas
+    if grad_scale == "official":
+        replicas = _cfg_value(cfg, "official_replicas", default_loss_config().official_replicas)
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"loss.official_replicas={replicas!r} must be a positive integer (the official "
+                             "run's GPU count)")
+        return 1.0 / replicas
+    return 1.0
+
+
 def _objective_settings(cfg: Any, num_data_replicas: int) -> dict[str, Any]:
     """The validated fields of a loss config (see `default_loss_config`; missing fields take defaults)."""
     weights = dict(_cfg_value(cfg, "loss_weights", None) or {})
     unknown = set(weights) - set(TERM_NAMES)
     if unknown:
         raise ValueError(f"loss_weights has unknown terms {sorted(unknown)}; valid terms: {list(TERM_NAMES)}")
-    grad_scale = _cfg_value(cfg, "contrastive_grad_scale", "global")
-    if grad_scale not in GRAD_SCALES:
-        raise ValueError(f"contrastive_grad_scale={grad_scale!r}; choose one of {GRAD_SCALES}")
-    if num_data_replicas < 1:
-        raise ValueError(f"num_data_replicas must be >= 1, got {num_data_replicas}")
+    grad_factor = contrastive_grad_factor(cfg, num_data_replicas)
     defaults = default_loss_config()
     return {
         "temperature": _cfg_value(cfg, "temperature", defaults.temperature),
         "margin": _cfg_value(cfg, "rank_margin", defaults.rank_margin),
         "gamma": _cfg_value(cfg, "focal_gamma", defaults.focal_gamma),
         "weights": {name: float(weights.get(name, 1.0)) for name in TERM_NAMES},
-        "grad_scale": grad_scale,
+        "grad_factor": grad_factor,
     }
 
 
@@ -190,13 +215,9 @@ def pretrain_objective(
     mlm_labels: (B, L) token ids at masked positions, -100 elsewhere.
     cfg: ConfigDict/dict/object with the fields of `default_loss_config()` (missing fields take defaults):
       temperature, rank_margin, focal_gamma, loss_weights {term: weight} over TERM_NAMES, and
-      contrastive_grad_scale:
-        "global"    the gradient of the global-batch loss (what plain jit over global arrays gives).
-        "reference" the contrastive terms (nce + rank) keep their value but their gradient is divided by
-                    `num_data_replicas`, which is what the reference's gather-then-local-slice backward plus
-                    DDP averaging produces (§2.5, net ∇L_global / world_size). This matters under clipping.
-                    The MLM term is never scaled: the reference averages per-rank means, whose gradient
-                    already has the global-mean scale.
+      contrastive_grad_scale / official_replicas: the contrastive terms (nce + rank) keep their value but
+      their gradient is multiplied by `contrastive_grad_factor` ("global" 1, "official" 1/official_replicas,
+      "reference" 1/num_data_replicas). This matters under clipping. The MLM term is never scaled.
     num_data_replicas: data-parallel replica count (product of the batch mesh axes, see
       `sharding.num_data_replicas`), only used by "reference".
     Call 1 anchors v with (t, t_masked, z_v); call 2 anchors t with (v, v_masked, z_t).
@@ -217,8 +238,8 @@ def pretrain_contrastive(
 ) -> tuple[Array, dict[str, Array]]:
     """The contrastive part of `pretrain_objective` on the six global-batch embeddings (EMBEDDING_KEYS).
 
-    Returns (weighted sum of the nce and rank terms, with the "reference" gradient scale applied if so
-    configured; {term: unweighted value} for CONTRASTIVE_TERMS).
+    Returns (weighted sum of the nce and rank terms, its gradient scaled by `contrastive_grad_factor`;
+    {term: unweighted value} for CONTRASTIVE_TERMS).
     """
     settings = _objective_settings(cfg, num_data_replicas)
     weights = settings["weights"]
@@ -232,8 +253,8 @@ def pretrain_contrastive(
         t, v, embeddings["v_masked"], embeddings["z_t"], **nce_kw
     )
     contrastive = sum(weights[name] * terms[name] for name in CONTRASTIVE_TERMS)
-    if settings["grad_scale"] == "reference" and num_data_replicas > 1:
-        contrastive = scale_gradient(contrastive, 1.0 / num_data_replicas)
+    if settings["grad_factor"] != 1.0:
+        contrastive = scale_gradient(contrastive, settings["grad_factor"])
     return contrastive, terms
 
 

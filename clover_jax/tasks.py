@@ -34,6 +34,7 @@ def pretrain_objective(model_config: CloverConfig, loss_config: Any, num_data_re
     off (for exactness tests)."""
     model = Clover(model_config)
     gamma = loss_config.get("focal_gamma", 2.0) if hasattr(loss_config, "get") else 2.0
+    losses.contrastive_grad_factor(loss_config, num_data_replicas)  # a bad scale fails here, not when traced
 
     def embed(params, batch, rng):
         outputs = model.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng})
@@ -59,10 +60,11 @@ def pretrain_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_repl
 def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
                         *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
     """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) in embedding form (the fusion
-    encoder is unused; no per-example term)."""
-    del num_data_replicas
+    encoder is unused; no per-example term). Its gradient is scaled by `losses.contrastive_grad_factor`: the
+    official fine-tune gathers embeddings as pre-training does (§2.5)."""
     model = Clover(model_config)
     temperature = loss_config.get("temperature", TEMPERATURE) if hasattr(loss_config, "get") else TEMPERATURE
+    grad_factor = losses.contrastive_grad_factor(loss_config, num_data_replicas)
 
     def embed(params, batch, rng):
         rngs = {"dropout": rng}
@@ -76,7 +78,8 @@ def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_r
         v, t = embeddings["v"], embeddings["t"]
         value = losses.symmetric_infonce(v, t, temperature)
         metrics = {k: jax.lax.stop_gradient(x) for k, x in losses.in_batch_metrics(v, t).items()}
-        return value, {"infonce": jax.lax.stop_gradient(value), **metrics}
+        scaled = losses.scale_gradient(value, grad_factor) if grad_factor != 1.0 else value
+        return scaled, {"infonce": jax.lax.stop_gradient(value), **metrics}
 
     return grad_cache.EmbeddingLoss(embed, lambda batch: jnp.ones((), jnp.float32), loss)
 

@@ -4,10 +4,12 @@ A source (`annotations.read_qa_examples`) names a task of reference §5.2:
   open-ended       msrvtt_qa, msvd_qa, tgif_frame, tgif_count, activitynet_qa: the question alone, answer
                    index in a vocabulary (a file such as MSRVTT-QA's `msrvtt_train_ans2label.json` / MSVD-QA's
                    `msvd_answer_set.txt`, or the most frequent training answers); -1 = out of vocabulary.
-  multiple choice  tgif_action, tgif_transition, lsmdc_mc: one text per option, §5.2's
-                   question + " Options: " + all options + " Answer: " + option ("full") or the option
-                   alone ("caption"); a text too long for `text_length` loses the end of its option list,
-                   never its " Answer: option" tail.
+  multiple choice  tgif_action, tgif_transition, lsmdc_mc: one text per option (`synthetic_qa.mc_option_text`):
+                   the official question + " Options: " + " ".join(options) + " Answer: " + option ("full"),
+                   cut at the right like the official tokenizer (a long text loses its tail, answer
+                   included); "full_answer_kept" (options joined by ". ") loses the end of its option list
+                   instead, never its "Answer: option" tail; "caption" is the option alone. Options keep the
+                   file's order (official) unless `qa.option_order="shuffled"` permutes the training ones.
   fill-in-blank    lsmdc_fib: the sentence with its "_____" blank as the [MASK] token, answer index in a
                    vocabulary; a long sentence is cut around the [MASK], which always stays.
 
@@ -27,12 +29,14 @@ import numpy as np
 from data_pipelines.annotations import FIB_BLANK, QAExample, read_ans2label, read_answer_set
 from data_pipelines.qa_inputs import QAItems
 from data_pipelines.qa_sources import QA_SOURCE_TABLE
-from data_pipelines.synthetic_qa import MC_FORMATS
+from data_pipelines.synthetic_qa import MC_FORMATS, mc_option_text
 
 # The trainable sources of the QA source table (MSR-VTT multiple choice is zero-shot: the retrieval model).
 SOURCE_TASKS: dict[str, str] = {
     name: source.task for name, source in QA_SOURCE_TABLE.items() if source.task != "zero_shot_multiple_choice"
 }
+# qa.option_order: the training options as the file lists them (the official pipeline) or permuted per item.
+OPTION_ORDERS = ("file", "shuffled")
 QUESTION_WORDS = ("what", "who", "how", "when", "where", "which", "why", "whose", "whom")
 
 
@@ -159,11 +163,20 @@ def open_ended_items(examples: Sequence[QAExample], clip_ids: Sequence[str], voc
                    [question_kind(ex, source) for ex, c in zip(examples, found) if c is None], truncated)
 
 
-def _option_tokens(tokens: _Tokens, head: list[int] | None, option: str, budget: int) -> tuple[list[int], bool]:
-    """One option's text: the option alone (`head` None, "caption") or `head` + "Answer: option" ("full")."""
-    if head is None:
-        ids = tokens.ids(option)
+def training_shuffle_seed(option_order: str, seed: int) -> int | None:
+    """`multiple_choice_items`' shuffle_seed for a training split: None ("file") or `seed` ("shuffled")."""
+    if option_order not in OPTION_ORDERS:
+        raise ValueError(f"qa.option_order={option_order!r}; valid: {OPTION_ORDERS}")
+    return seed if option_order == "shuffled" else None
+
+
+def _option_tokens(tokens: _Tokens, question: str, options: Sequence[str], option: str, fmt: str,
+                   budget: int) -> tuple[list[int], bool]:
+    """One option's text as at most `budget` tokens, and whether it was cut (see the module doc)."""
+    if fmt != "full_answer_kept":
+        ids = tokens.ids(mc_option_text(question, options, option, fmt))
         return ids[:budget], len(ids) > budget
+    head = tokens.ids(f"{question} Options: {'. '.join(options)}.".strip())
     tail = tokens.ids(f"Answer: {option}")
     if len(head) + len(tail) <= budget:
         return head + tail, False
@@ -173,8 +186,8 @@ def _option_tokens(tokens: _Tokens, head: list[int] | None, option: str, budget:
 
 def multiple_choice_items(examples: Sequence[QAExample], clip_ids: Sequence[str], text_length: int, fmt: str,
                           *, source: str, split: str, shuffle_seed: int | None = None) -> QASplit:
-    """K-option items: (K, L) option texts and the true option's index. `shuffle_seed` permutes each item's
-    options (seeded per item) — for training files that always list the truth first (LSMDC-MC)."""
+    """K-option items: (K, L) option texts and the true option's index. Options keep the file's order unless
+    `shuffle_seed` permutes each item's options (seeded per item; see `training_shuffle_seed`)."""
     if fmt not in MC_FORMATS:
         raise ValueError(f"qa.mc_format={fmt!r}; valid: {MC_FORMATS}")
     _check_length(text_length)
@@ -190,9 +203,8 @@ def multiple_choice_items(examples: Sequence[QAExample], clip_ids: Sequence[str]
         order = (np.random.default_rng([shuffle_seed, n]).permutation(len(ex.options)) if shuffle_seed is not None
                  else np.arange(len(ex.options)))
         options = [ex.options[i] for i in order]
-        head = tokens.ids(f"{ex.question} Options: {'. '.join(options)}.".strip()) if fmt == "full" else None
         for option in options:
-            ids, cut = _option_tokens(tokens, head, option, text_length - 2)
+            ids, cut = _option_tokens(tokens, ex.question, options, option, fmt, text_length - 2)
             token_lists.append(ids)
             truncated += cut
         kept.append((ex, clip))

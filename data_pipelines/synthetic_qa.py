@@ -39,7 +39,9 @@ ATTRIBUTE_VALUES: dict[str, tuple] = {
 ANSWERS: tuple[str, ...] = (*COLOURS, *SHAPES, *COUNT_WORDS.values(), *MOTIONS)
 NUM_OPTIONS = 5
 MC_QUESTION = "which sentence describes the video?"
-MC_FORMATS = ("caption", "full")
+# "full": the official text (right-truncated); "full_answer_kept": ours before, options joined with ". " and,
+# in `qa_tasks.multiple_choice_items`, a long text cut in its option list so " Answer: option" survives.
+MC_FORMATS = ("caption", "full", "full_answer_kept")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +145,14 @@ def multiple_choice_questions(attributes: Sequence[Mapping], seed: int = 0, per_
 
 
 def mc_option_text(question: str, options: Sequence[str], option: str, fmt: str = "full") -> str:
-    """Text scored for one option: §5.2's question + " Options: " + all options + " Answer: " + option
-    ("full"), or the option alone ("caption")."""
+    """Text scored for one option: the official question + " Options: " + " ".join(options) + " Answer: " +
+    option ("full", §5.2; the official `QATextPrepare` with use_all_ans), the same with the options joined
+    by ". " ("full_answer_kept"), or the option alone ("caption")."""
     if fmt == "caption":
         return option
     if fmt == "full":
+        return question + " Options: " + " ".join(options) + " Answer: " + option
+    if fmt == "full_answer_kept":
         return f"{question} Options: {'. '.join(options)}. Answer: {option}"
     raise ValueError(f"multiple-choice text format {fmt!r}; valid: {MC_FORMATS}")
 

@@ -94,3 +94,14 @@ def test_epochs_resolve_to_steps_from_the_training_examples():
     assert (resolve_durations(demo, 1024).total_steps, resolve_durations(demo, 1024).warmup_steps) == (400, 25)
     with pytest.raises(ValueError, match="no example"):
         resolve_durations(demo, 0)
+
+
+def test_official_replicas_are_the_official_runs_gpu_counts():
+    """`loss.official_replicas` (for contrastive_grad_scale="official"): num_gpus x machines of the official
+    pretrain_webvid_cc3m (8 x 4) and finetune_{msrvtt_retrieval, didemo, lsmdc_retrieval} (8, 8, 8 x 2)."""
+    from configs import finetune_retrieval, pretrain
+
+    assert pretrain.get_config("base").loss.official_replicas == 32
+    got = {name: finetune_retrieval.get_config(name).loss.official_replicas for name in ("msrvtt", "didemo", "lsmdc")}
+    assert got == {"msrvtt": 8, "didemo": 8, "lsmdc": 16}
+    assert pretrain.get_config("base").loss.contrastive_grad_scale == "global"  # the default stays the paper's

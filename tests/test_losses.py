@@ -211,11 +211,51 @@ def test_reference_grad_scale_divides_contrastive_gradients_by_replicas(golden_d
     _assert_close(grads_r["mlm_logits"], grads_g["mlm_logits"], 1e-14, "MLM grad unscaled")
 
 
+@pytest.mark.parametrize("our_replicas", [1, 4])
+def test_official_grad_scale_is_golden_over_the_official_replicas(golden_dir, our_replicas):
+    """"official": the contrastive gradient is the golden one / 32 (the official pre-training's 8 GPUs x 4
+    machines, `official_replicas`'s default) whatever our replica count; the MLM gradient is the golden one."""
+    g = _load(golden_dir, "pretrain_total.npz")
+    official = losses.default_loss_config().official_replicas
+    assert official == 32
+    with jax.enable_x64(True):
+        outputs, labels = _pretrain_inputs(g, np.float64)
+        (total, _), grads = _pretrain_value_and_grads("official", our_replicas)(outputs, labels)
+    _assert_close(total, g["total"], 1e-8, "value is the golden total")
+    for key, golden_key in GOLDEN_GRAD_KEY.items():
+        expected = g[f"grad_total_{golden_key}"].reshape(grads[key].shape)
+        if key != "mlm_logits":
+            expected = expected / official
+        _assert_close(grads[key], expected, 1e-8, f"grad {key}")
+
+
+def test_official_grad_scale_of_retrieval_fine_tuning(golden_dir):
+    """The fine-tune InfoNCE is gathered like pre-training's: "official" divides its gradient by the
+    recipe's official GPU count (8 for MSR-VTT), independent of ours."""
+    from clover_jax import tasks
+    from clover_jax.models.clover import clover_config
+
+    g = _load(golden_dir, "infonce_B12_D32.npz")
+    cfg = losses.default_loss_config()
+    cfg.contrastive_grad_scale, cfg.official_replicas = "official", 8
+    objective = tasks.retrieval_objective(clover_config("tiny"), cfg, num_data_replicas=2)
+    with jax.enable_x64(True):
+        embeddings = {"v": jnp.asarray(g["video"]), "t": jnp.asarray(g["text"])}
+        (value, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(embeddings, jnp.zeros(()))
+    _assert_close(value, g["loss"], 1e-8, "loss")
+    _assert_close(metrics["infonce"], g["loss"], 1e-8, "logged infonce")
+    _assert_close(grads["v"], g["grad_video"] / 8, 1e-8, "grad_video / 8")
+    _assert_close(grads["t"], g["grad_text"] / 8, 1e-8, "grad_text / 8")
+
+
 def test_bad_config_fails_loudly(golden_dir):
     g = _load(golden_dir, "pretrain_total.npz")
     outputs, labels = _pretrain_inputs(g, np.float32)
     with pytest.raises(ValueError, match="contrastive_grad_scale"):
         losses.pretrain_objective(outputs, labels, {"contrastive_grad_scale": "local"})
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="official_replicas"):
+            losses.contrastive_grad_factor({"contrastive_grad_scale": "official", "official_replicas": bad})
     with pytest.raises(ValueError, match="unknown terms"):
         losses.pretrain_objective(outputs, labels, {"loss_weights": {"itm": 1.0}})
     with pytest.raises(KeyError, match="z_t"):

@@ -82,7 +82,7 @@ def test_fill_in_blank_puts_mask_in_place_and_cuts_long_sentences_around_it():
 def test_multiple_choice_items_keep_the_answer_tail_and_track_the_truth_when_shuffled():
     options = [f"option number {i} " + "long " * 30 for i in range(5)]
     item = QAExample("a", "what happens?", options[0], options, 0)
-    fixed = qa_tasks.multiple_choice_items([item], ["a"], 32, "full", source="lsmdc_mc", split="test")
+    fixed = qa_tasks.multiple_choice_items([item], ["a"], 32, "full_answer_kept", source="lsmdc_mc", split="test")
     assert fixed.items.text_ids.shape == (1, 5, 32) and fixed.items.answer_index.tolist() == [0]
     tail = qa_tasks._Tokens().ids(f"Answer: {options[3]}")[:30]
     assert fixed.items.text_ids[0, 3, 1:31].tolist()[-len(tail):] == tail[-30:]  # the tail is what is kept
