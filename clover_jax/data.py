@@ -14,7 +14,7 @@ import numpy as np
 
 from clover_jax.tasks import QA_TASKS
 from data_pipelines import qa_tasks
-from data_pipelines.input_config import InputConfig
+from data_pipelines.input_config import InputConfig, pixel_fields
 from data_pipelines.mixtures import MixtureConfig, MixtureSource
 from data_pipelines.qa_inputs import QAItems
 from data_pipelines.text_masking import TextMaskingConfig
@@ -71,34 +71,45 @@ def _block_mask(data_cfg: Any) -> BlockMaskConfig:
                            min_block=data_cfg.mask_min_block)
 
 
-def train_input(data_cfg: Any, dataset: str, *, num_frames: int | None = None, seed_offset: int = 0) -> InputConfig:
-    """InputConfig of the training stream of `dataset` (a resolved folder)."""
+def pixel_stats_name(config: Any) -> str:
+    """The concrete `config.pixel_stats` (entry points store it; "auto" is resolved from the config's
+    resume / init_from here, see `clover_jax.pixel_stats`)."""
+    from clover_jax import pixel_stats
+
+    return pixel_stats.resolve(config)[0]
+
+
+def train_input(data_cfg: Any, dataset: str, *, num_frames: int | None = None, seed_offset: int = 0,
+                pixel_stats: str = "imagenet_rgb") -> InputConfig:
+    """InputConfig of the training stream of `dataset` (a resolved folder), normalised as `pixel_stats`."""
     return InputConfig(
         dataset=dataset, split=data_cfg.split, batch_size=data_cfg.batch_size,
         num_frames=num_frames or data_cfg.num_frames, image_size=data_cfg.image_size,
         crop_area=tuple(data_cfg.crop_area), flip_prob=data_cfg.flip_prob, mask=_block_mask(data_cfg),
         text=TextMaskingConfig(max_length=data_cfg.text_length, mode=data_cfg.text_masking),
-        seed=data_cfg.seed + seed_offset, prefetch=data_cfg.prefetch,
+        seed=data_cfg.seed + seed_offset, prefetch=data_cfg.prefetch, **pixel_fields(pixel_stats),
     )
 
 
-def eval_input(eval_cfg: Any, data_cfg: Any, dataset: str) -> InputConfig:
-    """InputConfig of an evaluation pass (uniform frames, centre crop, no masking)."""
+def eval_input(eval_cfg: Any, data_cfg: Any, dataset: str, pixel_stats: str = "imagenet_rgb") -> InputConfig:
+    """InputConfig of an evaluation pass (uniform frames, `eval_cfg.crop` "centre" or "squash", no masking),
+    normalised as `pixel_stats`."""
     return InputConfig(
         dataset=dataset, split=eval_cfg.split, batch_size=eval_cfg.batch_size, num_frames=eval_cfg.num_frames,
-        image_size=eval_cfg.image_size, mask=_block_mask(data_cfg),
+        image_size=eval_cfg.image_size, eval_crop=eval_cfg.get("crop", "centre"), mask=_block_mask(data_cfg),
         text=TextMaskingConfig(max_length=eval_cfg.text_length, mode="none"), seed=data_cfg.seed, shuffle=False,
+        **pixel_fields(pixel_stats),
     )
 
 
-def train_mixture(data_cfg: Any) -> MixtureConfig:
+def train_mixture(data_cfg: Any, pixel_stats: str = "imagenet_rgb") -> MixtureConfig:
     """The training sources as a mixture (one source is a mixture of one). Each source entry of
     `config.data.sources` is {dataset, weight, num_frames (0 = data.num_frames)}."""
     sources = []
     for i, (name, src) in enumerate(sorted(data_cfg.sources.items())):
         folder = resolve_dataset(src.dataset, data_cfg)
         sources.append(MixtureSource(name, train_input(data_cfg, folder, num_frames=src.num_frames or None,
-                                                       seed_offset=i), src.weight))
+                                                       seed_offset=i, pixel_stats=pixel_stats), src.weight))
     if not sources:
         raise ValueError("config.data.sources is empty: name at least one training dataset")
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
@@ -112,9 +123,11 @@ def captioned_clips(cfg: InputConfig) -> int:
 
 
 def qa_eval_input(config: Any) -> InputConfig:
-    """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views."""
+    """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views
+    sampled as `config.eval.view_sampling`."""
     dataset = qa_clips_folder(config, config.eval.split)
-    return eval_input(config.eval, config.data, dataset).replace(num_views=config.eval.get("num_views", 1))
+    return eval_input(config.eval, config.data, dataset, pixel_stats_name(config)).replace(
+        num_views=config.eval.get("num_views", 1), view_sampling=config.eval.get("view_sampling", "interleaved"))
 
 
 def qa_clips_folder(config: Any, split: str) -> str:
@@ -246,6 +259,6 @@ def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any
     from data_pipelines.device_transfer import device_iterator, numpy_batches
     from data_pipelines.qa_inputs import make_qa_train_dataset
 
-    cfg = train_input(config.data, qa_clips_folder(config, config.data.split))
+    cfg = train_input(config.data, qa_clips_folder(config, config.data.split), pixel_stats=pixel_stats_name(config))
     for batch in device_iterator(numpy_batches(make_qa_train_dataset(cfg, items, start_step)), sharding, cfg.prefetch):
         yield "qa", batch

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from clover_jax import pixel_stats
 from clover_jax import run as run_lib
 from clover_jax.evaluators import entries
 from clover_jax.run_logging import (
@@ -90,6 +91,8 @@ def _evaluate(args: Any, overrides: list[str]) -> int:
     names = [args.evaluator] if args.evaluator else entries.evaluator_names(config, scheduled_only=True)
     checkpoint = run_lib.checkpoint_path(workdir, args.checkpoint)
     quiet_third_party_logs(workdir, "eval")
+    config.pixel_stats, why = pixel_stats.resolve(config, checkpoint=checkpoint)
+    print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
     run = run_lib.setup_run(config)
     try:
         evaluators = entries.make_evaluators(config, run.model_config, run.batch_sharding, workdir / "eval", names)

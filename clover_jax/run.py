@@ -226,7 +226,7 @@ def train_data(run: Run) -> TrainData:
         qa_items, _ = data_glue.qa_items(config, config.data.split, run.model_config.num_answers)
         return TrainData(len(qa_items), lambda start: data_glue.qa_train_batches(config, qa_items, start,
                                                                                   run.batch_sharding))
-    mixture = data_glue.train_mixture(config.data)
+    mixture = data_glue.train_mixture(config.data, data_glue.pixel_stats_name(config))
     examples = sum(data_glue.captioned_clips(source.input) for source in mixture.sources)
     return TrainData(examples, lambda start: make_mixture_iterator(mixture, start, run.batch_sharding))
 

@@ -16,6 +16,7 @@ another shape is refused (`workdir_config`); user mistakes end in one `error:` l
 """
 from __future__ import annotations
 
+import copy
 import os
 import pathlib
 import re
@@ -30,7 +31,7 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, tasks
+from clover_jax import grad_cache, pixel_stats, tasks
 from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax.evaluators import entries
@@ -98,6 +99,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = quiet_third_party_logs(workdir)
+    config = copy.deepcopy(config)  # "auto" pixel statistics become the concrete choice this run saves
+    config.pixel_stats, why = pixel_stats.resolve(config, workdir=workdir)
+    print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
     run = run_lib.setup_run(config)
     data = run_lib.train_data(run)
     durations = run_lib.resolve_durations(config, data.examples_per_epoch)

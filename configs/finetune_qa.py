@@ -9,7 +9,8 @@
 `qa.dataset` is a folder from `python -m data_pipelines.prepare` holding the clips under the splits
 `data.split` (train) and `eval.split` (test) — e.g. `--format msvd` / `--format msrvtt` with split lists —
 or, for clips that have only questions, one folder per split from `--format qa --qa-source tgif_action
---split test` (then set `qa.eval_dataset` to the test folder). Questions are matched to
+--split test` (then set `qa.eval_dataset` to the test folder; for TGIF add `--fps 0`, which keeps every
+frame of the GIF, as the official PyAV decode does). Questions are matched to
 clips by video id; a test question whose clip is missing is scored wrong, as is an answer outside the
 vocabulary. Every pre-trained tensor is loaded by `init_from`; the QA head starts fresh with 10x the lr.
 
@@ -23,7 +24,8 @@ in every official QA config; head dropout as the official config of each task):
                    20 epochs, batch 128.
   tgif_action      5-way multiple choice, question + " Options: " + " ".join(options) + " Answer: " + option,
                    cut at the right to 100 tokens (`qa.mc_format="full"`), head dropout 0.5, lr 5e-6,
-                   100 epochs, batch 128; test on 4 interleaved views with averaged Swin features.
+                   100 epochs, batch 128; test on 4 views with averaged Swin features, view r = clips
+                   2r and 2r+1 of SampleFrames(clip_len=4, frame_interval=3, num_clips=8) (tgif_clips).
   tgif_transition  as tgif_action with 50 epochs.
   lsmdc_mc         5-way multiple choice, " Options: ... Answer: option" (no question) <= 256 tokens, head
                    dropout 0.5, lr 1.2e-5, 20 epochs; training options in file order (`qa.option_order=
@@ -66,6 +68,10 @@ _RECIPES = {
 }
 GRAD_CLIP = 50.0  # every official QA fine-tune config: grad_clip max_norm=50
 TASKS = tuple(SOURCE_TASKS)
+# Sources tested on whole frames squashed to a square (official test pipelines: Resize((224, 224),
+# keep_ratio=False)); the others keep the centre crop (official TGIF-Frame: Resize(-1, 224) + CenterCrop).
+# tgif_count / activitynet_qa, without an official recipe, follow tgif_frame / msrvtt_qa.
+_SQUASH_TEST = ("msrvtt_qa", "msvd_qa", "tgif_action", "tgif_transition", "lsmdc_mc", "lsmdc_fib", "activitynet_qa")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -94,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0))
     c.best_metric = "qa/accuracy"
     c.eval.num_views = views
+    c.eval.crop = "squash" if name in _SQUASH_TEST else "centre"
+    c.eval.view_sampling = "tgif_clips" if views > 1 else "interleaved"
     c.optim.lr = lr
     c.optim.grad_clip = GRAD_CLIP
     c.optim.weight_decay = 1e-3 if name == "msrvtt_qa" else 0.01

@@ -51,6 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sharding_rules = ()
     c.compilation_cache_dir = "~/.cache/clover_jax/xla"  # "" disables the persistent XLA cache
     c.microbatches = 1  # > 1: the step runs the batch in this many chunks (gradient caching, same result)
+    # Pixel statistics (clover_jax.pixel_stats): "imagenet_rgb" (RGB frames, ImageNet mean/std), "official"
+    # (the official code: frames reversed to BGR, normalised with the BGR-ordered statistics) or "auto":
+    # "official" when the weights come from an official Clover checkpoint, else "imagenet_rgb".
+    c.pixel_stats = "auto"
 
     # From scratch at width 64, BERT's 0.02 init leaves the [CLS] state almost input-independent
     # (cos ~0.99998 between captions) and the contrastive loss collapses; 1/sqrt(64) keeps it informative.
@@ -70,7 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rule (k from distinct candidate words; with data prepared by `prepare --tag-rule cased_caption`).
     # Input settings every evaluator starts from; each `evals` entry may override any of them.
     c.eval = dict(dataset="synthetic", split="test", batch_size=32, num_frames=4, image_size=56,
-                  text_length=16, report_queries=20, num_views=1)
+                  text_length=16, report_queries=20, num_views=1,
+                  crop="centre",  # "squash": the whole frame resized to a square (the official QA tests)
+                  view_sampling="interleaved")  # num_views > 1: "interleaved" or "tgif_clips" (tf_ops)
     # Evaluators (`clover_jax.evaluators.entries`): every_steps N > 0 also runs one every N steps, 0 only
     # after the last step, -1 only on demand (`python -m clover_jax.eval --evaluator=NAME`); every_epochs
     # > 0 counts in epochs of the training data instead.

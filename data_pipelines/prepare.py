@@ -9,10 +9,13 @@ Examples:
   python -m data_pipelines.prepare --format qa --qa-source msvd_qa --split test \
       --annotations msvd/msvd_qa/msvd_test_qa_encode.json --msvd-mapping msvd/msvd_qa/msvd_youtube_mapping.txt \
       --media msvd/ --out ~/clover_data --only-present
+  python -m data_pipelines.prepare --format qa --qa-source tgif_action --split test \
+      --annotations Test_action_question.csv --media tgif/gifs --out ~/clover_data --only-present --fps 0
 
 `--format qa` builds the clips a VideoQA file refers to (unique videos, no captions; the QA rows
 themselves are read again at training time). One QA file is one split: name it with --split; the
-dataset name defaults to "{qa_source}_{split}".
+dataset name defaults to "{qa_source}_{split}". `--fps 0` stores every decoded frame at the source's own
+rate: for TGIF's GIFs, which the official code decodes whole (PyAV) and samples by frame index.
 
   python -m data_pipelines.prepare --format webvid --annotations results_2M_train.csv --media videos/ \
       --out ~/clover_data --runner direct --workers 8     # the same build as an Apache Beam pipeline
@@ -114,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only-present", action="store_true",
                    help="drop records whose media is not in --media before building (partial downloads)")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N records per split")
-    p.add_argument("--fps", type=float, default=4.0)
+    p.add_argument("--fps", type=float, default=4.0,
+                   help="frames per second stored; 0 keeps every frame at the source's own rate (TGIF)")
     p.add_argument("--short-side", type=int, default=256)
     p.add_argument("--min-frames", type=int, default=1)
     p.add_argument("--short-clip-policy", choices=("loop", "pad", "fail"), default="loop")
@@ -155,15 +159,16 @@ def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{flag} {value} does not exist (or is not a file)")
     if args.media and not pathlib.Path(args.media).is_dir():
         raise FileNotFoundError(f"--media {args.media} is not a folder")
-    if args.workers < 1 or args.limit < 0 or not 0 <= args.max_bad_fraction <= 1:
-        raise ValueError("--workers must be >= 1, --limit >= 0 and --max-bad-fraction in [0, 1]")
+    if args.workers < 1 or args.limit < 0 or args.fps < 0 or not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError("--workers must be >= 1, --limit >= 0, --fps >= 0 (0 = the source's rate) and "
+                         "--max-bad-fraction in [0, 1]")
 
     import tensorflow_datasets as tfds
 
     quiet_third_party_logs(pathlib.Path(args.out), "prepare")
     tfds.disable_progress_bar()  # our own tqdm bar counts clips
     decode = DecodeConfig(
-        fps=args.fps, short_side=args.short_side, min_frames=args.min_frames,
+        fps=args.fps or None, short_side=args.short_side, min_frames=args.min_frames,
         short_clip_policy=args.short_clip_policy, max_frames=args.max_frames or None,
         truncated_policy="keep" if args.keep_truncated else "skip",
     )

@@ -1,7 +1,8 @@
 """tf.data graph ops: frame sampling, JPEG decode, crop, resize, flip, normalisation, caption masking, batching.
 
-TSN segment sampling (train: a random frame per segment; eval: segment centres), decode of only the
-sampled frames (`tf.image.decode_and_crop_jpeg`), RandomResizedCrop / centre crop, and the map
+TSN segment sampling (train: a random frame per segment; eval: segment centres), eval views
+(`sample_view_indices`), decode of only the sampled frames (`tf.image.decode_and_crop_jpeg`),
+RandomResizedCrop / centre crop / squash, RGB or BGR normalisation, and the map
 functions that turn one generator element (serialized record plus its seeds) into model inputs; text
 goes through `text_masking.tf_encode_and_mask`. Everything random takes its stateless seed from the
 element, so a replayed element gives the same tensors.
@@ -32,8 +33,51 @@ def sample_frame_indices(num_stored, num_frames: int, train: bool, seed):
     return tf.clip_by_value(indices, 0, tf.maximum(tf.cast(num_stored, tf.int32) - 1, 0))
 
 
+# TGIF test clips: frames `frame_interval` apart within a clip (official SampleFrames(frame_interval=3)).
+TGIF_FRAME_INTERVAL = 3
+
+
+def official_test_clip_indices(num_stored, clip_len: int, num_clips: int, frame_interval: int):
+    """int32 (num_clips, clip_len): mmaction's `SampleFrames(clip_len, frame_interval, num_clips,
+    test_mode=True)` (default out_of_bound_opt="loop") on a clip of N = `num_stored` frames.
+
+    The span of one clip is L = clip_len * frame_interval; avg = (N - L + 1) / num_clips (a float). When
+    N > L - 1, clip c starts at int(c * avg + avg / 2) (truncated), else every clip starts at 0. Frame j of
+    clip c is start_c + j * frame_interval, taken modulo N ("loop": indices past the end wrap to the start).
+    The official PyAV decode then reads the decoded frames at these indices (modulo their count again).
+    """
+    import tensorflow as tf
+
+    n = tf.cast(num_stored, tf.float64)
+    span = clip_len * frame_interval
+    avg = (n - span + 1) / num_clips
+    starts = tf.cast(tf.range(num_clips, dtype=tf.float64) * avg + avg / 2, tf.int32)
+    starts = tf.where(n > span - 1, starts, tf.zeros_like(starts))
+    indices = starts[:, None] + tf.range(clip_len, dtype=tf.int32)[None, :] * frame_interval
+    return tf.math.floormod(indices, tf.maximum(tf.cast(num_stored, tf.int32), 1))
+
+
+def sample_view_indices(num_stored, num_frames: int, num_views: int, sampling: str):
+    """int32 (V, T) eval frame indices of V views of T frames.
+
+    "interleaved": the T*V segment centres of `sample_frame_indices`; view v holds frames v, v+V, ...
+    "tgif_clips" (the official TGIF multi-view test): `official_test_clip_indices` with clip_len = V,
+    frame_interval 3 and num_clips = T, whose clip-major T*V frames are cut into V consecutive runs of T
+    (the official FormatShape 'NCTHW_TSN' reshape): with V=4, T=8, view r is clips 2r and 2r+1, four frames
+    3 apart each, so every view covers one temporal quarter of the clip.
+    """
+    import tensorflow as tf
+
+    if sampling == "tgif_clips":
+        clips = official_test_clip_indices(num_stored, num_views, num_frames, TGIF_FRAME_INTERVAL)
+        return tf.reshape(clips, [num_views, num_frames])
+    flat = sample_frame_indices(num_stored, num_frames * num_views, False, None)
+    return tf.transpose(tf.reshape(flat, [num_frames, num_views]))
+
+
 def crop_window(height, width, cfg: InputConfig, train: bool, seed):
-    """[y, x, h, w] int32: a RandomResizedCrop box (train) or the centre square (eval)."""
+    """[y, x, h, w] int32: a RandomResizedCrop box (train); eval: the centre square, or the whole frame
+    for `eval_crop="squash"` (resized to a square without keeping the aspect ratio)."""
     import tensorflow as tf
 
     if train:
@@ -48,6 +92,8 @@ def crop_window(height, width, cfg: InputConfig, train: bool, seed):
             use_image_if_no_bounding_boxes=True,
         )
         return tf.stack([begin[0], begin[1], size[0], size[1]])
+    if cfg.eval_crop == "squash":
+        return tf.stack([0, 0, tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
     side = tf.minimum(height, width)
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
@@ -58,7 +104,10 @@ def decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
     import tensorflow as tf
 
     views = 1 if train else cfg.num_views
-    indices = sample_frame_indices(ex["num_frames"], cfg.num_frames * views, train, aug_seeds[0])
+    if views > 1:
+        indices = tf.reshape(sample_view_indices(ex["num_frames"], cfg.num_frames, views, cfg.view_sampling), [-1])
+    else:
+        indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, train, aug_seeds[0])
     jpegs = tf.gather(ex["frames"], indices)
     window = crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
     frames = tf.map_fn(
@@ -70,10 +119,11 @@ def decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
     if train and cfg.flip_prob > 0:
         flip = tf.random.stateless_uniform([], seed=aug_seeds[2]) < cfg.flip_prob
         video = tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)
+    if cfg.channel_order == "bgr":
+        video = video[..., ::-1]
     video = (video - tf.constant(cfg.mean, tf.float32)) / tf.constant(cfg.std, tf.float32)
-    if views > 1:  # frame t*V + v is frame t of view v
-        video = tf.transpose(tf.reshape(video, [cfg.num_frames, views, cfg.image_size, cfg.image_size, 3]),
-                             [1, 0, 2, 3, 4])
+    if views > 1:  # view-major: frames v*T .. v*T+T-1 are view v
+        video = tf.reshape(video, [views, cfg.num_frames, cfg.image_size, cfg.image_size, 3])
         video.set_shape([views, cfg.num_frames, cfg.image_size, cfg.image_size, 3])
         return video
     video.set_shape([cfg.num_frames, cfg.image_size, cfg.image_size, 3])

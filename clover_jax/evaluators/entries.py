@@ -1,12 +1,12 @@
 """Evaluators as config entries: `config.evals.<name> = dict(type=..., every_steps=..., ...)`, one class per type.
 
 An entry's input settings are `config.eval`'s (split, dataset, batch_size, num_frames, image_size,
-text_length, report_queries, num_views) with the entry's own keys on top. `every_steps` schedules it
-during training: N > 0 every N steps and after the last step, 0 only after the last step, -1 never
-(on demand: `python -m clover_jax.eval --evaluator=NAME`); `every_epochs` (> 0) instead counts in
-epochs of the training data, resolved to steps when training starts. Each evaluator builds its inputs and jitted
-passes once; `run(params, step)` prints its table, writes `<out_dir>/<name>_step{N}.json` (and the
-retrieval HTML report) on process 0, and returns the metrics.
+text_length, report_queries, num_views, crop, view_sampling) with the entry's own keys on top.
+`every_steps` schedules it during training: N > 0 every N steps and after the last step, 0 only after
+the last step, -1 never (on demand: `python -m clover_jax.eval --evaluator=NAME`); `every_epochs`
+(> 0) instead counts in epochs of the training data, resolved to steps when training starts. Each
+evaluator builds its inputs and jitted passes once; `run(params, step)` prints its table, writes
+`<out_dir>/<name>_step{N}.json` (and the retrieval HTML report) on process 0, and returns the metrics.
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ class RetrievalEvaluator(_Evaluator):
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)
-        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset,
-                                                                                         config.data))
+        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset, config.data),
+                                        data_glue.pixel_stats_name(config))
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
         cfg = self.cfg
@@ -155,8 +155,8 @@ class MultipleChoiceEvaluator(_Evaluator):
         self.examples = list(read_msrvtt_mc_jsonl(settings.file))
         if not self.examples:
             raise ValueError(f"{settings.file}: no multiple-choice items to evaluate")
-        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset,
-                                                                                         config.data))
+        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset, config.data),
+                                        data_glue.pixel_stats_name(config))
         self.video_ids = split_index(self.cfg.dataset, self.cfg.split).video_id
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
@@ -195,7 +195,7 @@ class QAEvaluator(_Evaluator):
     baseline (majority training answer, or 1/K). Every question counts: an answer outside the vocabulary
     and a question whose clip is missing from the split are both wrong; `accuracy_on_clips` is the
     accuracy over the questions that have a clip. `num_views` > 1 averages the Swin features of that many
-    interleaved views per clip (TGIF multi-view testing)."""
+    views per clip, sampled as `view_sampling` says (TGIF multi-view testing)."""
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)

@@ -27,6 +27,8 @@ def thumbnails(video: np.ndarray, cfg: InputConfig) -> np.ndarray:
     """Normalised (B, T, H, W, 3) -> uint8 (B, <=4, <=64, <=64, 3) frames for the report."""
     frames = video[:, np.linspace(0, video.shape[1] - 1, min(THUMB_FRAMES, video.shape[1])).astype(int)]
     frames = frames * np.asarray(cfg.std, np.float32) + np.asarray(cfg.mean, np.float32)
+    if cfg.channel_order == "bgr":
+        frames = frames[..., ::-1]
     stride = max(1, video.shape[2] // THUMB_SIZE)
     return np.clip(frames[:, :, ::stride, ::stride], 0, 255).astype(np.uint8)
 
