@@ -29,6 +29,8 @@ Variants (§5.2; 8 frames at 224², AdamW betas (0.9, 0.98), cosine to 0 after 1
                    20 epochs. Paper: 54.1%. The annotation layout is UNCONFIRMED (see read_lsmdc_fib).
   tiny             with any of the above: the demo's tiny model (4 frames at 56², batch 8, a few steps),
                    for tests and CPU smoke runs on a handful of real clips.
+As the reference: the QA accuracy after every epoch, and <workdir>/best keeps the best epoch by it
+(the reference's configs set no save_best: the hook's "auto" picks the first metric, `acc` / `overall_acc`).
 Epochs become steps at start, from the training questions whose clip is in the prepared split (printed).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
 """
@@ -81,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 msvd_mapping="", text_length=text_length, mc_format="full", seed=0)
     c.data.sources = {}
     c.data.text_masking = "none"
-    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0))
+    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=1.0))
     c.best_metric = "qa/accuracy"
     c.eval.num_views = views
     c.optim.lr = lr
