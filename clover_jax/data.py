@@ -104,12 +104,21 @@ def eval_input(eval_cfg: Any, data_cfg: Any, dataset: str, pixel_stats: str = "i
 
 def train_mixture(data_cfg: Any, pixel_stats: str = "imagenet_rgb") -> MixtureConfig:
     """The training sources as a mixture (one source is a mixture of one). Each source entry of
-    `config.data.sources` is {dataset, weight, num_frames (0 = data.num_frames)}."""
+    `config.data.sources` is {dataset, weight, num_frames (0 = data.num_frames)}; they take turns in the
+    order `config.data.source_order` names (empty: sorted names). A source's stream (its seed) does not
+    depend on the order."""
+    names = sorted(data_cfg.sources)
+    order = list(data_cfg.get("source_order", ())) or names
+    if sorted(order) != names:
+        raise ValueError(f"config.data.source_order={tuple(order)} must name each of config.data.sources "
+                         f"{tuple(names)} once")
     sources = []
-    for i, (name, src) in enumerate(sorted(data_cfg.sources.items())):
+    for name in order:
+        src = data_cfg.sources[name]
         folder = resolve_dataset(src.dataset, data_cfg)
-        sources.append(MixtureSource(name, train_input(data_cfg, folder, num_frames=src.num_frames or None,
-                                                       seed_offset=i, pixel_stats=pixel_stats), src.weight))
+        stream = train_input(data_cfg, folder, num_frames=src.num_frames or None, seed_offset=names.index(name),
+                             pixel_stats=pixel_stats)
+        sources.append(MixtureSource(name, stream, src.weight))
     if not sources:
         raise ValueError("config.data.sources is empty: name at least one training dataset")
     return MixtureConfig(tuple(sources), mode=data_cfg.mixture_mode, seed=data_cfg.seed)
@@ -179,7 +188,7 @@ def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAIt
                         sqa.answer_indices(answers, vocab))
         return items, dict(answers=answers, kinds=[q.kind for q in questions], vocab=vocab,
                            train_answers=[q.answer for q in train], missing_kinds=[])
-    per_clip = qa.mc_per_clip if split == config.data.split else 1
+    per_clip = qa.get("mc_per_clip", 1) if split == config.data.split else 1
     questions = sqa.multiple_choice_questions(attributes, qa.seed, per_clip)
     k = sqa.NUM_OPTIONS
     texts = [sqa.mc_option_text(q.question, q.options, o, qa.mc_format) for q in questions for o in q.options]

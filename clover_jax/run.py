@@ -227,7 +227,12 @@ def train_data(run: Run) -> TrainData:
         return TrainData(len(qa_items), lambda start: data_glue.qa_train_batches(config, qa_items, start,
                                                                                   run.batch_sharding))
     mixture = data_glue.train_mixture(config.data, data_glue.pixel_stats_name(config))
-    examples = sum(data_glue.captioned_clips(source.input) for source in mixture.sources)
+    clips = [data_glue.captioned_clips(source.input) for source in mixture.sources]
+    examples = sum(clips)
+    if mixture.mode == "alternate_official":  # the reference's epoch: n * the longest source's batches
+        batch = config.data.batch_size
+        mixture = dataclasses.replace(mixture, batches_per_epoch=tuple(max(1, math.ceil(c / batch)) for c in clips))
+        examples = len(clips) * max(mixture.batches_per_epoch) * batch
     return TrainData(examples, lambda start: make_mixture_iterator(mixture, start, run.batch_sharding))
 
 

@@ -5,8 +5,9 @@ input stream): the jitted step runs over the batches, logging every `log_every` 
 one step late, so the host never stalls the device), checkpointing asynchronously every
 `checkpoint_every` steps, and running the evaluators of `config.evals` on their schedule and after the
 last step (`evaluators.entries`). Evaluation scalars go to TensorBoard and metrics.jsonl as
-`<evaluator>/<metric>`; with `config.best_metric` ("<evaluator>/<metric>", `config.best_mode` "max" or
-"min") the best evaluated step is kept in `<workdir>/best/` beside the newest checkpoints.
+`<evaluator>/<metric>`, each row with `epoch` (the epochs of training data done); with
+`config.best_metric` ("<evaluator>/<metric>", `config.best_mode` "max" or "min") the best evaluated step
+is kept in `<workdir>/best/` beside the newest checkpoints.
 
 SIGTERM / SIGINT: the current step finishes, a checkpoint is written and waited for, and the process
 exits 0; rerunning the same command resumes exactly (same batches, same rngs). A non-finite loss or
@@ -159,7 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 dt = time.time() - t0
                 rate = t_steps / dt if dt > 0 else float("nan")
                 scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0 and k != "finite"}
-                scalars.update(steps_per_s=rate, clips_per_s=clips / dt if dt > 0 else float("nan"))
+                scalars.update(steps_per_s=rate, clips_per_s=clips / dt if dt > 0 else float("nan"),
+                               epoch=(s + 1) / durations.steps_per_epoch)  # epochs of training data done
                 eta = (total - s - 1) / rate if rate > 0 else float("nan")
                 print(f"step {s + 1}/{total} {_format_metrics(scalars)} steps/s={rate:.2f} "
                       f"clips/s={scalars['clips_per_s']:.1f} eta={eta:.0f}s", flush=True)

@@ -1,4 +1,4 @@
-"""Config helpers: typed parsing of the `:arg` string (`file.py:base,frames=16`)."""
+"""Config helpers: typed parsing of the `:arg` string (`file.py:base,frames=16`) and the `official` variant."""
 from __future__ import annotations
 
 from typing import Any
@@ -37,3 +37,24 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
         else:
             out[key] = raw
     return out
+
+
+OFFICIAL = "official"
+
+
+def split_official(arg: str | None) -> tuple[str, bool]:
+    """("base,tiny", True) for "base,official,tiny": the `official` word taken out of a `:arg` string."""
+    items = [item.strip() for item in (arg or "").split(",") if item.strip()]
+    return ",".join(item for item in items if item != OFFICIAL), OFFICIAL in items
+
+
+def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The official code's behaviour on every switch where ours differs on purpose (README, "Official
+    recipe"): BGR frames and statistics, the contrastive gradient divided by the official run's GPU count
+    (`loss.official_replicas`, set per recipe), and, with WebVid and CC3M, the official alternation."""
+    c.pixel_stats = "official"
+    c.loss.contrastive_grad_scale = "official"
+    if sorted(c.data.sources) == ["cc3m", "webvid"]:
+        c.data.mixture_mode = "alternate_official"
+        c.data.source_order = ("webvid", "cc3m")
+    return c

@@ -40,6 +40,9 @@ Our earlier choices stay available by name: `qa.mc_format="full_answer_kept"` (o
 text loses the end of its option list, never "Answer: option"), `qa.option_order="shuffled"`.
   tiny             with any of the above: the demo's tiny model (4 frames at 56², batch 8, a few steps),
                    for tests and CPU smoke runs on a handful of real clips.
+  official         with any of the above: BGR pixels as the official code (`common.apply_official`).
+As the reference: the QA accuracy after every epoch, and <workdir>/best keeps the best epoch by it
+(the reference's configs set no save_best: the hook's "auto" picks the first metric, `acc` / `overall_acc`).
 Epochs become steps at start, from the training questions whose clip is in the prepared split (printed).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
 """
@@ -48,7 +51,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import pretrain
-from configs.common import parse_arg
+from configs.common import apply_official, parse_arg, split_official
 from data_pipelines.qa_tasks import SOURCE_TASKS
 
 # Per QA source (the keys of `qa_tasks.SOURCE_TASKS`, which also names each source's task):
@@ -75,6 +78,13 @@ _SQUASH_TEST = ("msrvtt_qa", "msvd_qa", "tgif_action", "tgif_transition", "lsmdc
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
+    arg, official = split_official(arg)
+    c = _recipe(arg)
+    return apply_official(c) if official else c
+
+
+def _recipe(arg: str) -> ml_collections.ConfigDict:
     a = parse_arg(arg, tiny=False, **{t: False for t in TASKS})
     chosen = [t for t in TASKS if a[t]]
     if len(chosen) != 1:
@@ -97,7 +107,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 msvd_mapping="", text_length=text_length, mc_format="full", option_order="file", seed=0)
     c.data.sources = {}
     c.data.text_masking = "none"
-    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=0.0))
+    c.evals = dict(qa=dict(type="qa", every_steps=0, every_epochs=1.0))
     c.best_metric = "qa/accuracy"
     c.eval.num_views = views
     c.eval.crop = "squash" if name in _SQUASH_TEST else "centre"

@@ -14,7 +14,19 @@ used 8 GPUs (MSR-VTT, DiDeMo) and 16 (LSMDC), the `loss.official_replicas` of
   didemo  paragraph retrieval (captions = joined sentences): batch 256, 50 epochs (5), 8 / 32 frames,
           text 50 / 64. Paper: 50.1/76.7/85.6/1.
   lsmdc   batch 256, 50 epochs (5), 8 / 32 frames, text 40 / 40. Paper: 24.8/44.0/54.5/8.
+  msrvtt_mc  MSR-VTT multiple choice (reference `finetune_msrvtt_mc.py`): its own fine-tune, batch 16
+          (2 x 8 GPUs), 100 epochs (10), 8 / 32 frames, text 30 / 30, no flip, evaluated by the
+          `multiple_choice` evaluator (`acc_for_msrvtt_mc`: the option with the highest cosine to its clip):
+          --config.evals.msrvtt_mc.file=msrvtt_mc_test.jsonl, the test clips as --config.eval.dataset.
+          Train on the MSR-VTT training captions (the reference's msrvtt_mc_train.pkl; its split is
+          UNCONFIRMED).
   demo    the synthetic dataset and the demo's tiny model (CPU): fine-tunes `workdirs/demo`.
+  tiny    with msrvtt, didemo, lsmdc or msrvtt_mc: the recipe's schedule and selection on the synthetic
+          dataset and the tiny model from scratch (pretrain.py:tiny's 24 clips, an epoch = 3 steps, 6 steps).
+  official  with any of the above: BGR pixels and the official gradient scale (`common.apply_official`).
+As the reference: evaluation after every epoch, and <workdir>/best keeps the best epoch by the first
+metric the reference's evaluation returns (its configs set no save_best, so the hook's "auto" picks it):
+text->video R@1 (`retrieval/t2v_r1`), for msrvtt_mc the accuracy (`msrvtt_mc/mc_accuracy`).
 Prepare the folders with `python -m data_pipelines.prepare` (see README). Epochs become steps when the
 run starts, from the clips of the prepared training split (printed on the first line).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
@@ -24,7 +36,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import pretrain
-from configs.common import parse_arg
+from configs.common import apply_official, parse_arg, split_official
 
 # batch, epochs, warm-up epochs, train frames, test frames, train text, test text, flip, and the official
 # run's GPU count (num_gpus x machines of its config: the `loss.official_replicas` of
@@ -33,16 +45,38 @@ _RECIPES = {
     "msrvtt": (128, 100, 10, 12, 32, 30, 25, 0.5, 8),
     "didemo": (256, 50, 5, 8, 32, 50, 64, 0.0, 8),
     "lsmdc": (256, 50, 5, 8, 32, 40, 40, 0.0, 16),
+    "msrvtt_mc": (16, 100, 10, 8, 32, 30, 30, 0.0, 8),
 }
+VARIANTS = (*_RECIPES, "demo")
+
+
+def _official_selection(c: ml_collections.ConfigDict, name: str) -> None:
+    """Evaluation after every epoch; the best epoch by the reference's first metric."""
+    if name == "msrvtt_mc":
+        c.evals = dict(retrieval=dict(type="retrieval", every_steps=-1, every_epochs=0.0),
+                       msrvtt_mc=dict(type="multiple_choice", every_steps=0, every_epochs=1.0, file=""))
+        c.best_metric = "msrvtt_mc/mc_accuracy"
+    else:
+        c.evals.retrieval.every_epochs = 1.0
+        c.best_metric = "retrieval/t2v_r1"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, msrvtt=False, didemo=False, lsmdc=False, demo=False)
-    chosen = [k for k in ("msrvtt", "didemo", "lsmdc", "demo") if a[k]] or ["msrvtt"]
+    """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
+    arg, official = split_official(arg)
+    c = _recipe(arg)
+    return apply_official(c) if official else c
+
+
+def _recipe(arg: str) -> ml_collections.ConfigDict:
+    a = parse_arg(arg, tiny=False, **{v: False for v in VARIANTS})
+    chosen = [k for k in VARIANTS if a[k]] or ["msrvtt"]
     if len(chosen) > 1:
         raise ValueError(f"choose one variant, got {chosen}")
     name = chosen[0]
-    c = pretrain.get_config(None if name == "demo" else "base")
+    if a.tiny and name == "demo":
+        raise ValueError(f"'tiny' goes with one of {tuple(_RECIPES)}, not 'demo'")
+    c = pretrain.get_config("tiny" if a.tiny else None if name == "demo" else "base")
     c.task = "retrieval"
     c.init_from = "workdirs/demo" if name == "demo" else ""
     c.optim.grad_clip = 5.0
@@ -56,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         return c
     batch, epochs, warmup, frames, test_frames, text, test_text, flip, official_replicas = _RECIPES[name]
     c.loss.official_replicas = official_replicas
+    _official_selection(c, name)
+    if a.tiny:
+        c.data.update(text_masking="none", flip_prob=flip)
+        return c
     c.model.overrides = {"num_frames": 8}  # fusion tables as pre-trained; retrieval never runs the fusion
     c.data.sources = {"train": pretrain._source("", frames)}
     c.data.update(batch_size=batch, num_frames=frames, text_length=text, flip_prob=flip, text_masking="none")

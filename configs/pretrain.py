@@ -5,7 +5,9 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           built-in synthetic dataset (coloured shapes that move; generated on first use, no download),
           4 frames at 64², batch 16, on CPU. Then zero-shot retrieval on 256 held-out synthetic clips.
           2 CPU cores: about 5 minutes; expect text->video R@10 far above its 3.9% chance value.
-  tiny    The test size: the demo with 6 steps and a small dataset (seconds of training).
+  tiny    The test size: the demo with 6 steps on a 24-clip dataset (seconds of training), on base's
+          schedule in miniature: an epoch is 3 steps, zero-shot retrieval after each (steps 3 and 6),
+          and the best `retrieval/recall_all` kept in <workdir>/best.
   base    The paper's recipe (reference §4): Swin3D-B + bert-base-uncased + 3 fusion layers, 8 frames at
           224², global batch 1024, AdamW lr 5e-5 wd 0.005 betas (0.9, 0.98), cosine with 4 warm-up
           epochs from 1e-3x to 1e-3x, grad clip 15, bf16 compute, WebVid-2M and CC3M alternating.
@@ -20,13 +22,21 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           `python -m clover_jax.convert --source official_swin3d … --bert-dir bert-base-uncased/`: that
           loads the Swin, the text encoder, fusion layers 0-2 and BERT's MLM head (`cls.predictions.*`,
           as the official `BertForMaskedLM.from_pretrained` head; untied from the text encoder).
+          As the reference: zero-shot retrieval after every epoch, <workdir>/best keeps the best
+          `Recall@all` (= t2v R@1+R@5+R@10-MdR, `retrieval/recall_all`). WebVid and CC3M take turns
+          (CC3M first: sorted names), each source's stream running on by itself.
+  official  with any variant: the official code's behaviour where ours differs on purpose (README,
+          "Official recipe"): BGR pixels (pixel_stats=official), the contrastive gradient / the official
+          run's 32 GPUs (loss.contrastive_grad_scale=official) and the official alternation (WebVid
+          first; once the shorter source runs out every step draws from its fresh pass:
+          data.mixture_mode=alternate_official, data.source_order=('webvid','cc3m')).
 """
 from __future__ import annotations
 
 import ml_collections
 
 from clover_jax.defaults import default_loss_config, default_optim_config
-from configs.common import parse_arg
+from configs.common import apply_official, parse_arg, split_official
 
 
 def _source(dataset: str, num_frames: int = 0, weight: float = 1.0) -> ml_collections.ConfigDict:
@@ -34,6 +44,13 @@ def _source(dataset: str, num_frames: int = 0, weight: float = 1.0) -> ml_collec
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
+    arg, official = split_official(arg)
+    c = _recipe(arg)
+    return apply_official(c) if official else c
+
+
+def _recipe(arg: str) -> ml_collections.ConfigDict:
     a = parse_arg(arg, demo=False, tiny=False, base=False)
     c = ml_collections.ConfigDict()
     c.task = "pretrain"
@@ -63,7 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                    overrides={"text_overrides": {"initializer_range": 0.125}, "video_overrides": {"init_std": 0.1}})
 
     c.data = dict(
-        sources={"synthetic": _source("synthetic")}, mixture_mode="alternate", split="train",
+        # mixture_mode: "alternate", "alternate_official" or "weighted" (data_pipelines.mixtures);
+        # source_order: the turn order of `sources` by name (() = sorted names).
+        sources={"synthetic": _source("synthetic")}, mixture_mode="alternate", source_order=(), split="train",
         cache_dir="", synthetic=dict(seed=0, num_train=1024, num_test=256, num_frames=8, size=64,
                                      captions_per_clip=3),
         batch_size=16, num_frames=4, image_size=56, crop_area=(0.6, 1.0), flip_prob=0.0,
@@ -93,9 +112,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if a.tiny:
         c.total_steps, c.log_every, c.checkpoint_every = 6, 2, 3
-        c.data.synthetic.num_train, c.data.synthetic.num_test = 32, 16
+        c.data.synthetic.num_train, c.data.synthetic.num_test = 24, 16  # 3 steps an epoch: 6 steps = 2 epochs
         c.data.batch_size, c.eval.batch_size = 8, 8
         c.optim.warmup_steps = 2
+        c.evals.retrieval.every_epochs = 1.0  # base's schedule and selection in miniature
+        c.best_metric = "retrieval/recall_all"
     if a.base:
         c.model = dict(preset="base", dtype="bfloat16", remat=True, attention="per_clip", h_v_input="text_cls",
                        overrides={})
@@ -107,5 +128,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every, c.checkpoint_every, c.keep_checkpoints = 100, 2000, 3
         c.optim = default_optim_config()  # lr 5e-5, wd 0.005, betas (0.9, 0.98), clip 15
         c.optim.warmup_epochs = 4.0
-        c.evals.retrieval.every_epochs = 1.0  # zero-shot recall once per epoch while it trains
+        c.evals.retrieval.every_epochs = 1.0  # the reference evaluates after every epoch ...
+        c.best_metric = "retrieval/recall_all"  # ... and keeps the best Recall@all (R@1+R@5+R@10-MdR, t2v)
     return c

@@ -1,4 +1,5 @@
 """Every run config builds, is lockable, and fine-tuning models load pre-training checkpoints' shapes."""
+import ml_collections
 import pytest
 
 from clover_jax.convert.common import flatten
@@ -12,6 +13,8 @@ FILES = ["configs/pretrain.py", "configs/pretrain.py:tiny", "configs/pretrain.py
          "configs/qa_synthetic.py:open", "configs/qa_synthetic.py:mc",
          "configs/finetune_retrieval.py:msrvtt", "configs/finetune_retrieval.py:didemo",
          "configs/finetune_retrieval.py:lsmdc", "configs/finetune_retrieval.py:demo",
+         "configs/finetune_retrieval.py:msrvtt_mc", "configs/finetune_retrieval.py:msrvtt_mc,tiny",
+         "configs/finetune_retrieval.py:msrvtt,tiny",
          *(f"configs/finetune_qa.py:{t}" for t in finetune_qa.TASKS),
          "configs/finetune_qa.py:msvd_qa,tiny"]
 
@@ -105,3 +108,85 @@ def test_official_replicas_are_the_official_runs_gpu_counts():
     got = {name: finetune_retrieval.get_config(name).loss.official_replicas for name in ("msrvtt", "didemo", "lsmdc")}
     assert got == {"msrvtt": 8, "didemo": 8, "lsmdc": 16}
     assert pretrain.get_config("base").loss.contrastive_grad_scale == "global"  # the default stays the paper's
+
+
+# The reference evaluates after every epoch; pre-training keeps the best Recall@all, the fine-tunings the
+# best epoch by the first metric their evaluation returns (save_best "auto"): Recall@1, acc, overall_acc.
+OFFICIAL_SELECTION = {
+    "configs/pretrain.py:base": ("retrieval", "retrieval/recall_all"),
+    "configs/pretrain.py:tiny": ("retrieval", "retrieval/recall_all"),
+    **{f"configs/finetune_retrieval.py:{v}{t}": ("retrieval", "retrieval/t2v_r1")
+       for v in ("msrvtt", "didemo", "lsmdc") for t in ("", ",tiny")},
+    "configs/finetune_retrieval.py:msrvtt_mc": ("msrvtt_mc", "msrvtt_mc/mc_accuracy"),
+    "configs/finetune_retrieval.py:msrvtt_mc,tiny": ("msrvtt_mc", "msrvtt_mc/mc_accuracy"),
+    **{f"configs/finetune_qa.py:{t}{v}": ("qa", "qa/accuracy") for t in finetune_qa.TASKS for v in ("", ",tiny")},
+}
+
+
+@pytest.mark.parametrize("spec", sorted(OFFICIAL_SELECTION))
+def test_recipes_evaluate_every_epoch_and_keep_the_official_best(spec):
+    config = load_config_file(spec)
+    evaluator, metric = OFFICIAL_SELECTION[spec]
+    assert entries.evaluator_names(config, scheduled_only=True) == [evaluator]
+    assert config.evals[evaluator].every_epochs == 1.0 and config.evals[evaluator].every_steps == 0
+    assert (config.best_metric, config.best_mode) == (metric, "max")
+
+
+def test_msrvtt_multiple_choice_has_its_own_fine_tune():
+    """Reference finetune_msrvtt_mc.py: 2 videos x 8 GPUs, 8 frames (32 at test), text 30, 100 epochs
+    (10 warm-up), lr 1.2e-5, wd 0.01, clip 5."""
+    c = load_config_file("configs/finetune_retrieval.py:msrvtt_mc")
+    assert c.task == "retrieval" and c.evals.msrvtt_mc.type == "multiple_choice"
+    assert (c.data.batch_size, c.data.num_frames, c.eval.num_frames, c.data.text_length, c.eval.text_length) == (
+        16, 8, 32, 30, 30)
+    assert (c.total_epochs, c.optim.warmup_epochs, c.optim.lr, c.optim.weight_decay, c.optim.grad_clip) == (
+        100.0, 10.0, 1.2e-5, 0.01, 5.0)
+    assert c.data.flip_prob == 0.0 and c.data.text_masking == "none"
+    tiny = load_config_file("configs/finetune_retrieval.py:msrvtt_mc,tiny")
+    assert tiny.data.sources.synthetic.dataset == "synthetic" and tiny.total_steps == 6  # 2 epochs of 3 steps
+    with pytest.raises(ValueError, match="tiny"):
+        load_config_file("configs/finetune_retrieval.py:demo,tiny")
+
+
+def test_mixture_order_and_mode_switch(tmp_path):
+    """Ours: sorted names (CC3M first), each stream on its own; the reference's: WebVid first and its epoch."""
+    from clover_jax.data import train_mixture
+
+    base = load_config_file("configs/pretrain.py:base")
+    assert (base.data.mixture_mode, tuple(base.data.source_order)) == ("alternate", ())
+    data = base.data
+    for name in ("webvid", "cc3m"):
+        (tmp_path / name).mkdir()
+        data.sources[name].dataset = str(tmp_path / name)
+    ours = train_mixture(data)
+    assert [s.name for s in ours.sources] == ["cc3m", "webvid"] and ours.mode == "alternate"
+    data.update(mixture_mode="alternate_official", source_order=("webvid", "cc3m"))
+    official = train_mixture(data)
+    assert [s.name for s in official.sources] == ["webvid", "cc3m"] and official.mode == "alternate_official"
+    # A source's stream does not depend on the order.
+    assert {s.name: s.input for s in official.sources} == {s.name: s.input for s in ours.sources}
+    data.source_order = ("webvid",)
+    with pytest.raises(ValueError, match="source_order"):
+        train_mixture(data)
+
+
+@pytest.mark.parametrize("spec", ["configs/pretrain.py:base", "configs/pretrain.py:tiny",
+                                  "configs/finetune_retrieval.py:lsmdc", "configs/finetune_qa.py:tgif_action,tiny"])
+def test_official_variant_selects_every_official_switch(spec):
+    """`,official` = the per-item switches of the rows where ours differs on purpose; nothing else changes."""
+    ours, official = load_config_file(spec), load_config_file(spec + ",official")
+    assert (ours.pixel_stats, ours.loss.contrastive_grad_scale) == ("auto", "global")
+    assert (official.pixel_stats, official.loss.contrastive_grad_scale) == ("official", "official")
+    both = sorted(ours.data.sources) == ["cc3m", "webvid"]
+    assert (official.data.mixture_mode, tuple(official.data.source_order)) == (
+        ("alternate_official", ("webvid", "cc3m")) if both else (ours.data.mixture_mode, ()))
+    switched = {"pixel_stats", "loss.contrastive_grad_scale", "data.mixture_mode", "data.source_order"}
+
+    def flat(c, prefix=""):
+        out = {}
+        for k, v in c.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(ours), flat(official)
+    assert {k for k in a if a[k] != b[k]} <= switched and set(a) == set(b)

@@ -315,3 +315,24 @@ def test_encode_png_greyscale_round_trip():
     np.testing.assert_array_equal(_decode_png(report.encode_png(image))[:, :, 0], image)
     with pytest.raises(ValueError, match="uint8"):
         report.encode_png(image.astype(np.float32))
+
+
+def test_recall_all_on_a_hand_made_similarity_matrix():
+    """`recall_all` is the reference's `Recall@all` (its pre-training best-checkpoint key): t2v R@1 + R@5 +
+    R@10 - MdR, MdR = median(0-based rank) + 1 (`recall_for_video_text_retrieval`)."""
+    want_ranks = [1, 1, 1, 2, 3, 4, 6, 8, 11, 12, 5, 1]
+    n = len(want_ranks)
+    sims = np.full((n, n), 0.1) - 0.001 * np.arange(n)  # distinct values: no ties
+    for i, r in enumerate(want_ranks):
+        sims[i, i] = 0.5
+        others = [j for j in range(n) if j != i][: r - 1]
+        sims[i, others] = 0.9 - 0.01 * np.arange(r - 1)
+    # Videos are the basis vectors: each caption's cosines are its row over its norm (order kept).
+    m = retrieval.retrieval_metrics(np.eye(n), sims, np.arange(n))
+    # By hand: 4 ranks <= 1, 8 <= 5, 10 <= 10 of 12; sorted ranks 1,1,1,1,2,3,4,5,6,8,11,12 -> MdR (3+4)/2.
+    assert m["t2v_median_rank"] == 3.5
+    assert m["recall_all"] == pytest.approx(100 * (4 + 8 + 10) / 12 - 3.5)  # 179.8333
+    # The reference's computation, line for line (argsort of -scores, text rows).
+    ind = np.where(np.argsort(-sims, axis=1) == np.arange(n)[:, None])[1]
+    official = sum(100 * np.sum(ind < k) / n for k in (1, 5, 10)) - (np.median(ind) + 1)
+    assert m["recall_all"] == pytest.approx(official)

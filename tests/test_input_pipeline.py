@@ -236,3 +236,54 @@ def test_official_semantic_masking_refuses_tags_of_the_previous_rule(cfg, tmp_pa
         ip.make_train_dataset(cfg.replace(dataset=str(old)), 0, 0, 1)
     for mode in ("semantic_dedup", "none"):
         ip.check_tag_rule(cfg.replace(dataset=str(old), text=TextMaskingConfig(mode=mode)))
+
+
+def _reference_runner_epoch(batches_per_epoch):
+    """`MyEpochBasedMultiDatasetRunner.train` of the reference, line for line, on lists of (source, batch)."""
+    from itertools import zip_longest
+
+    loaders = [[(j, t) for t in range(n)] for j, n in enumerate(batches_per_epoch)]
+    steps, short_loader = [], None
+    for batch_idx, data_batchs in enumerate(zip_longest(*loaders)):
+        for loader_idx, data_batch in enumerate(data_batchs):
+            if short_loader is None and data_batch is None:
+                short_loader = iter(loaders[loader_idx])
+                data_batch = next(short_loader)
+            elif short_loader is not None:
+                data_batch = next(short_loader)
+            steps.append(data_batch)
+        if batch_idx >= max(len(loader) - 1 for loader in loaders):
+            break
+    return steps
+
+
+def test_official_alternation_is_the_reference_runners_epoch():
+    for lengths in [(3, 2), (2, 3), (4, 4), (5, 4), (6, 5, 4), (1, 1)]:
+        got = [tuple(d) for d in mixtures.official_epoch_draws(lengths).tolist()]
+        assert got == _reference_runner_epoch(lengths), lengths
+    # WebVid (source 0, 2 batches) first; once it runs out, BOTH slots take its fresh pass (CC3M's 3rd batch
+    # is dropped), and the epoch lasts 2 x the longest source's batches.
+    assert mixtures.official_epoch_draws((2, 3)).tolist() == [[0, 0], [1, 0], [0, 1], [1, 1], [0, 0], [0, 1]]
+    # The reference raises StopIteration when the fresh pass runs out too; here it starts over.
+    assert mixtures.official_epoch_draws((2, 4)).tolist()[4:] == [[0, 0], [0, 1], [0, 0], [0, 1]]
+
+
+def test_official_alternation_streams_and_resume(cfg):
+    images = cfg.replace(num_frames=1, seed=3)
+    sources = (mixtures.MixtureSource("webvid", cfg), mixtures.MixtureSource("cc3m", images))
+    official = mixtures.MixtureConfig(sources, mode="alternate_official", batches_per_epoch=(2, 3))
+    ours = mixtures.MixtureConfig(sources, mode="alternate")
+    # Epoch e of a source is batches [e * L, (e + 1) * L) of its own stream; the fresh pass replays them.
+    ids, batch = mixtures.mixture_draws(official, 0, 12)
+    assert ids.tolist() == [0, 1, 0, 1, 0, 0] * 2
+    assert batch.tolist() == [0, 0, 1, 1, 0, 1, 2, 3, 3, 4, 2, 3]
+    ids, batch = mixtures.mixture_draws(ours, 0, 6)  # ours: 1:1 for ever, each stream in order
+    assert ids.tolist() == [0, 1, 0, 1, 0, 1] and batch.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ValueError, match="batches_per_epoch"):
+        mixtures.mixture_schedule(mixtures.MixtureConfig(sources, mode="alternate_official"), 0, 4)
+    it = mixtures.make_mixture_iterator(official, 0, process_index=0, process_count=1)
+    full = [next(it) for _ in range(8)]
+    assert [n for n, _ in full] == ["webvid", "cc3m", "webvid", "cc3m", "webvid", "webvid", "webvid", "cc3m"]
+    assert_batches_equal([b for _, b in full[4:6]], [b for _, b in full[0:3:2]])  # the fresh pass
+    resumed = mixtures.make_mixture_iterator(official, 5, process_index=0, process_count=1)
+    assert_batches_equal([next(resumed)[1] for _ in range(3)], [b for _, b in full[5:8]])

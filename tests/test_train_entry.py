@@ -54,8 +54,9 @@ def _losses(workdir) -> dict[int, float]:
 
 
 def _table(stdout: str) -> list[str]:
+    """The last retrieval table printed (the run evaluates after every epoch, then the eval CLI once)."""
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("retrieval on "))
+    start = max(i for i, line in enumerate(lines) if line.startswith("retrieval on "))
     return lines[start:start + 5]
 
 
@@ -108,6 +109,20 @@ def test_eval_cli_reproduces_the_run_metrics(cli_env, reference):
     assert json.loads((ref_dir / "eval" / f"retrieval_step{TOTAL}.json").read_text()) == trained
     html = (ref_dir / "eval" / f"retrieval_step{TOTAL}.html").read_text()
     assert html.count("<img") >= 5 and "data:image/png;base64," in html
+
+
+def test_run_evaluates_every_epoch_and_keeps_the_best_recall_all(reference):
+    """`:tiny` is `:base`'s schedule in miniature: 24 clips at batch 8 = 3 steps an epoch, zero-shot
+    retrieval after each epoch, and <workdir>/best holds the step of the highest `retrieval/recall_all`."""
+    ref_dir, _ = reference
+    rows = [json.loads(line) for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r for r in rows if "retrieval/recall_all" in r}
+    assert sorted(evaluated) == [3, 6] and [evaluated[s]["epoch"] for s in (3, 6)] == [1.0, 2.0]
+    best = json.loads((ref_dir / "best" / "best.json").read_text())
+    top = max(evaluated, key=lambda s: (evaluated[s]["retrieval/recall_all"], -s))  # ties keep the earlier
+    assert best["metric"] == "retrieval/recall_all" and best["step"] == top
+    assert best["value"] == evaluated[top]["retrieval/recall_all"]
+    assert sorted(int(p.name) for p in (ref_dir / "best").iterdir() if p.name.isdigit()) == [top]
 
 
 def test_config_typo_and_bad_batch_fail_in_one_line(cli_env, tmp_path):
