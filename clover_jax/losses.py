@@ -136,7 +136,9 @@ def _cfg_value(cfg: Any, name: str, default: Any) -> Any:
 
 
 def scale_gradient(x: Array, factor: float) -> Array:
-    """Returns x unchanged in value whose gradient is multiplied by `factor`."""
+    """Returns x unchanged in value whose gradient is multiplied by `factor` (x itself when factor is 1)."""
+    if factor == 1.0:
+        return x
     return x * factor + jax.lax.stop_gradient(x - x * factor)
 
 
@@ -253,8 +255,7 @@ def pretrain_contrastive(
         t, v, embeddings["v_masked"], embeddings["z_t"], **nce_kw
     )
     contrastive = sum(weights[name] * terms[name] for name in CONTRASTIVE_TERMS)
-    if settings["grad_factor"] != 1.0:
-        contrastive = scale_gradient(contrastive, settings["grad_factor"])
+    contrastive = scale_gradient(contrastive, settings["grad_factor"])
     return contrastive, terms
 
 

@@ -78,8 +78,7 @@ def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_r
         v, t = embeddings["v"], embeddings["t"]
         value = losses.symmetric_infonce(v, t, temperature)
         metrics = {k: jax.lax.stop_gradient(x) for k, x in losses.in_batch_metrics(v, t).items()}
-        scaled = losses.scale_gradient(value, grad_factor) if grad_factor != 1.0 else value
-        return scaled, {"infonce": jax.lax.stop_gradient(value), **metrics}
+        return losses.scale_gradient(value, grad_factor), {"infonce": jax.lax.stop_gradient(value), **metrics}
 
     return grad_cache.EmbeddingLoss(embed, lambda batch: jnp.ones((), jnp.float32), loss)
 
