@@ -2,8 +2,11 @@
 # Role: step-time ratio PyTorch eager ÷ clover_jax for one Clover size, the two programs alternating (A B A B).
 #
 #   benchmarks/compare_pytorch.sh [--preset tiny|small] [--frames 8] [--size 224] [--batch 8] [--rounds 2]
-#                                 [--steps 8] [--threads 2] [--text-length 30]
+#                                 [--steps 8] [--threads 2] [--text-length 30] [--malloc shipped|tcmalloc|system]
 #
+# --malloc: shipped (default) runs each program as it ships: clover_jax re-executes itself under tcmalloc
+# when one is installed (clover_jax/host_allocator.py), the peer under the system malloc; tcmalloc runs
+# both under tcmalloc with the same settings; system runs both under the system malloc.
 # Each round runs `python -m benchmarks.train_step --json` (2 warm-up + STEPS timed steps, median) and then
 # ../shared/bench/torch_baseline.py (STEPS + 2 steps, median of all but the first 2) with the same clip,
 # batch, text length and thread count. The PyTorch model flags are derived from the JAX preset
@@ -12,12 +15,12 @@
 # Override the interpreters / peer script with JAX_PY, TORCH_PY, TORCH_BASELINE.
 set -euo pipefail
 
-preset=tiny frames=8 size=224 batch=8 rounds=2 steps=8 threads=2 text_length=30
+preset=tiny frames=8 size=224 batch=8 rounds=2 steps=8 threads=2 text_length=30 malloc=shipped
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset) preset=$2 ;; --frames) frames=$2 ;; --size) size=$2 ;; --batch) batch=$2 ;;
-    --rounds) rounds=$2 ;; --steps) steps=$2 ;; --threads) threads=$2 ;; --text-length) text_length=$2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --rounds) rounds=$2 ;; --steps) steps=$2 ;; --threads) threads=$2 ;; --text-length) text_length=$2 ;; --malloc) malloc=$2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "compare_pytorch.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
@@ -56,26 +59,41 @@ torch_cmd=("$torch_py" "$baseline" $torch_flags --frames "$frames" --size "$size
 echo "jax:   ${jax_cmd[*]}"
 echo "torch: ${torch_cmd[*]}"
 
+# Environment of each side for --malloc (the tcmalloc settings are host_allocator.TCMALLOC_SETTINGS).
+tcmalloc_env=$("$jax_py" -c 'from clover_jax import host_allocator as h
+lib = h.find_tcmalloc()
+print(" ".join([f"LD_PRELOAD={lib}"] + [f"{k}={v}" for k, v in h.TCMALLOC_SETTINGS.items()]) if lib else "")')
+case "$malloc" in
+  shipped) jax_env=() torch_env=() ;;
+  system) jax_env=(CLOVER_JAX_ALLOCATOR=system) torch_env=() ;;
+  tcmalloc)
+    [[ -n $tcmalloc_env ]] || { echo "compare_pytorch.sh: --malloc tcmalloc: no libtcmalloc found" >&2; exit 1; }
+    # shellcheck disable=SC2206  # NAME=value words
+    jax_env=(CLOVER_JAX_ALLOCATOR=tcmalloc) torch_env=($tcmalloc_env) ;;
+  *) echo "compare_pytorch.sh: --malloc $malloc: use shipped, tcmalloc or system" >&2; exit 2 ;;
+esac
+echo "malloc: $malloc (clover_jax env: ${jax_env[*]:-none}; PyTorch env: ${torch_env[*]:-none})"
+
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 for ((r = 1; r <= rounds; r++)); do
   for impl in jax torch; do
     log="$out/$r.$impl"
     if [[ $impl == jax ]]; then
-      JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 "${jax_cmd[@]}" >"$log" 2>"$log.err" || { cat "$log.err" >&2; exit 1; }
+      env "${jax_env[@]}" JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 "${jax_cmd[@]}" >"$log" 2>"$log.err" || { cat "$log.err" >&2; exit 1; }
     else
-      "${torch_cmd[@]}" >"$log" 2>"$log.err" || { cat "$log.err" >&2; exit 1; }
+      env "${torch_env[@]}" "${torch_cmd[@]}" >"$log" 2>"$log.err" || { cat "$log.err" >&2; exit 1; }
     fi
     grep '^{' "$log" | tail -1 >"$log.json"
     echo "round $r $impl: $(cat "$log.json")"
   done
 done
 
-"$jax_py" - "$out" "$rounds" "$preset" "$frames" "$size" "$batch" <<'EOF'
+"$jax_py" - "$out" "$rounds" "$preset" "$frames" "$size" "$batch" "$malloc" <<'EOF'
 import json, pathlib, statistics, sys
 out, rounds = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 preset, frames, size, batch = sys.argv[3:7]
-print(f"\n{preset} Clover, {frames}x{size}², batch {batch}: step seconds (median of the timed steps)")
+print(f"\n{preset} Clover, {frames}x{size}², batch {batch}, malloc {sys.argv[7]}: step seconds (median of the timed steps)")
 print("| round | clover_jax s | PyTorch eager s | PyTorch ÷ clover_jax |")
 print("|---|---|---|---|")
 ratios = []

@@ -43,6 +43,9 @@ def pin_threads(threads: int) -> None:
 
 
 if __name__ == "__main__":  # before jax is imported: XLA sizes its thread pool by the allowed cores
+    from clover_jax.host_allocator import reexec_with_tuned_allocator
+
+    reexec_with_tuned_allocator()  # the malloc `python -m clover_jax.train` runs under
     _early = argparse.ArgumentParser(add_help=False)
     _early.add_argument("--threads", type=int, default=0)
     pin_threads(_early.parse_known_args()[0].threads)
@@ -54,6 +57,7 @@ import numpy as np  # noqa: E402
 from clover_jax import losses, optim, tasks  # noqa: E402
 from clover_jax import sharding as shard_lib  # noqa: E402
 from clover_jax import train_step as ts  # noqa: E402
+from clover_jax.host_allocator import applied_allocator  # noqa: E402
 from clover_jax.models import clover  # noqa: E402
 from clover_jax.models.bert import BertConfig  # noqa: E402
 from clover_jax.models.swin3d import Swin3DConfig, window_and_shift  # noqa: E402
@@ -279,7 +283,7 @@ def main() -> None:
                 "clips_per_s": t.batch / t.step_s, "model_gflop_per_step": t.analytic_flops / 1e9,
                 "xla_gflop_per_step": t.xla_flops / 1e9, "model_gflops": achieved / 1e9,
                 "matmul_peak_gflops": peak / 1e9, "share_of_matmul_peak": achieved / peak,
-                "load_average": os.getloadavg()[0],
+                "load_average": os.getloadavg()[0], "host_malloc": applied_allocator() or "as started",
             }), flush=True)
         return
 

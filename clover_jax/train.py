@@ -15,7 +15,13 @@ gradient stops the run naming the step and the last good checkpoint. Restores ta
 that reads (`checkpoint.restore_newest_readable`); a workdir whose config.json describes a state of
 another shape is refused (`workdir_config`); user mistakes end in one `error:` line, exit status 2.
 """
+# ruff: noqa: E402  (the allocator restart below runs before the imports)
 from __future__ import annotations
+
+if __name__ == "__main__":  # before jax allocates anything: restart under tcmalloc where found
+    from clover_jax.host_allocator import reexec_with_tuned_allocator
+
+    reexec_with_tuned_allocator()
 
 import copy
 import os
@@ -32,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, pixel_stats, tasks
+from clover_jax import grad_cache, host_allocator, pixel_stats, tasks
 from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax.evaluators import entries
@@ -229,6 +235,8 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if host_allocator.applied_allocator():
+        print(f"clover_jax: host malloc: {host_allocator.applied_allocator()}", flush=True)
     try:
         run_lib.init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          flags.FLAGS.distributed_auto)

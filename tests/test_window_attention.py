@@ -123,14 +123,20 @@ def test_clip_by_clip_encoder_matches_batched():
 
         def loss(p):  # fixed random readouts (a sum of squares after a LayerNorm would be ~constant)
             out = model.apply({"params": p}, shared, deterministic=False, rngs={"dropout": jax.random.key(5)})
-            return sum(jnp.sum(out[k] * readout[: out[k].shape[-1]]) for k in ("v", "v_masked", "z_v", "z_t"))
+            outs = {k: out[k] for k in ("v", "v_masked", "z_v", "z_t")}
+            return sum(jnp.sum(o * readout[: o.shape[-1]]) for o in outs.values()), outs
 
-        results[name] = jax.jit(jax.value_and_grad(loss))(params)
-    (ref_value, ref_grads), (value, grads) = results["fused"], results["per_clip"]
+        results[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    ((ref_value, ref_outs), ref_grads), ((value, outs), grads) = results["fused"], results["per_clip"]
+    # The outputs themselves, not only the scalar: the random-sign readout sum cancels, so its relative
+    # error is ill-conditioned (1.2e-5 seen on one CPU with outputs equal to 1e-6).
+    for k in ref_outs:
+        assert _rel_err(outs[k], ref_outs[k]) < 1e-5, k
+    readout_scale = sum(float(jnp.sum(jnp.abs(o * readout[: o.shape[-1]]))) for o in ref_outs.values())
     # Only parameters the readouts depend on (key biases, the MLM head, ... have zero gradient up to rounding).
     errors = [_rel_err(g, r) for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))
               if float(jnp.abs(r).max()) > 1e-6]
     worst = max(errors)
     print(f"\nper_clip vs batched: loss rel err {_rel_err(value, ref_value):.1e}, worst gradient rel err {worst:.1e}")
-    assert _rel_err(value, ref_value) < 1e-5
+    assert abs(float(value) - float(ref_value)) < 1e-5 * readout_scale
     assert worst < 1e-4
