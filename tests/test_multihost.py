@@ -40,10 +40,6 @@ OVERRIDES = (
     "--config.log_every=1",
     f"--config.checkpoint_every={RESUME_STEP}",  # checkpoints at steps 2 and 4 (keep_checkpoints=2)
     "--config.optim.eps=1e-3",  # see the module docstring
-    # no evaluation: only losses and parameters are compared (pretrain:tiny evaluates every epoch)
-    "--config.evals.retrieval.every_steps=-1",
-    "--config.evals.retrieval.every_epochs=0.0",
-    "--config.best_metric=",
 )
 
 
