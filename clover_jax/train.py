@@ -235,8 +235,9 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    if host_allocator.applied_allocator():
-        print(f"clover_jax: host malloc: {host_allocator.applied_allocator()}", flush=True)
+    malloc = host_allocator.applied_allocator()
+    if malloc:
+        print(f"clover_jax: host malloc: {malloc}", flush=True)
     try:
         run_lib.init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          flags.FLAGS.distributed_auto)

@@ -63,7 +63,7 @@ def _fused_probs(q: Array, k: Array, bias: Array, mask: Array, shape: tuple[int,
     """softmax(q k^T + bias + mask) in float32 as (B*nW*H, N, N); bias and mask are added as one table."""
     b, nw, h, n = shape
     table = bias.astype(jnp.float32)[None] + mask.astype(jnp.float32)[:, None]  # (nW or 1, H, N, N)
-    s = jnp.einsum("xqd,xkd->xqk", q, k, preferred_element_type=jnp.float32).reshape(b, -1, h, n, n)
+    s = jnp.einsum("xqd,xkd->xqk", q, k, preferred_element_type=jnp.float32)
     s = s.reshape(b, table.shape[0], -1, h, n, n) + table[:, None]  # windows grouped by shift-mask row
     return jax.nn.softmax(s, axis=-1).reshape(b * nw * h, n, n)
 
