@@ -44,8 +44,10 @@ def pin_threads(threads: int) -> None:
 
 if __name__ == "__main__":  # before jax is imported: XLA sizes its thread pool by the allowed cores
     from clover_jax.host_allocator import reexec_with_tuned_allocator
+    from clover_jax.xla_cpu_flags import add_default_flags
 
-    reexec_with_tuned_allocator()  # the malloc `python -m clover_jax.train` runs under
+    add_default_flags()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
+    reexec_with_tuned_allocator()
     _early = argparse.ArgumentParser(add_help=False)
     _early.add_argument("--threads", type=int, default=0)
     pin_threads(_early.parse_known_args()[0].threads)

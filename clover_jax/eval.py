@@ -10,12 +10,14 @@ checkpoint / converter-output folder. `--config.KEY=VALUE` overrides a key of th
 like the value it replaces). Each evaluator prints the table training prints and writes
 `W/eval/<name>_step{N}.json` (retrieval also `<name>_step{N}.html`); see `evaluators.entries`.
 """
-# ruff: noqa: E402  (the allocator restart below runs before the imports)
+# ruff: noqa: E402  (the XLA flags and the allocator restart below run before the imports)
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax allocates anything: restart under tcmalloc where found
+if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax.host_allocator import reexec_with_tuned_allocator
+    from clover_jax.xla_cpu_flags import add_default_flags
 
+    add_default_flags()
     reexec_with_tuned_allocator()
 
 import json

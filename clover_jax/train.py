@@ -15,12 +15,14 @@ gradient stops the run naming the step and the last good checkpoint. Restores ta
 that reads (`checkpoint.restore_newest_readable`); a workdir whose config.json describes a state of
 another shape is refused (`workdir_config`); user mistakes end in one `error:` line, exit status 2.
 """
-# ruff: noqa: E402  (the allocator restart below runs before the imports)
+# ruff: noqa: E402  (the XLA flags and the allocator restart below run before the imports)
 from __future__ import annotations
 
-if __name__ == "__main__":  # before jax allocates anything: restart under tcmalloc where found
+if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax.host_allocator import reexec_with_tuned_allocator
+    from clover_jax.xla_cpu_flags import add_default_flags
 
+    add_default_flags()
     reexec_with_tuned_allocator()
 
 import copy

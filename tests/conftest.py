@@ -1,10 +1,13 @@
-"""Test set-up: 8 virtual CPU devices (set before jax is imported) and the shared golden/data paths."""
+"""Test set-up: 8 virtual CPU devices and the entry points' XLA CPU flags (set before jax is imported), and the
+shared golden/data paths."""
 import os
 import pathlib
 
-os.environ["XLA_FLAGS"] = (
+from clover_jax.xla_cpu_flags import with_default_flags  # jax-free: imports nothing that starts jax
+
+os.environ["XLA_FLAGS"] = with_default_flags(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

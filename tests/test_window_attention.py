@@ -52,6 +52,18 @@ def test_variant_equals_reference(inputs, name, with_mask):
     assert float(jnp.abs(ref_grads[1]).max()) > 0  # the bias gradient is really exercised
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4])
+def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows):
+    """Small chunks: 8 or 2 chunks per clip, so the shift-mask rows are sliced at nonzero offsets."""
+    qkv, g, bias, mask = inputs
+    monkeypatch.setattr(wa, "CHUNK_ROWS", chunk_rows)
+    assert wa._chunk_windows(mask.shape[0], bias.shape[0]) == max(1, chunk_rows // bias.shape[0])
+    ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, mask)
+    value, grads = _value_and_grads("chunked", qkv, g, bias, mask)
+    errors = [_rel_err(value, ref_value), _rel_err(grads[0], ref_grads[0]), _rel_err(grads[1], ref_grads[1])]
+    assert max(errors) < 1e-5, errors
+
+
 def test_resolve_attention():
     assert wa.resolve_attention("auto", "cpu") == wa.DEFAULT_BY_BACKEND["cpu"]
     assert wa.resolve_attention("auto", "gpu") == "dot_product"

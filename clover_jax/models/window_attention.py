@@ -12,6 +12,9 @@ laid out, which matters more than FLOPs here (stage-1 windows are small matmuls 
                as a matmul (XLA's column reduce of that sum is slow on CPU), runs every product over one
                flattened (B*nW*H) batch dimension and returns the qkv gradient as one tensor in the
                layout qkv came in. No (N, N) tensor outlives its block, so it also lowers peak memory.
+  "chunked"    "fused" computed over chunks of about CHUNK_ROWS (window, head) pairs at a time (a map in
+               the forward, a scan in the backward), so each chunk's (N, N) scores stay in cache instead of
+               streaming the whole batch's through memory between the products and the softmax (CPU).
   "per_clip"   "fused" inside a video encoder that `Clover` runs one clip at a time (a rematerialised
                scan over clips): a clip's windows stay in cache on CPU and no batch-wide Swin activation
                is stored. Here, for one call over windows, it is "fused".
@@ -123,6 +126,89 @@ def fused_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -
     return _fused(qkv, bias, _as_mask(mask, qkv.shape[2]), scale)
 
 
+CHUNK_ROWS = 16  # (window, head) pairs per chunk: a stage's chunk of float32 (N, N) scores is <= 2.5 MB
+
+
+def _chunk_windows(num_windows: int, heads: int) -> int:
+    """Windows per chunk: the largest divisor of the per-clip window count with windows * heads <= CHUNK_ROWS,
+    so a chunk never straddles two clips' shift-mask rows."""
+    return max(c for c in range(1, num_windows + 1) if num_windows % c == 0 and (c * heads <= CHUNK_ROWS or c == 1))
+
+
+def _chunked_heads(qkv: Array, scale: float, c: int) -> tuple[Array, Array, Array]:
+    """(B, nW, N, 3, H, D) -> q (scaled), k, v as (B*nW/c, c*H, N, D): one leading chunk axis."""
+    b, nw, n, _, h, d = qkv.shape
+    x = jnp.transpose(qkv, (3, 0, 1, 4, 2, 5)).reshape(3, b * nw // c, c * h, n, d)
+    return x[0] * jnp.asarray(scale, qkv.dtype), x[1], x[2]
+
+
+def _chunk_probs(q: Array, k: Array, bias: Array, mask: Array, index: Array, c: int) -> Array:
+    """softmax(q k^T + bias + mask) in float32 for chunk `index` of c windows, as (c*H, N, N)."""
+    h, n, _ = bias.shape
+    rows = mask if mask.shape[0] == 1 else jax.lax.dynamic_slice_in_dim(mask, (index * c) % mask.shape[0], c)
+    table = jnp.broadcast_to(rows.astype(jnp.float32)[:, None] + bias.astype(jnp.float32)[None], (c, h, n, n))
+    s = jnp.einsum("xqd,xkd->xqk", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(s + table.reshape(c * h, n, n), axis=-1)
+
+
+def _chunked_forward(qkv, bias, mask, scale):
+    b, nw, n, _, h, d = qkv.shape
+    c = _chunk_windows(nw, h)
+    q, k, v = _chunked_heads(qkv, scale, c)
+
+    def chunk(args):
+        index, qi, ki, vi = args
+        return jnp.einsum("xqk,xkd->xqd", _chunk_probs(qi, ki, bias, mask, index, c).astype(vi.dtype), vi)
+
+    out = jax.lax.map(chunk, (jnp.arange(q.shape[0]), q, k, v))
+    return jnp.transpose(out.reshape(b, nw, h, n, d), (0, 1, 3, 2, 4))  # (B, nW, N, H, D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(qkv: Array, bias: Array, mask: Array, scale: float) -> Array:
+    return _chunked_forward(qkv, bias, mask, scale)
+
+
+def _chunked_fwd(qkv, bias, mask, scale):
+    out = _chunked_forward(qkv, bias, mask, scale)
+    return out, (qkv, bias, mask, out)
+
+
+def _chunked_bwd(scale, residuals, g_out):
+    qkv, bias, mask, out = residuals
+    b, nw, n, _, h, d = qkv.shape
+    c = _chunk_windows(nw, h)
+    q, k, v = _chunked_heads(qkv, scale, c)
+    dtype = v.dtype
+    g = jnp.transpose(g_out, (0, 1, 3, 2, 4)).reshape(q.shape)
+    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(g_probs * probs)
+    delta = jnp.transpose(delta, (0, 1, 3, 2)).reshape(q.shape[:-1] + (1,))
+
+    def chunk(g_bias, args):
+        index, qi, ki, vi, gi, di = args
+        probs = _chunk_probs(qi, ki, bias, mask, index, c)
+        g_v = jnp.einsum("xqk,xqd->xkd", probs.astype(dtype), gi)
+        g_scores = probs * (jnp.einsum("xqd,xkd->xqk", gi, vi, preferred_element_type=jnp.float32) - di)
+        g_q = jnp.einsum("xqk,xkd->xqd", g_scores.astype(dtype), ki) * jnp.asarray(scale, dtype)
+        g_k = jnp.einsum("xqk,xqd->xkd", g_scores.astype(dtype), qi)
+        g_bias = g_bias + jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
+        return g_bias, (g_q, g_k, g_v)
+
+    g_bias, grads = jax.lax.scan(chunk, jnp.zeros((h * n * n,), jnp.float32),
+                                 (jnp.arange(q.shape[0]), q, k, v, g, delta))
+    g_qkv = jnp.stack([x.reshape(b, nw, h, n, d) for x in grads], axis=3)  # (B, nW, H, 3, N, D)
+    g_qkv = jnp.transpose(g_qkv, (0, 1, 4, 3, 2, 5))  # (B, nW, N, 3, H, D), the layout qkv arrived in
+    return g_qkv, g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
+    """Custom-VJP attention over cache-sized chunks of windows (see the module docstring)."""
+    return _chunked(qkv, bias, _as_mask(mask, qkv.shape[2]), scale)
+
+
 def dot_product_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
     """`jax.nn.dot_product_attention` over B*nW sequences; bias (+ mask) broadcast to (B*nW, H, N, N)."""
     b, nw, n, _, h, d = qkv.shape
@@ -140,11 +226,12 @@ AttentionFn = Callable[[Array, Array, "Array | None", float], Array]
 ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "einsum": einsum_attention,
     "fused": fused_attention,
+    "chunked": chunked_attention,
     "dot_product": dot_product_attention,
 }
 
 # "auto" resolves by the backend the model is traced for (measured: benchmarks/swin_attention.py).
-DEFAULT_BY_BACKEND = {"cpu": "fused", "gpu": "dot_product", "tpu": "fused"}
+DEFAULT_BY_BACKEND = {"cpu": "chunked", "gpu": "dot_product", "tpu": "fused"}
 
 
 CLIP_MAPPED = "per_clip"  # handled by the caller (Clover.encode_video); windows use "fused"

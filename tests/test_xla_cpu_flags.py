@@ -1,0 +1,42 @@
+"""The entry points' XLA CPU flags: added unless the user set them, skipped for an old jaxlib, seen by XLA."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clover_jax import xla_cpu_flags
+from clover_jax.xla_cpu_flags import DEFAULT_FLAGS, with_default_flags
+
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_defaults_are_appended_to_other_flags():
+    flags = with_default_flags("--xla_force_host_platform_device_count=8", (0, 10))
+    assert flags.split() == ["--xla_force_host_platform_device_count=8", f"--{YNN}={DEFAULT_FLAGS[YNN]}"]
+    assert with_default_flags("", (0, 10)) == f"--{YNN}={DEFAULT_FLAGS[YNN]}"
+
+
+def test_a_flag_the_user_gave_is_kept():
+    for given in (f"--{YNN}=-reduce", f"--{YNN}=", f"-{YNN}=dot --xla_cpu_enable_fast_math=false"):
+        assert with_default_flags(given, (0, 10)) == given
+
+
+def test_older_jaxlib_gets_nothing_added():
+    assert with_default_flags("--a=1", (0, 9)) == "--a=1"
+    assert with_default_flags("--a=1", ()) == "--a=1"
+
+
+def test_add_default_flags_writes_the_environment():
+    env = {"XLA_FLAGS": "--b=2"}
+    xla_cpu_flags.add_default_flags(env)
+    assert env["XLA_FLAGS"].startswith("--b=2 ") and YNN in env["XLA_FLAGS"]
+
+
+def test_this_process_compiles_with_them():
+    """conftest set the flags before jax started: a lone dot is XLA's own, not a YNNPACK fusion
+    (under XLA's default list it would be one)."""
+    import os
+
+    assert f"--{YNN}=" in os.environ["XLA_FLAGS"]
+    hlo = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
+    assert "dot(" in hlo and "__ynn_fusion" not in hlo
