@@ -89,26 +89,45 @@ def _fused_fwd(qkv, bias, mask, scale):
     return out, (qkv, bias, mask, out)
 
 
+def _grad_rows(g_out: Array, out: Array) -> tuple[Array, Array]:
+    """The output gradient as (B, nW, H, N, D) and the softmax-backward row term rowsum(g_probs * probs),
+    which equals rowsum(g_out * out) (N/D times cheaper), as (B, nW, H, N) in float32."""
+    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, nW, N, H)
+    return jnp.transpose(g_out, (0, 1, 3, 2, 4)), jnp.transpose(delta, (0, 1, 3, 2))
+
+
+def _probs_backward(probs: Array, q: Array, k: Array, v: Array, g: Array, delta: Array, scale: float
+                    ) -> tuple[Array, Array, Array, Array]:
+    """Gradients of probs @ v, probs = softmax(q k^T + ...) over one batch dimension x (q already scaled):
+    those of the unscaled q, of k and of v, and the scores' (float32, for the bias gradient), from float32
+    `probs` and `delta` (x, N, 1)."""
+    dtype = v.dtype
+    g_v = jnp.einsum("xqk,xqd->xkd", probs.astype(dtype), g)
+    g_scores = probs * (jnp.einsum("xqd,xkd->xqk", g, v, preferred_element_type=jnp.float32) - delta)
+    g_q = jnp.einsum("xqk,xkd->xqd", g_scores.astype(dtype), k) * jnp.asarray(scale, dtype)
+    g_k = jnp.einsum("xqk,xqd->xkd", g_scores.astype(dtype), q)
+    return g_q, g_k, g_v, g_scores
+
+
+def _as_qkv_layout(g_q: Array, g_k: Array, g_v: Array, shape: tuple[int, ...]) -> Array:
+    """Three gradients in (B, nW, H, N, D) order (any leading split) -> one (B, nW, N, 3, H, D) tensor, the
+    layout qkv arrived in."""
+    b, nw, n, _, h, d = shape
+    g_qkv = jnp.stack([x.reshape(b, nw, h, n, d) for x in (g_q, g_k, g_v)], axis=3)  # (B, nW, H, 3, N, D)
+    return jnp.transpose(g_qkv, (0, 1, 4, 3, 2, 5))
+
+
 def _fused_bwd(scale, residuals, g_out):
     qkv, bias, mask, out = residuals
     b, nw, n, _, h, d = qkv.shape
     q, k, v = _flat_heads(qkv, scale)
     probs = _fused_probs(q, k, bias, mask, (b, nw, h, n))  # float32, recomputed instead of stored
-    dtype = v.dtype
-    g = jnp.transpose(g_out, (0, 1, 3, 2, 4)).reshape(b * nw * h, n, d)
-    g_v = jnp.einsum("xqk,xqd->xkd", probs.astype(dtype), g)
-    g_probs = jnp.einsum("xqd,xkd->xqk", g, v, preferred_element_type=jnp.float32)
-    # softmax backward: rowsum(g_probs * probs) equals rowsum(g_out * out), which is N/D times cheaper.
-    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B, nW, N, H)
-    g_scores = probs * (g_probs - jnp.transpose(delta, (0, 1, 3, 2)).reshape(b * nw * h, n, 1))
-    g_q = jnp.einsum("xqk,xkd->xqd", g_scores.astype(dtype), k) * jnp.asarray(scale, dtype)
-    g_k = jnp.einsum("xqk,xqd->xkd", g_scores.astype(dtype), q)
-    g_qkv = jnp.stack([x.reshape(b, nw, h, n, d) for x in (g_q, g_k, g_v)], axis=3)  # (B, nW, H, 3, N, D)
-    g_qkv = jnp.transpose(g_qkv, (0, 1, 4, 3, 2, 5))  # (B, nW, N, 3, H, D), the layout qkv arrived in
+    g, delta = _grad_rows(g_out, out)
+    g_q, g_k, g_v, g_scores = _probs_backward(probs, q, k, v, g.reshape(q.shape), delta.reshape(-1, n, 1), scale)
     rows = b * nw
     g_bias = jnp.ones((rows,), jnp.float32) @ g_scores.reshape(rows, -1)  # sum over (B, nW) as a matmul
     g_bias = g_bias.reshape(bias.shape).astype(bias.dtype)
-    return g_qkv, g_bias, jnp.zeros_like(mask)
+    return _as_qkv_layout(g_q, g_k, g_v, qkv.shape), g_bias, jnp.zeros_like(mask)
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -179,26 +198,19 @@ def _chunked_bwd(scale, residuals, g_out):
     b, nw, n, _, h, d = qkv.shape
     c = _chunk_windows(nw, h)
     q, k, v = _chunked_heads(qkv, scale, c)
-    dtype = v.dtype
-    g = jnp.transpose(g_out, (0, 1, 3, 2, 4)).reshape(q.shape)
-    delta = jnp.sum(g_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(g_probs * probs)
-    delta = jnp.transpose(delta, (0, 1, 3, 2)).reshape(q.shape[:-1] + (1,))
+    g, delta = _grad_rows(g_out, out)
 
     def chunk(g_bias, args):
         index, qi, ki, vi, gi, di = args
         probs = _chunk_probs(qi, ki, bias, mask, index, c)
-        g_v = jnp.einsum("xqk,xqd->xkd", probs.astype(dtype), gi)
-        g_scores = probs * (jnp.einsum("xqd,xkd->xqk", gi, vi, preferred_element_type=jnp.float32) - di)
-        g_q = jnp.einsum("xqk,xkd->xqd", g_scores.astype(dtype), ki) * jnp.asarray(scale, dtype)
-        g_k = jnp.einsum("xqk,xqd->xkd", g_scores.astype(dtype), qi)
+        g_q, g_k, g_v, g_scores = _probs_backward(probs, qi, ki, vi, gi, di, scale)
         g_bias = g_bias + jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
         return g_bias, (g_q, g_k, g_v)
 
     g_bias, grads = jax.lax.scan(chunk, jnp.zeros((h * n * n,), jnp.float32),
-                                 (jnp.arange(q.shape[0]), q, k, v, g, delta))
-    g_qkv = jnp.stack([x.reshape(b, nw, h, n, d) for x in grads], axis=3)  # (B, nW, H, 3, N, D)
-    g_qkv = jnp.transpose(g_qkv, (0, 1, 4, 3, 2, 5))  # (B, nW, N, 3, H, D), the layout qkv arrived in
-    return g_qkv, g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
+                                 (jnp.arange(q.shape[0]), q, k, v, g.reshape(q.shape),
+                                  delta.reshape(q.shape[:-1] + (1,))))
+    return _as_qkv_layout(*grads, qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -230,7 +242,7 @@ ATTENTION_IMPLEMENTATIONS: dict[str, AttentionFn] = {
     "dot_product": dot_product_attention,
 }
 
-# "auto" resolves by the backend the model is traced for (measured: benchmarks/swin_attention.py).
+# "auto" resolves by the backend the model is traced for (measured: benchmarks/window_attention.py).
 DEFAULT_BY_BACKEND = {"cpu": "chunked", "gpu": "dot_product", "tpu": "fused"}
 
 
