@@ -415,9 +415,11 @@ def main() -> None:
     flags = [f"--xla_force_host_platform_device_count={devices}"]
     if args.dump:
         flags += [f"--xla_dump_to={args.dump}", "--xla_dump_hlo_as_text", "--xla_dump_hlo_module_re=.*jit_step.*"]
-    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + flags).strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from clover_jax.xla_cpu_flags import with_default_flags  # the CPU flags `clover_jax.train` compiles with
+
+    os.environ["XLA_FLAGS"] = with_default_flags(" ".join([os.environ.get("XLA_FLAGS", "")] + flags))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
 
