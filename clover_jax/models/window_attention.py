@@ -23,7 +23,6 @@ laid out, which matters more than FLOPs here (stage-1 windows are small matmuls 
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -79,14 +78,17 @@ def _fused_forward(qkv, bias, mask, scale):
     return jnp.transpose(out.reshape(b, nw, h, n, d), (0, 1, 3, 2, 4))  # (B, nW, N, H, D)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(qkv: Array, bias: Array, mask: Array, scale: float) -> Array:
-    return _fused_forward(qkv, bias, mask, scale)
+def _recomputing_vjp(forward: Callable, backward: Callable) -> Callable:
+    """forward(qkv, bias, mask, scale) as a custom VJP (scale static) whose only residuals are qkv, bias,
+    mask and the output; backward(scale, residuals, g_out) recomputes whatever else it needs."""
+    op = jax.custom_vjp(forward, nondiff_argnums=(3,))
 
+    def forward_with_residuals(qkv, bias, mask, scale):
+        out = forward(qkv, bias, mask, scale)
+        return out, (qkv, bias, mask, out)
 
-def _fused_fwd(qkv, bias, mask, scale):
-    out = _fused_forward(qkv, bias, mask, scale)
-    return out, (qkv, bias, mask, out)
+    op.defvjp(forward_with_residuals, backward)
+    return op
 
 
 def _grad_rows(g_out: Array, out: Array) -> tuple[Array, Array]:
@@ -130,7 +132,7 @@ def _fused_bwd(scale, residuals, g_out):
     return _as_qkv_layout(g_q, g_k, g_v, qkv.shape), g_bias, jnp.zeros_like(mask)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused = _recomputing_vjp(_fused_forward, _fused_bwd)
 
 
 def _as_mask(mask: Array | None, n: int) -> Array:
@@ -183,16 +185,6 @@ def _chunked_forward(qkv, bias, mask, scale):
     return jnp.transpose(out.reshape(b, nw, h, n, d), (0, 1, 3, 2, 4))  # (B, nW, N, H, D)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(qkv: Array, bias: Array, mask: Array, scale: float) -> Array:
-    return _chunked_forward(qkv, bias, mask, scale)
-
-
-def _chunked_fwd(qkv, bias, mask, scale):
-    out = _chunked_forward(qkv, bias, mask, scale)
-    return out, (qkv, bias, mask, out)
-
-
 def _chunked_bwd(scale, residuals, g_out):
     qkv, bias, mask, out = residuals
     b, nw, n, _, h, d = qkv.shape
@@ -213,7 +205,7 @@ def _chunked_bwd(scale, residuals, g_out):
     return _as_qkv_layout(*grads, qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
 
 
-_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+_chunked = _recomputing_vjp(_chunked_forward, _chunked_bwd)
 
 
 def chunked_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -> Array:
