@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from clover_jax.xla_cpu_flags import with_default_flags  # noqa: E402  (jax-free; the flags training compiles with)
+from clover_jax.xla_cpu_flags import with_default_flags  # jax-free: the CPU flags training compiles with
 
 os.environ["XLA_FLAGS"] = with_default_flags(
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -1,6 +1,8 @@
 """The entry points' XLA CPU flags: added unless the user set them, skipped for an old jaxlib, seen by XLA."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -35,8 +37,6 @@ def test_add_default_flags_writes_the_environment():
 def test_this_process_compiles_with_them():
     """conftest set the flags before jax started: a lone dot is XLA's own, not a YNNPACK fusion
     (under XLA's default list it would be one)."""
-    import os
-
     assert f"--{YNN}=" in os.environ["XLA_FLAGS"]
     hlo = jax.jit(lambda a, b: a @ b).lower(jnp.ones((64, 64)), jnp.ones((64, 64))).compile().as_text()
     assert "dot(" in hlo and "__ynn_fusion" not in hlo
