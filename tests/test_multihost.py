@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from clover_jax.checkpoint import load_params
 from clover_jax.convert.common import flatten
@@ -40,6 +41,7 @@ OVERRIDES = (
     "--config.log_every=1",
     f"--config.checkpoint_every={RESUME_STEP}",  # checkpoints at steps 2 and 4 (keep_checkpoints=2)
     "--config.optim.eps=1e-3",  # see the module docstring
+    "--config.evals.retrieval.every_epochs=0", "--config.evals.retrieval.every_steps=-1", "--config.best_metric=",
 )
 
 
@@ -52,7 +54,7 @@ def _free_port() -> int:
 def _env(num_devices: int, distributed: dict[str, str] | None = None) -> dict[str, str]:
     """The child's environment: `num_devices` CPU devices (replacing conftest's 8), no stray coordinator."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices} {TEST_XLA_FLAGS}", JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.update(distributed or {})
     return env
