@@ -102,7 +102,7 @@ def test_multi_view_video_averages_the_views_swin_features():
     config = clover_config("tiny", num_frames=2, image_size=28)
     model = Clover(config)
     video = jax.random.normal(jax.random.key(1), (2, 3, 2, 28, 28, 3))
-    params = model.init(jax.random.key(0), video[:, 0], method=Clover.video_features)
+    params = jax.jit(lambda r: model.init(r, video[:, 0], method=Clover.video_features))(jax.random.key(0))
     f = jax.jit(lambda v: model.apply(params, v, method=Clover.video_features))
     one = np.asarray(f(video[:, :1]))
     np.testing.assert_allclose(one, np.asarray(f(video[:, 0])), atol=1e-6)
@@ -219,12 +219,16 @@ def test_lsmdc_mc_eval_on_four_views_and_fib_reads_the_mask_token(msvd, real_dat
     batch = next(numpy_batches(qa_inputs.make_qa_train_dataset(data_glue.train_input(
         config.data, data_glue.qa_clips_folder(config, "train")), items)))
     model = Clover(model_config)
-    at_mask = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
-                          at_mask_token=True, method=Clover.qa_open_ended)
-    at_cls = model.apply({"params": params}, batch["video"], batch["text_ids"], batch["text_mask"],
-                         method=Clover.qa_open_ended)
+
+    @jax.jit  # one compile of the whole check, not an op-by-op dispatch of the model three times
+    def heads_and_loss(params, batch):
+        inputs = batch["video"], batch["text_ids"], batch["text_mask"]
+        return (model.apply({"params": params}, *inputs, at_mask_token=True, method=Clover.qa_open_ended),
+                model.apply({"params": params}, *inputs, method=Clover.qa_open_ended),
+                loss_fn(params, batch, jax.random.key(1)))
+
+    at_mask, at_cls, (loss, metrics) = heads_and_loss(params, batch)
     assert not np.allclose(at_mask, at_cls)
-    loss, metrics = loss_fn(params, batch, jax.random.key(1))
     assert np.isfinite(float(loss)) and 0.0 <= float(metrics["accuracy"]) <= 100.0
     metrics = entries.make_evaluators(config, model_config, batch_sharding, None, ["qa"])["qa"].run(params)
     assert metrics["task"] == "qa_fill_in_blank" and metrics["num"] == 4

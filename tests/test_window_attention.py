@@ -124,13 +124,12 @@ def test_clip_by_clip_encoder_matches_batched():
     results = {}
     for name in ("fused", "per_clip"):
         config = clover_config("tiny", num_frames=4, image_size=32, video_overrides={"attention": name})
-        batch = dummy_batch(config, batch_size=3, text_length=8)
-        if not results:
-            batch["video"] = rng.standard_normal(batch["video"].shape).astype(np.float32)
-            batch["video_mask"] = (rng.random(batch["video_mask"].shape) < 0.4).astype(np.float32)
-            batch["text_ids"] = rng.integers(1000, 2000, batch["text_ids"].shape).astype(np.int32)
-            shared = batch
-        params = jax.jit(lambda r: nn.unbox(init_params(config, r)))(jax.random.key(0))
+        if not results:  # one batch and one set of parameters (the attention variant has no parameters of its own)
+            shared = dummy_batch(config, batch_size=3, text_length=8)
+            shared["video"] = rng.standard_normal(shared["video"].shape).astype(np.float32)
+            shared["video_mask"] = (rng.random(shared["video_mask"].shape) < 0.4).astype(np.float32)
+            shared["text_ids"] = rng.integers(1000, 2000, shared["text_ids"].shape).astype(np.int32)
+            params = jax.jit(lambda r: nn.unbox(init_params(config, r)))(jax.random.key(0))
         model = Clover(config)
 
         def loss(p):  # fixed random readouts (a sum of squares after a LayerNorm would be ~constant)
