@@ -41,6 +41,7 @@ OVERRIDES = (
     "--config.log_every=1",
     f"--config.checkpoint_every={RESUME_STEP}",  # checkpoints at steps 2 and 4 (keep_checkpoints=2)
     "--config.optim.eps=1e-3",  # see the module docstring
+    # no scheduled evaluation and no best checkpoint: the tests compare losses and parameters only
     "--config.evals.retrieval.every_epochs=0", "--config.evals.retrieval.every_steps=-1", "--config.best_metric=",
 )
 
