@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clover_jax.models.token_chunked_grad import token_chunked_dot_general
+
 Axes = Sequence[str | None]
 Dtype = Any
 
@@ -31,8 +33,10 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     use_bias: bool = True,
     kernel_init: Callable = TRUNC_NORMAL_02,
+    token_chunked_grad: bool = False,
 ) -> nn.Dense:
-    """nn.Dense whose (in, out) kernel carries `axes` and whose bias carries `axes[1]`."""
+    """nn.Dense whose (in, out) kernel carries `axes` and whose bias carries `axes[1]`; with
+    `token_chunked_grad`, its kernel gradient is summed over token chunks on CPU (`token_chunked_grad.py`)."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -40,6 +44,7 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        dot_general=token_chunked_dot_general if token_chunked_grad else None,
         name=name,
     )
 

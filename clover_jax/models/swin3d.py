@@ -241,7 +241,7 @@ class WindowAttention3D(nn.Module):
 
         head_dim = c // self.num_heads
         qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_init(self.init_std))(windows)
+                    kernel_init=_init(self.init_std), token_chunked_grad=True)(windows)
         qkv = qkv.reshape(b, nw, n, 3, self.num_heads, head_dim)
 
         # The reference indexes the full-window table and slices it to the (possibly shrunk) window volume.
@@ -252,7 +252,7 @@ class WindowAttention3D(nn.Module):
         out = window_attention(qkv, bias, mask, scale=head_dim**-0.5, implementation=self.attention)
         out = out.reshape(b, nw, n, c)
         out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_init(self.init_std))(out)
+                    kernel_init=_init(self.init_std), token_chunked_grad=True)(out)
         out = merge_windows(out, window, padded)
         if any(shift):
             out = jnp.roll(out, shift, axis=(1, 2, 3))
@@ -269,10 +269,10 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
         x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=_init(self.init_std))(x)
+                  kernel_init=_init(self.init_std), token_chunked_grad=True)(x)
         x = gelu(x)
         return dense(dim, ("mlp", "embed"), name="fc2", dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_init(self.init_std))(x)
+                     kernel_init=_init(self.init_std), token_chunked_grad=True)(x)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, deterministic: bool) -> jnp.ndarray:
@@ -331,7 +331,7 @@ class PatchMerging(nn.Module):
         x = layer_norm(name="norm", eps=self.eps, axis=None, param_dtype=self.param_dtype)(x).astype(self.dtype)
         return dense(
             2 * c, (None, "embed"), name="reduction", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(self.init_std),
+            kernel_init=_init(self.init_std), token_chunked_grad=True,
         )(x)
 
 

@@ -14,7 +14,9 @@ laid out, which matters more than FLOPs here (stage-1 windows are small matmuls 
                layout qkv came in. No (N, N) tensor outlives its block, so it also lowers peak memory.
   "chunked"    "fused" computed over chunks of about CHUNK_ROWS (window, head) pairs at a time (a map in
                the forward, a scan in the backward), so each chunk's (N, N) scores stay in cache instead of
-               streaming the whole batch's through memory between the products and the softmax (CPU).
+               streaming the whole batch's through memory between the products and the softmax (CPU). The
+               chunks are sliced from qkv as it arrives and the qkv gradient is written in that layout, so
+               the per-head relayouts happen chunk by chunk in cache, not over the whole batch.
   "per_clip"   "fused" inside a video encoder that `Clover` runs one clip at a time (a rematerialised
                scan over clips): a clip's windows stay in cache on CPU and no batch-wide Swin activation
                is stored. Here, for one call over windows, it is "fused".
@@ -156,11 +158,18 @@ def _chunk_windows(num_windows: int, heads: int) -> int:
     return max(c for c in range(1, num_windows + 1) if num_windows % c == 0 and (c * heads <= CHUNK_ROWS or c == 1))
 
 
-def _chunked_heads(qkv: Array, scale: float, c: int) -> tuple[Array, Array, Array]:
-    """(B, nW, N, 3, H, D) -> q (scaled), k, v as (B*nW/c, c*H, N, D): one leading chunk axis."""
-    b, nw, n, _, h, d = qkv.shape
-    x = jnp.transpose(qkv, (3, 0, 1, 4, 2, 5)).reshape(3, b * nw // c, c * h, n, d)
-    return x[0] * jnp.asarray(scale, qkv.dtype), x[1], x[2]
+def _chunk_qkv(x: Array, scale: float) -> tuple[Array, Array, Array]:
+    """One chunk's (c, N, 3, H, D) projections -> q (scaled), k, v as (c*H, N, D). The transpose touches one
+    chunk only, so it stays in cache instead of relaying out the whole batch's qkv in memory."""
+    c, n, _, h, d = x.shape
+    t = jnp.transpose(x, (2, 0, 3, 1, 4)).reshape(3, c * h, n, d)
+    return t[0] * jnp.asarray(scale, x.dtype), t[1], t[2]
+
+
+def _chunk_heads(y: Array) -> Array:
+    """(c, N, H, D) -> (c*H, N, D)."""
+    c, n, h, d = y.shape
+    return jnp.transpose(y, (0, 2, 1, 3)).reshape(c * h, n, d)
 
 
 def _chunk_probs(q: Array, k: Array, bias: Array, mask: Array, index: Array, c: int) -> Array:
@@ -175,34 +184,38 @@ def _chunk_probs(q: Array, k: Array, bias: Array, mask: Array, index: Array, c: 
 def _chunked_forward(qkv, bias, mask, scale):
     b, nw, n, _, h, d = qkv.shape
     c = _chunk_windows(nw, h)
-    q, k, v = _chunked_heads(qkv, scale, c)
 
     def chunk(args):
-        index, qi, ki, vi = args
-        return jnp.einsum("xqk,xkd->xqd", _chunk_probs(qi, ki, bias, mask, index, c).astype(vi.dtype), vi)
+        index, x = args
+        q, k, v = _chunk_qkv(x, scale)
+        out = jnp.einsum("xqk,xkd->xqd", _chunk_probs(q, k, bias, mask, index, c).astype(v.dtype), v)
+        return jnp.transpose(out.reshape(c, h, n, d), (0, 2, 1, 3))  # (c, N, H, D)
 
-    out = jax.lax.map(chunk, (jnp.arange(q.shape[0]), q, k, v))
-    return jnp.transpose(out.reshape(b, nw, h, n, d), (0, 1, 3, 2, 4))  # (B, nW, N, H, D)
+    chunks = qkv.reshape(b * nw // c, c, n, 3, h, d)  # windows are major, so chunking is a free reshape
+    return jax.lax.map(chunk, (jnp.arange(chunks.shape[0]), chunks)).reshape(b, nw, n, h, d)
 
 
 def _chunked_bwd(scale, residuals, g_out):
     qkv, bias, mask, out = residuals
     b, nw, n, _, h, d = qkv.shape
     c = _chunk_windows(nw, h)
-    q, k, v = _chunked_heads(qkv, scale, c)
-    g, delta = _grad_rows(g_out, out)
+    m = b * nw // c
 
     def chunk(g_bias, args):
-        index, qi, ki, vi, gi, di = args
-        probs = _chunk_probs(qi, ki, bias, mask, index, c)
-        g_q, g_k, g_v, g_scores = _probs_backward(probs, qi, ki, vi, gi, di, scale)
+        index, x, g_o, o = args
+        q, k, v = _chunk_qkv(x, scale)
+        delta = jnp.sum(g_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (c, N, H), see _grad_rows
+        delta = jnp.transpose(delta, (0, 2, 1)).reshape(c * h, n, 1)
+        probs = _chunk_probs(q, k, bias, mask, index, c)
+        g_q, g_k, g_v, g_scores = _probs_backward(probs, q, k, v, _chunk_heads(g_o), delta, scale)
         g_bias = g_bias + jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
-        return g_bias, (g_q, g_k, g_v)
+        g_x = jnp.stack([y.reshape(c, h, n, d) for y in (g_q, g_k, g_v)], axis=1)  # (c, 3, H, N, D)
+        return g_bias, jnp.transpose(g_x, (0, 3, 1, 2, 4))  # (c, N, 3, H, D): the layout qkv came in
 
-    g_bias, grads = jax.lax.scan(chunk, jnp.zeros((h * n * n,), jnp.float32),
-                                 (jnp.arange(q.shape[0]), q, k, v, g.reshape(q.shape),
-                                  delta.reshape(q.shape[:-1] + (1,))))
-    return _as_qkv_layout(*grads, qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
+    g_bias, g_qkv = jax.lax.scan(chunk, jnp.zeros((h * n * n,), jnp.float32),
+                                 (jnp.arange(m), qkv.reshape(m, c, n, 3, h, d), g_out.reshape(m, c, n, h, d),
+                                  out.reshape(m, c, n, h, d)))
+    return g_qkv.reshape(qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
 
 
 _chunked = _recomputing_vjp(_chunked_forward, _chunked_bwd)

@@ -1,0 +1,77 @@
+"""A Dense `dot_general` whose kernel gradient is summed over cache-sized token chunks (the CPU fast path).
+
+The kernel gradient of y = x @ W is x^T g, a contraction over every token. XLA:CPU canonicalises that dot by
+transposing a whole (tokens, features) operand in memory first; for Swin's stage-1 activations (about 200k
+tokens of the `tiny` step) those strided copies took longer than the matmuls. Summing x_c^T g_c over chunks
+of at most ROWS_PER_CHUNK tokens keeps each chunk's transpose in cache: on the 2-core machine of
+`benchmarks/` the qkv kernel gradient of stage 1 went from 20 ms to 8 ms in isolation, and the `tiny` step
+fell by about 10% together with the layout of `chunked` attention (README, Performance).
+
+Only the gradient changes; the forward product and the input gradient are those of `lax.dot_general`.
+Other backends get the plain dot (GPU and TPU matmul units read transposed operands directly).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+ROWS_PER_CHUNK = 1024  # tokens per chunk: a chunk of 32-128 float32 channels is 128-512 KB, inside L2
+MAX_PARTIAL_BYTES = 64 << 20  # bigger (chunks, C, D) partial sums fall back to the plain contraction
+
+
+def _rows_per_chunk(tokens: int) -> int:
+    """The largest divisor of `tokens` that is at most ROWS_PER_CHUNK."""
+    return max(r for r in range(1, min(tokens, ROWS_PER_CHUNK) + 1) if tokens % r == 0)
+
+
+def kernel_grad(x: Array, g: Array, kernel_dtype) -> Array:
+    """sum over every leading axis of x[..., :, None] * g[..., None, :], i.e. x^T g with tokens flattened,
+    as (C, D) in `kernel_dtype`. The leading (batch) axis stays a batch axis of the chunked product, so a
+    batch sharded over devices is summed locally first."""
+    c, d = x.shape[-1], g.shape[-1]
+    if x.ndim >= 3:
+        b, tokens = x.shape[0], math.prod(x.shape[1:-1])
+        rows = _rows_per_chunk(tokens)
+        chunks = tokens // rows
+        if rows >= 64 and b * chunks * c * d * 4 <= MAX_PARTIAL_BYTES:
+            partial = jnp.einsum("bnrc,bnrd->bncd", x.reshape(b, chunks, rows, c), g.reshape(b, chunks, rows, d),
+                                 preferred_element_type=jnp.float32)
+            return partial.sum(axis=(0, 1)).astype(kernel_dtype)
+    lead = tuple(range(x.ndim - 1))
+    return jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32
+                               ).astype(kernel_dtype)
+
+
+@jax.custom_vjp
+def _matmul(x: Array, kernel: Array) -> Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _matmul_fwd(x, kernel):
+    return _matmul(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    g_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ()))).astype(x.dtype)
+    return g_x, kernel_grad(x, g, kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def token_chunked_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                              preferred_element_type=None) -> Array:
+    """`lax.dot_general` for nn.Dense (lhs (..., C) contracted with a (C, D) kernel) whose kernel gradient
+    is `kernel_grad`, on the CPU backend; the plain dot elsewhere or for any other contraction."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    dense_like = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+                  and not batch[0] and precision is None and preferred_element_type is None)
+    if dense_like and jax.default_backend() == "cpu":
+        return _matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
