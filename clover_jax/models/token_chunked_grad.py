@@ -21,6 +21,9 @@ Array = jax.Array
 
 ROWS_PER_CHUNK = 1024  # tokens per chunk: a chunk of 32-128 float32 channels is 128-512 KB, inside L2
 MAX_PARTIAL_BYTES = 64 << 20  # bigger (chunks, C, D) partial sums fall back to the plain contraction
+MIN_ROWS_PER_WIDTH = 2
+# Chunking pays only when a chunk has at least twice as many tokens as the wider of C and D: below that,
+# writing and summing the (C, D) partials moves more memory than the whole-operand transpose it avoids.
 
 
 def _rows_per_chunk(tokens: int) -> int:
@@ -37,13 +40,16 @@ def kernel_grad(x: Array, g: Array, kernel_dtype) -> Array:
         b, tokens = x.shape[0], math.prod(x.shape[1:-1])
         rows = _rows_per_chunk(tokens)
         chunks = tokens // rows
-        if rows >= 64 and b * chunks * c * d * 4 <= MAX_PARTIAL_BYTES:
+        if rows >= MIN_ROWS_PER_WIDTH * max(c, d, 32) and b * chunks * c * d * 4 <= MAX_PARTIAL_BYTES:
             partial = jnp.einsum("bnrc,bnrd->bncd", x.reshape(b, chunks, rows, c), g.reshape(b, chunks, rows, d),
                                  preferred_element_type=jnp.float32)
-            return partial.sum(axis=(0, 1)).astype(kernel_dtype)
-    lead = tuple(range(x.ndim - 1))
-    return jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32
-                               ).astype(kernel_dtype)
+            # the sum over partials as a matmul: XLA:CPU's reduce over the leading axes is far slower
+            total = jnp.ones((b * chunks,), jnp.float32) @ partial.reshape(b * chunks, c * d)
+            return total.reshape(c, d).astype(kernel_dtype)
+    # otherwise exactly what autodiff of the plain Dense would emit
+    _, kernel_vjp = jax.vjp(lambda kernel: jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))),
+                            jnp.zeros((c, d), x.dtype))
+    return kernel_vjp(g.astype(x.dtype))[0].astype(kernel_dtype)
 
 
 @jax.custom_vjp
