@@ -50,7 +50,7 @@ def test_unchunkable_shapes_use_the_plain_contraction(monkeypatch):
     assert tcg._rows_per_chunk(512) == 128 and tcg._rows_per_chunk(12544) == 128 and tcg._rows_per_chunk(97) == 97
     rng = np.random.default_rng(1)
     for x in (rng.standard_normal((300, 8)), rng.standard_normal((4, 131, 8)), rng.standard_normal((2, 1, 8))):
-        x = x.astype(np.float32)  # 2-D, fewer than 64 rows per chunk (131 is prime), and one token
+        x = x.astype(np.float32)  # 2-D, 1-token chunks (131 is prime), and one token
         kernel_grad = tcg.kernel_grad(x, np.ones(x.shape[:-1] + (16,), np.float32), jnp.float32)
         np.testing.assert_allclose(np.asarray(kernel_grad),
                                    np.broadcast_to(x.reshape(-1, 8).sum(0)[:, None], (8, 16)), rtol=1e-5, atol=1e-5)
