@@ -202,9 +202,19 @@ def _xla_flops(compiled: Any) -> float:
     return float((cost or {}).get("flops", float("nan")))
 
 
-def time_train_step(preset: str, batch: int, text_length: int, steps: int, frames: int = 0, size: int = 0
-                    ) -> StepTiming:
-    """Builds params, optimizer and the jitted step on one device; times compile and steady-state steps."""
+@dataclasses.dataclass
+class CompiledStep:
+    config: clover.CloverConfig
+    num_params: int
+    compiled: Any
+    compile_s: float
+    state: Any
+    batch: Any
+    rng: jax.Array
+
+
+def compile_train_step(preset: str, batch: int, text_length: int, frames: int = 0, size: int = 0) -> CompiledStep:
+    """Params, optimizer state, a random sharded batch and the AOT-compiled pre-training step on one device."""
     config = bench_config(preset, frames, size)
     mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
     params, param_sh = shard_lib.create_sharded(
@@ -221,11 +231,16 @@ def time_train_step(preset: str, batch: int, text_length: int, steps: int, frame
                               mesh=mesh, schedule=schedule)
     host_batch = shard_lib.shard_batch(random_batch(config, batch, text_length), mesh)
     rng = jax.random.key(1)
-
     start = time.perf_counter()
     compiled = step.lower(state, host_batch, rng).compile()
-    compile_s = time.perf_counter() - start
+    return CompiledStep(config, num_params, compiled, time.perf_counter() - start, state, host_batch, rng)
 
+
+def time_train_step(preset: str, batch: int, text_length: int, steps: int, frames: int = 0, size: int = 0
+                    ) -> StepTiming:
+    """Builds params, optimizer and the jitted step on one device; times compile and steady-state steps."""
+    built = compile_train_step(preset, batch, text_length, frames, size)
+    config, compiled, state, host_batch, rng = built.config, built.compiled, built.state, built.batch, built.rng
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, host_batch, rng)
     jax.block_until_ready(metrics)
@@ -237,7 +252,8 @@ def time_train_step(preset: str, batch: int, text_length: int, steps: int, frame
         times.append(time.perf_counter() - start)
     if not bool(metrics["finite"]):
         raise RuntimeError(f"{preset}: the benchmark step produced a non-finite loss or gradient")
-    return StepTiming(preset, num_params, batch, config.num_frames, config.image_size, text_length, compile_s,
+    return StepTiming(preset, built.num_params, batch, config.num_frames, config.image_size, text_length,
+                      built.compile_s,
                       statistics.median(times), clover_train_flops(config, batch, text_length)["train"],
                       _xla_flops(compiled))
 
