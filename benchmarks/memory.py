@@ -245,7 +245,7 @@ def _category(name: str, op_name: str) -> str:
     return "other: " + (op_name.split("/")[-1] if op_name else re.sub(r"[.\d]+$", "", name))
 
 
-def _hlo_instructions(hlo: str) -> dict[str, tuple[str, str]]:
+def hlo_instructions(hlo: str) -> dict[str, tuple[str, str]]:
     """HLO instruction name -> (shape, op_name); a fusion without metadata takes the op_name of its fused
     computation's root (or of the first instruction there that has one)."""
     computation_op: dict[str, str] = {}
@@ -316,7 +316,7 @@ def peak_buffers(dump_dir: pathlib.Path, top: int = 12, min_percent: float = 2.0
         return lines + ["(no 'Live ranges at ... (peak)' section in this XLA's dump)"]
     at_peak, _, breakdown = section[1].partition("Stack trace breakdown for peak usage:")
     values = re.findall(r"^\s+(\S+)\{[^}]*\}: (\d+) bytes", at_peak, flags=re.M)
-    instructions = _hlo_instructions(hlo)
+    instructions = hlo_instructions(hlo)
     lines.append(f"largest of {len(values)} values live at the peak:")
     by_category: dict[str, int] = {}
     for i, (name, size) in enumerate(values):

@@ -2,9 +2,10 @@
 
   .venv/bin/python -m benchmarks.step_profile [--preset tiny] [--frames 8] [--size 224] [--batch 8] [--out DIR]
 
-Compiles the real step (`benchmarks.train_step.compile_train_step`, one device), runs three warm-up steps
-and one untimed-then-traced step, and sums the duration of every XLA op in the trace by the module its HLO
-`op_name` metadata names (Swin attention, MLP, LayerNorm, patch merging, patch embedding, the rest) and by
+Compiles the real step (`benchmarks.train_step.compile_train_step`, one device), runs three warm-up steps,
+times one untraced step, traces one more and sums the duration of every XLA op in the trace by the module its
+HLO `op_name` names (resolved through fusions by `benchmarks.memory.hlo_instructions`: Swin attention, MLP,
+LayerNorm, patch merging, patch embedding, the rest) and by
 phase (forward, or backward: under `transpose(jvp(...))`). Work Eigen's pool threads do inside one dot is
 not traced separately, and tracing adds a fixed cost to each small op, so the traced step is longer than
 an untraced one; compare rows of the same table. Start it as the entry points start (tcmalloc, XLA flags).
@@ -16,7 +17,6 @@ import collections
 import glob
 import gzip
 import json
-import re
 import tempfile
 import time
 
@@ -29,6 +29,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 
+from benchmarks.memory import hlo_instructions  # noqa: E402
 from benchmarks.train_step import compile_train_step  # noqa: E402
 
 # component -> op_name fragments, first match wins (patch merging is `downsample`, before its own norm)
@@ -40,14 +41,6 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "Swin patch embedding": ("/patch_embed/",),
 }
 REST = "fusion, BERT, MLM head, losses, optimizer, other"
-_OP_NAME = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]*)"')
-
-
-def op_names(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> its op_name metadata (fusions carry the op_name of what they fused)."""
-    return {m.group(1): m.group(2) for m in map(_OP_NAME.match, hlo_text.splitlines()) if m}
-
-
 def component_of(op_name: str) -> tuple[str, str]:
     """(component, phase) of one op_name."""
     phase = "backward" if "transpose(jvp(" in op_name else "forward"
@@ -58,7 +51,7 @@ def component_of(op_name: str) -> tuple[str, str]:
     return REST, phase
 
 
-def traced_op_seconds(trace_dir: str, names: dict[str, str]) -> collections.Counter:
+def traced_op_seconds(trace_dir: str, instructions: dict[str, tuple[str, str]]) -> collections.Counter:
     """Seconds per (component, phase) over the complete ('X') events of the trace that name an HLO op."""
     path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
     with gzip.open(path) as f:
@@ -66,8 +59,8 @@ def traced_op_seconds(trace_dir: str, names: dict[str, str]) -> collections.Coun
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     totals: collections.Counter = collections.Counter()
     for event in events:
-        if event.get("ph") == "X" and event.get("name") in names:
-            totals[component_of(names[event["name"]])] += event["dur"] / 1e6
+        if event.get("ph") == "X" and event.get("name") in instructions:
+            totals[component_of(instructions[event["name"]][1])] += event["dur"] / 1e6
     return totals
 
 
@@ -95,7 +88,7 @@ def main() -> None:
         state, metrics = built.compiled(state, built.batch, built.rng)
         jax.block_until_ready(metrics)
     traced = time.perf_counter() - start
-    totals = traced_op_seconds(out, op_names(built.compiled.as_text()))
+    totals = traced_op_seconds(out, hlo_instructions(built.compiled.as_text()))
     print(f"{a.preset}, {a.frames}x{a.size}², batch {a.batch}: untraced step {untraced:.2f} s, traced {traced:.2f} s "
           f"(includes writing the trace), traced ops {sum(totals.values()):.2f} s; trace in {out}")
     print("| component | forward s | backward s |\n|---|---|---|")

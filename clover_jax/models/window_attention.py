@@ -166,12 +166,6 @@ def _chunk_qkv(x: Array, scale: float) -> tuple[Array, Array, Array]:
     return t[0] * jnp.asarray(scale, x.dtype), t[1], t[2]
 
 
-def _chunk_heads(y: Array) -> Array:
-    """(c, N, H, D) -> (c*H, N, D)."""
-    c, n, h, d = y.shape
-    return jnp.transpose(y, (0, 2, 1, 3)).reshape(c * h, n, d)
-
-
 def _chunk_probs(q: Array, k: Array, bias: Array, mask: Array, index: Array, c: int) -> Array:
     """softmax(q k^T + bias + mask) in float32 for chunk `index` of c windows, as (c*H, N, N)."""
     h, n, _ = bias.shape
@@ -204,10 +198,10 @@ def _chunked_bwd(scale, residuals, g_out):
     def chunk(g_bias, args):
         index, x, g_o, o = args
         q, k, v = _chunk_qkv(x, scale)
-        delta = jnp.sum(g_o.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # (c, N, H), see _grad_rows
-        delta = jnp.transpose(delta, (0, 2, 1)).reshape(c * h, n, 1)
+        g, delta = _grad_rows(g_o[None], o[None])  # this chunk as a batch of one clip, in cache
         probs = _chunk_probs(q, k, bias, mask, index, c)
-        g_q, g_k, g_v, g_scores = _probs_backward(probs, q, k, v, _chunk_heads(g_o), delta, scale)
+        g_q, g_k, g_v, g_scores = _probs_backward(probs, q, k, v, g.reshape(c * h, n, d), delta.reshape(c * h, n, 1),
+                                                  scale)
         g_bias = g_bias + jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
         g_x = jnp.stack([y.reshape(c, h, n, d) for y in (g_q, g_k, g_v)], axis=1)  # (c, 3, H, N, D)
         return g_bias, jnp.transpose(g_x, (0, 3, 1, 2, 4))  # (c, N, 3, H, D): the layout qkv came in
