@@ -149,7 +149,12 @@ def fused_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -
     return _fused(qkv, bias, _as_mask(mask, qkv.shape[2]), scale)
 
 
-CHUNK_ROWS = 16  # (window, head) pairs per chunk: a stage's chunk of float32 (N, N) scores is <= 2.5 MB
+# (window, head) pairs per chunk; a chunk's float32 (N, N) scores are CHUNK_ROWS * 154 KB at N = 196. Fewer,
+# larger chunks cost fewer of the scan's small per-chunk ops: on the Intel host of `benchmarks/` (2 cores,
+# 2 MiB L2 each) 64 took stage 1 of the `tiny` step (16 x 64 windows, 1 head) from 280 to 241 ms forward +
+# backward and stage 2 from 126 to 109 ms against 16 (benchmarks/window_attention.py), and the whole step
+# 2.47 / 2.54 s -> 2.41 / 2.39 s in alternating runs. `tiny` then runs one clip's windows per chunk.
+CHUNK_ROWS = 64
 
 
 def _chunk_windows(num_windows: int, heads: int) -> int:
