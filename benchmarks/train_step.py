@@ -147,10 +147,10 @@ def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 7) -> float:
-    """FLOP/s of an n x n x n float32 jnp.dot under jit (the reference 'peak' for this machine)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def matmul_flops_per_second(n: int = 2048, repeats: int = 7, dtype: Any = jnp.float32) -> float:
+    """FLOP/s of an n x n x n jnp.dot in `dtype` under jit (the reference 'peak' for this machine)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
     jax.block_until_ready(dot(a, b))
     return 2 * n**3 / _median_seconds(lambda: dot(a, b), repeats)
