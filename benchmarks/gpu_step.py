@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any, Callable, Iterator
 
-from benchmarks.memory import GIB, Setting, compile_step, git_state, load_config, parse_mesh
+from benchmarks.memory import GIB, Setting, compile_step, compiled_measurement, git_state, load_config, parse_mesh
 
 if __name__ == "__main__":  # before jax is imported; both only touch the CPU backend
     from clover_jax.host_allocator import reexec_with_tuned_allocator
@@ -143,11 +143,9 @@ class StepRunner:
         try:
             if compiled is None:
                 compiled, row.compile_s, _ = compile_step(self.config_for(per_device))
-            m = compiled.memory_analysis()
-            row.memory = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
-                              aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
-                              peak=m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                              + m.temp_size_in_bytes)
+            m = compiled_measurement(compiled, self.setting, per_device, row.compile_s)
+            row.memory = dict(arguments=m.arguments, outputs=m.outputs, aliased=m.aliased,
+                              temporaries=m.temporaries, peak=m.peak)
             row.train_flops = clover_train_flops(self.run.model_config, row.global_batch,
                                                  self.config.data.text_length)["train"]
             batch = shard_lib.shard_batch({k: np.resize(v, (row.global_batch, *v.shape[1:]))

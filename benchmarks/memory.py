@@ -149,10 +149,14 @@ def measure(spec: str, mesh_axes: dict[str, int], replicas: int, setting: Settin
             ) -> tuple[Measurement, dict[str, Any]]:
     config = load_config(spec, mesh_axes, setting, per_device * setting.microbatches * replicas)
     compiled, seconds, facts = compile_step(config)
+    return compiled_measurement(compiled, setting, per_device * setting.microbatches, seconds), facts
+
+
+def compiled_measurement(compiled: Any, setting: Setting, batch_per_device: int, compile_s: float) -> Measurement:
+    """The per-device sizes of `compiled.memory_analysis()` as a Measurement."""
     m = compiled.memory_analysis()
-    return Measurement(setting, per_device * setting.microbatches, int(m.argument_size_in_bytes),
-                       int(m.output_size_in_bytes), int(m.alias_size_in_bytes), int(m.temp_size_in_bytes),
-                       seconds), facts
+    return Measurement(setting, batch_per_device, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                       int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), compile_s)
 
 
 def measure_from_dump(spec: str, mesh_axes: dict[str, int], replicas: int, setting: Setting, per_device: int,
