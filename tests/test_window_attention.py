@@ -52,11 +52,14 @@ def test_variant_equals_reference(inputs, name, with_mask):
     assert float(jnp.abs(ref_grads[1]).max()) > 0  # the bias gradient is really exercised
 
 
+@pytest.mark.parametrize("max_unrolled", [64, 0], ids=["unrolled", "loop"])
 @pytest.mark.parametrize("chunk_rows", [1, 4])
-def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows):
-    """Small chunks: 8 or 2 chunks per clip, so the shift-mask rows are sliced at nonzero offsets."""
+def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows, max_unrolled):
+    """Small chunks: 8 or 2 chunks per clip, so the shift-mask rows are sliced at nonzero offsets; the chunks
+    unrolled into independent ops (16 or 4 of them) and run as a loop (more than MAX_UNROLLED_CHUNKS)."""
     qkv, g, bias, mask = inputs
     monkeypatch.setattr(wa, "CHUNK_ROWS", chunk_rows)
+    monkeypatch.setattr(wa, "MAX_UNROLLED_CHUNKS", max_unrolled)
     assert wa._chunk_windows(mask.shape[0], bias.shape[0]) == max(1, chunk_rows // bias.shape[0])
     ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, mask)
     value, grads = _value_and_grads("chunked", qkv, g, bias, mask)
