@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from clover_jax.models.token_chunked_grad import token_chunked_dot_general
@@ -77,5 +78,9 @@ def param_with_axes(
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
-    """Exact (erf) GELU, as in PyTorch nn.GELU() and HF BERT's "gelu"."""
-    return nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as in PyTorch nn.GELU() and HF BERT's "gelu": x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2.
+
+    Written with erf rather than `nn.gelu(approximate=False)`, which evaluates erfc (exp and a division per
+    element on XLA:CPU): within 1e-6 of it, and GELU(x) @ W of `tiny`'s stage-1 MLP (16 clips) took 21 instead
+    of 36 ms forward and 53 instead of 73 ms forward + backward on the 2-core host of `benchmarks/`."""
+    return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
