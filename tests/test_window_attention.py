@@ -52,14 +52,17 @@ def test_variant_equals_reference(inputs, name, with_mask):
     assert float(jnp.abs(ref_grads[1]).max()) > 0  # the bias gradient is really exercised
 
 
-@pytest.mark.parametrize("max_unrolled", [64, 0], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
 @pytest.mark.parametrize("chunk_rows", [1, 4])
-def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows, max_unrolled):
+def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows, unroll):
     """Small chunks: 8 or 2 chunks per clip, so the shift-mask rows are sliced at nonzero offsets; the chunks
-    unrolled into independent ops (16 or 4 of them) and run as a loop (more than MAX_UNROLLED_CHUNKS)."""
+    unrolled into independent ops (16 or 4 of them) and run as a loop."""
     qkv, g, bias, mask = inputs
     monkeypatch.setattr(wa, "CHUNK_ROWS", chunk_rows)
-    monkeypatch.setattr(wa, "MAX_UNROLLED_CHUNKS", max_unrolled)
+    monkeypatch.setattr(wa, "MAX_UNROLLED_CHUNKS", 16 if unroll else 0)
+    monkeypatch.setattr(wa, "MIN_UNROLLED_SCORES", 0)
+    windows = max(1, chunk_rows // bias.shape[0])
+    assert wa._unrolled(qkv.shape[0] * mask.shape[0] // windows, windows * bias.shape[0], qkv.shape[2]) == unroll
     assert wa._chunk_windows(mask.shape[0], bias.shape[0]) == max(1, chunk_rows // bias.shape[0])
     ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, mask)
     value, grads = _value_and_grads("chunked", qkv, g, bias, mask)

@@ -14,8 +14,8 @@ laid out, which matters more than FLOPs here (stage-1 windows are small matmuls 
                layout qkv came in. No (N, N) tensor outlives its block, so it also lowers peak memory.
   "chunked"    "fused" computed over chunks of about CHUNK_ROWS (window, head) pairs at a time, so each
                chunk's (N, N) scores stay in cache instead of streaming the whole batch's through memory
-               between the products and the softmax (CPU). Up to MAX_UNROLLED_CHUNKS chunks are independent
-               ops that XLA:CPU runs concurrently; more run as a map (forward) and a scan (backward). The
+               between the products and the softmax (CPU). Up to MAX_UNROLLED_CHUNKS large chunks are independent
+               ops that XLA:CPU runs concurrently; otherwise they run as a map (forward) and a scan (backward). The
                chunks are sliced from qkv as it arrives and the qkv gradient is written in that layout, so
                the per-head relayouts happen chunk by chunk in cache, not over the whole batch.
   "per_clip"   "fused" inside a video encoder that `Clover` runs one clip at a time (a rematerialised
@@ -164,30 +164,35 @@ def _chunk_windows(num_windows: int, heads: int) -> int:
     return max(c for c in range(1, num_windows + 1) if num_windows % c == 0 and (c * heads <= CHUNK_ROWS or c == 1))
 
 
-# Up to this many chunks per call are unrolled into independent ops instead of a loop: XLA:CPU runs independent
-# ops concurrently on its thread pool but a loop body's ops one after another, and it runs each small batched
-# dot on one thread, so unrolling is what puts both cores of the benchmark host on the attention products.
-# Measured there (benchmarks/window_attention.py, same session): stage 1 forward + backward 321 -> 255 ms,
-# stage 2 166 -> 104 ms; the `tiny` step 2.91 -> 2.61 s. Beyond it the loop keeps compile time bounded
-# (tiny at batch 8 unrolls 16 chunks per stage-1 call).
-MAX_UNROLLED_CHUNKS = 64
+# Up to MAX_UNROLLED_CHUNKS chunks per call, each of at least MIN_UNROLLED_SCORES float32 scores, are unrolled into
+# independent ops instead of a loop: XLA:CPU runs independent ops concurrently on its thread pool but a loop body's
+# ops one after another, and it runs each small batched dot on one thread, so unrolling is what puts both cores of
+# the benchmark host on the attention products. Measured there (benchmarks/window_attention.py, same session):
+# stage 1 forward + backward 321 -> 255 ms, stage 2 166 -> 104 ms; the `tiny` step 2.91 -> 2.61 s (16 chunks per
+# call in every stage, 8 x 196^2 to 64 x 196^2 scores each). Past either bound the loop keeps compile time in
+# check: many tiny chunks (the test suite's 64² clips: 9 x 98^2 scores) gain nothing from running concurrently.
+MAX_UNROLLED_CHUNKS = 16
+MIN_UNROLLED_SCORES = 1 << 18
 
 
-def _map_chunks(fn: Callable, xs: tuple[Array, ...]) -> Array:
-    """jax.lax.map(fn, xs), unrolled into independent per-chunk ops when there are at most MAX_UNROLLED_CHUNKS."""
-    m = xs[0].shape[0]
-    if m > MAX_UNROLLED_CHUNKS:
+def _unrolled(chunks: int, rows: int, n: int) -> bool:
+    """Whether `chunks` chunks of `rows` (window, head) pairs of n tokens run as independent ops."""
+    return chunks <= MAX_UNROLLED_CHUNKS and rows * n * n >= MIN_UNROLLED_SCORES
+
+
+def _map_chunks(fn: Callable, xs: tuple[Array, ...], unroll: bool) -> Array:
+    """jax.lax.map(fn, xs), or with `unroll` one independent op group per chunk."""
+    if not unroll:
         return jax.lax.map(fn, xs)
-    return jnp.stack([fn(tuple(x[i] for x in xs)) for i in range(m)])
+    return jnp.stack([fn(tuple(x[i] for x in xs)) for i in range(xs[0].shape[0])])
 
 
-def _scan_chunks(fn: Callable, init: Array, xs: tuple[Array, ...]) -> tuple[Array, Array]:
-    """jax.lax.scan(fn, init, xs) for an fn whose carry is a sum; unrolled like `_map_chunks`, the per-chunk
+def _scan_chunks(fn: Callable, init: Array, xs: tuple[Array, ...], unroll: bool) -> tuple[Array, Array]:
+    """jax.lax.scan(fn, init, xs) for an fn whose carry is a sum; with `unroll` like `_map_chunks`, the per-chunk
     terms summed at the end so the chunks stay independent."""
-    m = xs[0].shape[0]
-    if m > MAX_UNROLLED_CHUNKS:
+    if not unroll:
         return jax.lax.scan(fn, init, xs)
-    terms, ys = zip(*(fn(jnp.zeros_like(init), tuple(x[i] for x in xs)) for i in range(m)))
+    terms, ys = zip(*(fn(jnp.zeros_like(init), tuple(x[i] for x in xs)) for i in range(xs[0].shape[0])))
     return init + sum(terms[1:], terms[0]), jnp.stack(ys)
 
 
@@ -219,7 +224,8 @@ def _chunked_forward(qkv, bias, mask, scale):
         return jnp.transpose(out.reshape(c, h, n, d), (0, 2, 1, 3))  # (c, N, H, D)
 
     chunks = qkv.reshape(b * nw // c, c, n, 3, h, d)  # windows are major, so chunking is a free reshape
-    return _map_chunks(chunk, (jnp.arange(chunks.shape[0]), chunks)).reshape(b, nw, n, h, d)
+    unroll = _unrolled(chunks.shape[0], c * h, n)
+    return _map_chunks(chunk, (jnp.arange(chunks.shape[0]), chunks), unroll).reshape(b, nw, n, h, d)
 
 
 def _chunked_bwd(scale, residuals, g_out):
@@ -241,7 +247,7 @@ def _chunked_bwd(scale, residuals, g_out):
 
     g_bias, g_qkv = _scan_chunks(chunk, jnp.zeros((h * n * n,), jnp.float32),
                                  (jnp.arange(m), qkv.reshape(m, c, n, 3, h, d), g_out.reshape(m, c, n, h, d),
-                                  out.reshape(m, c, n, h, d)))
+                                  out.reshape(m, c, n, h, d)), _unrolled(m, c * h, n))
     return g_qkv.reshape(qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
 
 
