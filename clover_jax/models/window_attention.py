@@ -151,7 +151,7 @@ def fused_attention(qkv: Array, bias: Array, mask: Array | None, scale: float) -
 
 
 # (window, head) pairs per chunk; a chunk's float32 (N, N) scores are CHUNK_ROWS * 154 KB at N = 196. Fewer,
-# larger chunks cost fewer of the scan's small per-chunk ops: on the Intel host of `benchmarks/` (2 cores,
+# larger chunks cost fewer small per-chunk ops (measured with the loop): on the Intel host of `benchmarks/` (2 cores,
 # 2 MiB L2 each) 64 took stage 1 of the `tiny` step (16 x 64 windows, 1 head) from 280 to 241 ms forward +
 # backward and stage 2 from 126 to 109 ms against 16 (benchmarks/window_attention.py), and the whole step
 # 2.47 / 2.54 s -> 2.41 / 2.39 s in alternating runs. `tiny` then runs one clip's windows per chunk.
@@ -188,12 +188,14 @@ def _map_chunks(fn: Callable, xs: tuple[Array, ...], unroll: bool) -> Array:
 
 
 def _scan_chunks(fn: Callable, init: Array, xs: tuple[Array, ...], unroll: bool) -> tuple[Array, Array]:
-    """jax.lax.scan(fn, init, xs) for an fn whose carry is a sum; with `unroll` like `_map_chunks`, the per-chunk
-    terms summed at the end so the chunks stay independent."""
+    """jax.lax.scan(fn, init, xs), or with `unroll` one op group per chunk (only the small carry links them)."""
     if not unroll:
         return jax.lax.scan(fn, init, xs)
-    terms, ys = zip(*(fn(jnp.zeros_like(init), tuple(x[i] for x in xs)) for i in range(xs[0].shape[0])))
-    return init + sum(terms[1:], terms[0]), jnp.stack(ys)
+    carry, ys = init, []
+    for i in range(xs[0].shape[0]):
+        carry, y = fn(carry, tuple(x[i] for x in xs))
+        ys.append(y)
+    return carry, jnp.stack(ys)
 
 
 def _chunk_qkv(x: Array, scale: float) -> tuple[Array, Array, Array]:
