@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clover_jax.models.dropout import Dropout
 from clover_jax.models.layers import dense, gelu, layer_norm
 
 Dtype = Any
@@ -157,7 +158,7 @@ class BertEmbeddings(nn.Module):
         types = self._embed(cfg.type_vocab_size, (None, "embed"), "token_type_embeddings")(token_type_ids)
         x = words.astype(jnp.float32) + positions.astype(jnp.float32) + types.astype(jnp.float32)
         x = layer_norm(name="LayerNorm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x)
-        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        x = Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         return x.astype(self.dtype)
 
 
@@ -174,7 +175,7 @@ class BertResidualOutput(nn.Module):
         cfg = self.config
         y = dense(cfg.hidden_size, self.axes, name="dense", dtype=self.dtype, param_dtype=self.param_dtype,
                   kernel_init=kernel_init(cfg))(x)
-        y = nn.Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
+        y = Dropout(cfg.hidden_dropout)(y, deterministic=deterministic)
         y = layer_norm(name="LayerNorm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(
             y.astype(jnp.float32) + residual.astype(jnp.float32)
         )
@@ -201,7 +202,7 @@ class BertAttention(nn.Module):
         query, key, value = project("query"), project("key"), project("value")
         query = query / jnp.asarray(math.sqrt(cfg.head_dim), query.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + bias
-        probs = nn.Dropout(cfg.attention_dropout)(
+        probs = Dropout(cfg.attention_dropout)(
             nn.softmax(logits, axis=-1), deterministic=deterministic
         ).astype(self.dtype)
         context = jnp.einsum("bhqk,bkhd->bqhd", probs, value).reshape(batch, length, cfg.hidden_size)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clover_jax.models.dropout import Dropout
 from clover_jax.models.layers import dense, gelu, layer_norm
 
 Dtype = Any
@@ -57,7 +58,7 @@ class VideoProjector(nn.Module):
         if video.ndim != 5:
             raise ValueError(f"VideoProjector wants the Swin output (B, T, H, W, C), got shape {video.shape}")
         x = jnp.mean(video.astype(jnp.float32), axis=(1, 2, 3))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
+        x = Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
         return _ln_mlp(self, x, self.hidden_dim or 2 * self.embed_dim, self.embed_dim, self.layer_norm_eps)
 
 
@@ -118,7 +119,7 @@ class FusedVideoHead(nn.Module):
             raise ValueError(
                 f"FusedVideoHead.input_kind={self.input_kind!r}; use 'text_cls' or 'video_token_mean'"
             )
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
+        x = Dropout(self.dropout_rate)(x, deterministic=deterministic).astype(self.dtype)
         return _ln_mlp(self, x, self.hidden_dim or 2 * self.embed_dim, self.embed_dim, self.layer_norm_eps)
 
 
@@ -139,7 +140,7 @@ class FusedTextHead(nn.Module):
             raise ValueError(f"FusedTextHead wants the fused [CLS] vector (B, H), got shape {x.shape}")
         x = x.astype(self.dtype)
         x = gelu(_xavier_dense(x.shape[-1], ("embed", "mlp"), "fc1", self)(x))
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return _xavier_dense(self.embed_dim, ("mlp", "embed"), "fc2", self)(x)
 
 
@@ -181,7 +182,7 @@ class OpenEndedQAHead(nn.Module):
         hidden = x.shape[-1]
         if hidden % 2:
             raise ValueError(f"OpenEndedQAHead needs an even input width, got {hidden}")
-        x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)
+        x = Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)
         x = _xavier_dense(hidden // 2, ("embed", "mlp"), "fc1", self)(x)
         x = gelu(_norm("ln", self.layer_norm_eps, "mlp", self)(x)).astype(self.dtype)
         return _xavier_dense(self.num_answers, ("mlp", "classes"), "fc2", self)(x)
@@ -202,7 +203,7 @@ class MultipleChoiceHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
-        x = nn.Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)
+        x = Dropout(self.dropout_rate)(x.astype(self.dtype), deterministic=deterministic)
         x = _xavier_dense(self.hidden_dim, ("embed", "mlp"), "fc1", self)(x)
         x = gelu(_norm("ln", self.layer_norm_eps, "mlp", self)(x)).astype(self.dtype)
         return _xavier_dense(1, ("mlp", None), "fc2", self)(x)[..., 0]
