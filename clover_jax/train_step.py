@@ -50,10 +50,6 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, state_shar
     return init(params)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step(
     loss_fn: LossFn | None,
     tx: optax.GradientTransformation,
@@ -74,9 +70,9 @@ def make_train_step(
     global batch as its leading dimension (sharded by `batch_sharding`; `sharding.shard_batch` checks it
     divides by the data replicas, as does jit itself); `rng` is replicated and folded
     with `state.step`. Metrics: loss, every aux entry, grad_norm (before clipping), param_norm (after the
-    update), lr (`schedule(step)`; only when `schedule` is given), and `finite` (loss and every gradient
-    finite). With `skip_nonfinite`, a non-finite step leaves params and optimizer state unchanged (the
-    step counter still advances).
+    update), lr (`schedule(step)`; only when `schedule` is given), and `finite` (loss and the gradient norm
+    finite: false when any gradient is NaN or inf). With `skip_nonfinite`, a non-finite step leaves params
+    and optimizer state unchanged (the step counter still advances).
 
     `value_and_grad_fn(params, batch, rng) -> ((loss, aux), grads)` replaces
     `jax.value_and_grad(loss_fn, has_aux=True)` when given (e.g. `grad_cache.value_and_grad`, which runs
@@ -96,7 +92,10 @@ def make_train_step(
         clash = sorted(set(aux) & set(RESERVED_METRICS))
         if clash:
             raise ValueError(f"loss_fn aux metrics {clash} clash with the step's own metrics {RESERVED_METRICS}")
-        finite = jnp.isfinite(loss) & _all_finite(grads)
+        grad_norm = optax.global_norm(grads)
+        # A NaN or inf in any gradient makes the norm non-finite, so this needs no pass of its own over the
+        # gradients; a norm that overflows float32 (some |g| > 1e19) counts as non-finite too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if skip_nonfinite:
@@ -105,7 +104,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             **aux,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "param_norm": optax.global_norm(params),
             "finite": finite,
         }
