@@ -165,6 +165,34 @@ def test_non_finite_loss_sets_flag():
     assert bool(good["finite"])
 
 
+def test_non_finite_gradient_with_finite_loss_sets_flag():
+    """`finite` reads the gradient norm: a NaN gradient under a finite loss (sqrt at 0 times 0) is caught."""
+    s = setup("single")
+    tx, _ = optim.make_optimizer(OPTIM, TOTAL_STEPS)
+
+    def nan_grad_loss(params, batch, rng):
+        loss, aux = toy_loss(params, batch, rng)
+        return loss + jnp.sum(jnp.sqrt(jnp.abs(params["text_proj"]["kernel"] * 0.0))), aux
+
+    step = ts.make_train_step(nan_grad_loss, tx, state_shardings=jax.tree.map(lambda x: x.sharding, s.state0),
+                              batch_sharding=s.batch_sharding, mesh=s.mesh)
+    _, metrics = step(s.fresh_state(), s.put(toy_batch()), jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"])) and not bool(metrics["finite"])
+
+
+@pytest.mark.parametrize("scale", [0.1, 10.0, np.inf, np.nan])
+def test_clip_matches_optax(scale):
+    """optim.clip_by_global_norm (one scalar factor) = optax's (a division per element), below and above the
+    threshold and for non-finite norms."""
+    rng = np.random.default_rng(0)
+    tree = {"a": jnp.asarray(rng.normal(size=(5, 7)), jnp.float32), "b": jnp.asarray(rng.normal(size=(3,)))}
+    tree = jax.tree.map(lambda x: x * scale, tree)
+    ours, _ = optim.clip_by_global_norm(15.0).update(tree, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(15.0).update(tree, optax.EmptyState())
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+
+
 def test_skip_nonfinite_keeps_params():
     s = setup("single")
     tx, schedule = optim.make_optimizer(OPTIM, TOTAL_STEPS)
