@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clover_jax.models.dropout import Dropout
+from clover_jax.models.layer_norm import LayerNorm
 from clover_jax.models.layers import dense, gelu, layer_norm
 
 Dtype = Any
@@ -28,7 +29,7 @@ def _xavier_dense(
                  kernel_init=XAVIER)
 
 
-def _norm(name: str, eps: float, axis: str | None, module: nn.Module) -> nn.LayerNorm:
+def _norm(name: str, eps: float, axis: str | None, module: nn.Module) -> LayerNorm:
     return layer_norm(name=name, eps=eps, axis=axis, param_dtype=module.param_dtype)
 
 

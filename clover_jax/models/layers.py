@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clover_jax.models.layer_norm import LayerNorm
 from clover_jax.models.token_chunked_grad import token_chunked_dot_general
 
 Axes = Sequence[str | None]
@@ -57,17 +58,11 @@ def layer_norm(
     axis: str | None = "embed",
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
-) -> nn.LayerNorm:
-    """LayerNorm (statistics always in float32) whose scale and bias carry the logical axis `axis`."""
+) -> LayerNorm:
+    """LayerNorm (statistics and output always in float32; `layer_norm.py`) whose scale and bias carry the
+    logical axis `axis`."""
     del dtype  # Normalisation runs in float32 for stability; the caller casts the output.
-    return nn.LayerNorm(
-        epsilon=eps,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (axis,)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axis,)),
-        name=name,
-    )
+    return LayerNorm(epsilon=eps, axis=axis, param_dtype=param_dtype, name=name)
 
 
 def param_with_axes(
