@@ -1,4 +1,4 @@
-"""clover_jax.models.layer_norm: flax nn.LayerNorm's parameters, outputs and gradients, by either row sum."""
+"""layer_norm.layer_norm_fn and layers.LayerNorm: nn.LayerNorm's parameters, values and gradients, both row sums."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clover_jax.models.layer_norm import LayerNorm, layer_norm_fn
+from clover_jax.models.layer_norm import layer_norm_fn
+from clover_jax.models.layers import LayerNorm
 
 
 def _inputs(shape=(3, 5, 7, 32), seed=0):

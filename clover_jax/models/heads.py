@@ -12,8 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clover_jax.models.dropout import Dropout
-from clover_jax.models.layer_norm import LayerNorm
-from clover_jax.models.layers import dense, gelu, layer_norm
+from clover_jax.models.layers import LayerNorm, dense, gelu, layer_norm
 
 Dtype = Any
 

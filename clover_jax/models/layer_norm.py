@@ -1,7 +1,7 @@
-"""LayerNorm over the last axis with a hand-written VJP, parameter-compatible with flax's nn.LayerNorm.
+"""LayerNorm over the last axis as a function with a hand-written VJP (`layers.LayerNorm` is its module).
 
-Same parameters (`scale`, `bias`, shape (C,)) and the same function (statistics and output in float32) as
-`nn.LayerNorm(dtype=float32)`. Two things differ, both for XLA:CPU:
+The same function (statistics and output in float32) as `nn.LayerNorm(dtype=float32)`. Two things differ,
+both for XLA:CPU:
 
 - On CPU the per-row sums over C are matrix-vector products with a ones vector. XLA:CPU hands reductions
   to YNNPACK (`xla_cpu_flags.py`), which cannot take a broadcast inside its fusion, so the broadcast row
@@ -16,9 +16,7 @@ Other backends sum with `jnp.sum` (a matrix-vector product would run at reduced 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -43,16 +41,12 @@ def layer_norm_fn(x: Array, scale: Array, bias: Array, eps: float, by_matmul: bo
     return _forward(x, scale, bias, eps, by_matmul)[0]
 
 
-def _statistics(x: Array, eps: float, by_matmul: bool) -> tuple[Array, Array]:
+def _forward(x, scale, bias, eps, by_matmul):
     c = x.shape[-1]
     mean = _row_sum(x, by_matmul) / c
     centred = x - mean
-    return mean, jax.lax.rsqrt(_row_sum(centred * centred, by_matmul) / c + eps)
-
-
-def _forward(x, scale, bias, eps, by_matmul):
-    mean, rstd = _statistics(x, eps, by_matmul)
-    return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+    rstd = jax.lax.rsqrt(_row_sum(centred * centred, by_matmul) / c + eps)
+    return centred * rstd * scale + bias, (x, mean, rstd, scale)
 
 
 def _backward(eps, by_matmul, residuals, g_out):
@@ -66,21 +60,3 @@ def _backward(eps, by_matmul, residuals, g_out):
 
 layer_norm_fn.defvjp(_forward, _backward)
 
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis; float32 statistics and output; `scale` / `bias` carry logical `axis`."""
-
-    epsilon: float = 1e-5
-    axis: str | None = "embed"
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,)), (c,),
-                           self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis,)), (c,),
-                          self.param_dtype)
-        f32 = jnp.float32
-        return layer_norm_fn(x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon,
-                             jax.default_backend() == "cpu")

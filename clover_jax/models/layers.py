@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clover_jax.models.layer_norm import LayerNorm
+from clover_jax.models.layer_norm import layer_norm_fn
 from clover_jax.models.token_chunked_grad import token_chunked_dot_general
 
 Axes = Sequence[str | None]
@@ -51,6 +51,24 @@ def dense(
     )
 
 
+class LayerNorm(nn.Module):
+    """nn.LayerNorm's parameters (`scale`, `bias`, carrying the logical `axis`) and function, float32
+    statistics and output, computed by `layer_norm.layer_norm_fn` (row sums as matrix-vector products on CPU)."""
+
+    epsilon: float = 1e-5
+    axis: str | None = "embed"
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        c = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones_init(), (c,), (self.axis,), self.param_dtype)
+        bias = param_with_axes(self, "bias", nn.initializers.zeros_init(), (c,), (self.axis,), self.param_dtype)
+        f32 = jnp.float32
+        return layer_norm_fn(x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon,
+                             jax.default_backend() == "cpu")
+
+
 def layer_norm(
     *,
     name: str,
@@ -59,7 +77,7 @@ def layer_norm(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
 ) -> LayerNorm:
-    """LayerNorm (statistics and output always in float32; `layer_norm.py`) whose scale and bias carry the
+    """LayerNorm (statistics and output always in float32) whose scale and bias carry the
     logical axis `axis`."""
     del dtype  # Normalisation runs in float32 for stability; the caller casts the output.
     return LayerNorm(epsilon=eps, axis=axis, param_dtype=param_dtype, name=name)
