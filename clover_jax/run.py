@@ -52,7 +52,8 @@ def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
     kw = dict(num_frames=config.data.num_frames, image_size=config.data.image_size, dtype=m.dtype,
               remat=m.remat, h_v_input=m.h_v_input)
     overrides = dict(m.get("overrides", {}))
-    video_overrides = {"attention": m.get("attention", "auto"), **overrides.pop("video_overrides", {})}
+    video_overrides = {"attention": m.get("attention", "auto"), "clip_groups": m.get("clip_groups", 0),
+                       **overrides.pop("video_overrides", {})}
     kw.update(overrides)
     return clover_config(m.preset, video_overrides=video_overrides, **kw)
 

@@ -76,7 +76,10 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
     # From scratch at width 64, BERT's 0.02 init leaves the [CLS] state almost input-independent
     # (cos ~0.99998 between captions) and the contrastive loss collapses; 1/sqrt(64) keeps it informative.
     # attention: Swin window-attention implementation ("auto" = the backend's fastest, see README).
-    c.model = dict(preset="tiny", dtype="float32", remat=False, attention="auto", h_v_input="text_cls",
+    # clip_groups: the Swin runs the batch as this many interleaved groups of clips, same values (0 = auto:
+    # 2 on a single CPU device, where XLA then runs the groups' ops concurrently; else 1).
+    c.model = dict(preset="tiny", dtype="float32", remat=False, attention="auto", clip_groups=0,
+                   h_v_input="text_cls",
                    overrides={"text_overrides": {"initializer_range": 0.125}, "video_overrides": {"init_std": 0.1}})
 
     c.data = dict(
@@ -118,7 +121,8 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         c.evals.retrieval.every_epochs = 1.0  # base's schedule and selection in miniature
         c.best_metric = "retrieval/recall_all"
     if a.base:
-        c.model = dict(preset="base", dtype="bfloat16", remat=True, attention="per_clip", h_v_input="text_cls",
+        c.model = dict(preset="base", dtype="bfloat16", remat=True, attention="per_clip", clip_groups=0,
+                       h_v_input="text_cls",
                        overrides={})
         c.data.sources = {"webvid": _source("", 8), "cc3m": _source("", 1)}
         c.data.update(batch_size=1024, num_frames=8, image_size=224, crop_area=(0.08, 1.0), mask_grid=7,

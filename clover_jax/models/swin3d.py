@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clover_jax.models.clip_groups import join_clip_groups, resolve_clip_groups, split_clip_groups, validate_clip_groups
 from clover_jax.models.layers import TRUNC_NORMAL_02, dense, gelu, layer_norm, param_with_axes
 from clover_jax.models.window_attention import resolve_attention, window_attention
 
@@ -39,6 +40,7 @@ class Swin3DConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02  # truncated-normal std of linear kernels (torchvision/official: 0.02 at every width)
     attention: str = "auto"  # window-attention implementation (window_attention.ATTENTION_IMPLEMENTATIONS)
+    clip_groups: int = 0  # each stage runs the batch as this many groups of clips (clip_groups.py); 0 = auto
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -57,6 +59,7 @@ class Swin3DConfig:
             if self.stage_dim(i) % heads:
                 raise ValueError(f"stage {i} width {self.stage_dim(i)} is not divisible by num_heads[{i}]={heads}")
         resolve_attention(self.attention)  # raises on an unknown name
+        validate_clip_groups(self.clip_groups)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -384,6 +387,8 @@ class SwinTransformer3D(nn.Module):
     With `return_features=True` also returns the list
     [patch_embed, features_0, ..., features_{2S-2}] as torchvision's `features` (patch embedding after its
     norm and the mask substitution, then each stage's output and each PatchMerging output).
+    Each stage runs the rows as interleaved groups (`config.clip_groups`, `clip_groups.py`): the same values,
+    as ops XLA:CPU can run concurrently.
     """
 
     config: Swin3DConfig
@@ -433,12 +438,14 @@ class SwinTransformer3D(nn.Module):
             x = x[:, None] * (1 - weight) + mask_token.astype(self.dtype) * weight
             x = x.reshape(-1, *x.shape[2:])
         features = [x]
+        stage_groups = resolve_clip_groups(cfg.clip_groups, x.shape[0], cfg.num_stages)
+        groups = [x]
 
         rates = cfg.drop_path_rates()
         start = 0
         for i, depth in enumerate(cfg.depths):
             last = i == cfg.num_stages - 1
-            stage_out, merged = SwinStage3D(
+            stage = SwinStage3D(
                 cfg,
                 i,
                 tuple(rates[start : start + depth]),
@@ -447,12 +454,17 @@ class SwinTransformer3D(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"layers_{i}",
-            )(x, deterministic)
+            )
+            if len(groups) != stage_groups[i]:
+                groups = split_clip_groups(join_clip_groups(groups), stage_groups[i])
+            outs = [stage(g, deterministic) for g in groups]  # one set of parameters for every group
             start += depth
-            features.append(stage_out)
-            x = stage_out if last else merged
-            if not last:
-                features.append(merged)
+            if return_features:
+                features.append(join_clip_groups([stage_out for stage_out, _ in outs]))
+                if not last:
+                    features.append(join_clip_groups([merged for _, merged in outs]))
+            groups = [stage_out if last else merged for stage_out, merged in outs]
+        x = join_clip_groups(groups)
 
         out = layer_norm(name="norm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
         return (out, features) if return_features else out
