@@ -100,6 +100,10 @@ def load_config(spec: str, mesh_axes: dict[str, int], setting: Setting, global_b
         config.microbatches = setting.microbatches
     if setting.attention != "-":
         config.model.attention = setting.attention
+    if "clip_groups" in config.model:
+        # The accelerators' layout: "auto" splits the batch into clip groups only on a single CPU device,
+        # a schedule choice of XLA:CPU that would otherwise enter this CPU compile of an accelerator step.
+        config.model.clip_groups = 1
     return config
 
 
