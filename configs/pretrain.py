@@ -76,8 +76,8 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
     # From scratch at width 64, BERT's 0.02 init leaves the [CLS] state almost input-independent
     # (cos ~0.99998 between captions) and the contrastive loss collapses; 1/sqrt(64) keeps it informative.
     # attention: Swin window-attention implementation ("auto" = the backend's fastest, see README).
-    # clip_groups: the Swin runs the batch as this many interleaved groups of clips, same values (0 = auto:
-    # 2 on a single CPU device, where XLA then runs the groups' ops concurrently; else 1).
+    # clip_groups: each Swin stage runs the batch as this many interleaved groups of clips, same values (0 = auto:
+    # 2 in the first stage on a single CPU device, where XLA then runs the groups' ops concurrently; else 1).
     c.model = dict(preset="tiny", dtype="float32", remat=False, attention="auto", clip_groups=0,
                    h_v_input="text_cls",
                    overrides={"text_overrides": {"initializer_range": 0.125}, "video_overrides": {"init_std": 0.1}})
