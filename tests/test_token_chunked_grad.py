@@ -45,6 +45,29 @@ def test_chunked_kernel_gradient_equals_plain_on_a_sharded_batch(monkeypatch, sh
     assert f"f32[8,4,{shape[-1]},16]" in jaxpr
 
 
+def test_clip_chunked_kernel_gradient_equals_plain_on_a_sharded_batch():
+    """Too few tokens per clip for chunks inside a clip: chunks of whole clips, as many as the 8 devices."""
+    x = np.random.default_rng(3).standard_normal((16, 2, 4, 8)).astype(np.float32)  # 8 tokens per clip
+    assert tcg._clip_groups(16) == jax.device_count() == 8 and tcg._clip_groups(4) == 0
+    mesh = make_mesh({"data": -1})
+    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    chunked, params = _grads(x, 16, chunked=True)
+    plain, _ = _grads(x, 16, chunked=False)
+    (loss_c, grads_c), (loss_p, grads_p) = chunked(params, x_sharded), plain(params, x)
+    np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
+    _assert_close(grads_c, grads_p)
+    assert "f32[8,8,16]" in str(jax.make_jaxpr(chunked)(params, x))  # 8 chunks of 2 clips: (chunks, C, D) partials
+
+
+def test_clip_groups_by_device_count(monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert [tcg._clip_groups(b) for b in (1, 2, 3, 4, 6, 8, 16, 32)] == [0, 0, 0, 4, 6, 4, 4, 4]
+    monkeypatch.setattr(jax, "device_count", lambda: 2)
+    assert [tcg._clip_groups(b) for b in (4, 6, 12, 16)] == [4, 6, 4, 4]
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    assert [tcg._clip_groups(b) for b in (4, 8, 12, 16, 64)] == [0, 8, 0, 8, 8]
+
+
 def test_unchunkable_shapes_use_the_plain_contraction(monkeypatch):
     monkeypatch.setattr(tcg, "ROWS_PER_CHUNK", 128)
     assert tcg._rows_per_chunk(512) == 128 and tcg._rows_per_chunk(12544) == 128 and tcg._rows_per_chunk(97) == 97

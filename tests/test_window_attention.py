@@ -70,6 +70,26 @@ def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows, u
     assert max(errors) < 1e-5, errors
 
 
+def test_chunked_groups_single_window_clips(monkeypatch):
+    """One window per clip (the late stages): a chunk takes several whole clips; values and gradients as einsum."""
+    rng = np.random.default_rng(4)
+    b, n, h, d = 16, 49, 4, 8
+    qkv = jnp.asarray(rng.standard_normal((b, 1, n, 3, h, d)), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((b, 1, n, h, d)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((h, n, n)), jnp.float32)
+    assert wa._chunk_windows(1, h, b, n) == 2  # 8 devices: 8 chunks of 2 clips
+    assert wa._chunk_windows(8, h, b, n) == 8  # several windows per clip: within one clip, as before
+    ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, None)
+    value, grads = _value_and_grads("chunked", qkv, g, bias, None)
+    errors = [_rel_err(value, ref_value), _rel_err(grads[0], ref_grads[0]), _rel_err(grads[1], ref_grads[1])]
+    assert max(errors) < 1e-5, errors
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert wa._chunk_windows(1, h, b, n) == 4  # 4 chunks of 4 clips
+    assert wa._chunk_windows(1, 12, 16, 196) == 4 and wa._chunk_windows(1, 24, 16, 64) == 4  # `small`'s stages 3, 4
+    assert wa._chunk_windows(1, 64, 16, 196) == 1  # a chunk of two such clips would exceed MAX_CHUNK_SCORES
+    assert wa._chunk_windows(1, h, 2, n) == 1  # too few clips for MIN_CLIP_CHUNKS chunks
+
+
 def test_resolve_attention():
     assert wa.resolve_attention("auto", "cpu") == wa.DEFAULT_BY_BACKEND["cpu"]
     assert wa.resolve_attention("auto", "gpu") == "dot_product"

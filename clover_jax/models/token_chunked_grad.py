@@ -5,7 +5,8 @@ transposing a whole (tokens, features) operand in memory first; for Swin's stage
 tokens of the `tiny` step) those strided copies took longer than the matmuls. Summing x_c^T g_c over chunks
 of at most ROWS_PER_CHUNK tokens keeps each chunk's transpose in cache: on the 2-core machine of
 `benchmarks/` the qkv kernel gradient of stage 1 went from 20 ms to 8 ms in isolation, and the `tiny` step
-fell by about 10% together with the layout of `chunked` attention (README, Performance).
+fell by about 10% together with the layout of `chunked` attention (README, Performance). Where a clip has too
+few tokens for such chunks (the late stages), the sum runs over a few chunks of whole clips.
 
 Only the gradient changes; the forward product and the input gradient are those of `lax.dot_general`.
 Other backends get the plain dot (GPU and TPU matmul units read transposed operands directly).
@@ -25,6 +26,12 @@ MAX_PARTIAL_BYTES = 64 << 20  # bigger (chunks, C, D) partial sums fall back to 
 # writing and summing the (C, D) partials moves more memory than the whole-operand transpose it avoids
 # (measured: `small`'s stage 3, 196 tokens per clip against 1536 channels, was slower chunked).
 MIN_ROWS_PER_WIDTH = 2
+# Below that (`small`'s stages 2-4: 784, 196 and 64 tokens per clip against 192-3072 channels) the gradient is
+# summed over MIN_CLIP_CHUNKS chunks of whole clips instead, which XLA:CPU runs faster than autodiff's one
+# contraction over every token of the batch. Forward + backward of one unshifted block of `small` (16 clips,
+# alternating runs on the benchmark host of `benchmarks/`), before -> after: stage 2 270 / 268 -> 236 / 235 ms,
+# stage 3 196 / 198 -> 177 / 172 ms, stage 4 220 / 211 -> 187 / 184 ms.
+MIN_CLIP_CHUNKS = 4
 
 
 def _rows_per_chunk(tokens: int) -> int:
@@ -32,10 +39,18 @@ def _rows_per_chunk(tokens: int) -> int:
     return max(r for r in range(1, min(tokens, ROWS_PER_CHUNK) + 1) if tokens % r == 0)
 
 
+def _clip_groups(clips: int) -> int:
+    """Chunks of whole clips for the late stages: the smallest multiple of the device count (so a batch sharded
+    over devices splits evenly) that divides `clips` and is at least MIN_CLIP_CHUNKS; 0 if none."""
+    devices = jax.device_count()
+    return min((m for m in range(MIN_CLIP_CHUNKS, clips + 1) if clips % m == 0 and m % devices == 0), default=0)
+
+
 def kernel_grad(x: Array, g: Array, kernel_dtype) -> Array:
     """sum over every leading axis of x[..., :, None] * g[..., None, :], i.e. x^T g with tokens flattened,
-    as (C, D) in `kernel_dtype`. The leading (batch) axis stays a batch axis of the chunked product, so a
-    batch sharded over devices is summed locally first."""
+    as (C, D) in `kernel_dtype`. The leading (batch) axis stays a batch axis of the chunked product (chunks
+    inside a clip, or whole-clip chunks as many as a multiple of the device count), so a batch sharded over
+    devices is summed locally first."""
     c, d = x.shape[-1], g.shape[-1]
     if x.ndim >= 3:
         b, tokens = x.shape[0], math.prod(x.shape[1:-1])
@@ -46,6 +61,13 @@ def kernel_grad(x: Array, g: Array, kernel_dtype) -> Array:
                                  preferred_element_type=jnp.float32)
             # the sum over partials as a matmul: XLA:CPU's reduce over the leading axes is far slower
             total = jnp.ones((b * chunks,), jnp.float32) @ partial.reshape(b * chunks, c * d)
+            return total.reshape(c, d).astype(kernel_dtype)
+        groups = _clip_groups(b)
+        if groups and groups * c * d * 4 <= MAX_PARTIAL_BYTES:
+            # too few tokens per clip for chunks inside a clip (the late stages): a chunk of b / groups whole clips
+            partial = jnp.einsum("nrc,nrd->ncd", x.reshape(groups, -1, c), g.reshape(groups, -1, d),
+                                 preferred_element_type=jnp.float32)
+            total = jnp.ones((groups,), jnp.float32) @ partial.reshape(groups, c * d)
             return total.reshape(c, d).astype(kernel_dtype)
     # otherwise exactly what autodiff of the plain Dense would emit
     _, kernel_vjp = jax.vjp(lambda kernel: jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))),
