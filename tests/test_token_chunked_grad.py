@@ -29,10 +29,9 @@ def _assert_close(a, b, rtol=1e-5):
         assert float(jnp.max(jnp.abs(u - v))) <= rtol * scale
 
 
-@pytest.mark.parametrize("shape", [(8, 4, 128, 8), (8, 512, 8)])
-def test_chunked_kernel_gradient_equals_plain_on_a_sharded_batch(monkeypatch, shape):
-    monkeypatch.setattr(tcg, "ROWS_PER_CHUNK", 128)  # 512 tokens per clip -> 4 chunks of 128
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+def _assert_sharded_chunked_equals_plain(x: np.ndarray, partials: str) -> None:
+    """Loss and gradients of the chunked Dense on a batch sharded over the 8 devices equal the plain Dense's,
+    and the chunked path really ran: its `partials` (chunks, C, D) sums are in the program."""
     mesh = make_mesh({"data": -1})
     x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
     chunked, params = _grads(x, 16, chunked=True)
@@ -40,23 +39,21 @@ def test_chunked_kernel_gradient_equals_plain_on_a_sharded_batch(monkeypatch, sh
     (loss_c, grads_c), (loss_p, grads_p) = chunked(params, x_sharded), plain(params, x)
     np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
     _assert_close(grads_c, grads_p)
-    # the chunked path really ran: its (batch, chunks, C, D) partial sums are in the program
-    jaxpr = str(jax.make_jaxpr(chunked)(params, x))
-    assert f"f32[8,4,{shape[-1]},16]" in jaxpr
+    assert partials in str(jax.make_jaxpr(chunked)(params, x))
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 128, 8), (8, 512, 8)])
+def test_chunked_kernel_gradient_equals_plain_on_a_sharded_batch(monkeypatch, shape):
+    monkeypatch.setattr(tcg, "ROWS_PER_CHUNK", 128)  # 512 tokens per clip -> 4 chunks of 128
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    _assert_sharded_chunked_equals_plain(x, f"f32[8,4,{shape[-1]},16]")  # (batch, chunks, C, D)
 
 
 def test_clip_chunked_kernel_gradient_equals_plain_on_a_sharded_batch():
     """Too few tokens per clip for chunks inside a clip: chunks of whole clips, as many as the 8 devices."""
     x = np.random.default_rng(3).standard_normal((16, 2, 4, 8)).astype(np.float32)  # 8 tokens per clip
     assert tcg._clip_groups(16) == jax.device_count() == 8 and tcg._clip_groups(4) == 0
-    mesh = make_mesh({"data": -1})
-    x_sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
-    chunked, params = _grads(x, 16, chunked=True)
-    plain, _ = _grads(x, 16, chunked=False)
-    (loss_c, grads_c), (loss_p, grads_p) = chunked(params, x_sharded), plain(params, x)
-    np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
-    _assert_close(grads_c, grads_p)
-    assert "f32[8,8,16]" in str(jax.make_jaxpr(chunked)(params, x))  # 8 chunks of 2 clips: (chunks, C, D) partials
+    _assert_sharded_chunked_equals_plain(x, "f32[8,8,16]")  # 8 chunks of 2 clips
 
 
 def test_clip_groups_by_device_count(monkeypatch):
