@@ -87,7 +87,7 @@ def test_chunked_groups_single_window_clips(monkeypatch):
     assert wa._chunk_windows(1, h, b, n) == 4  # 4 chunks of 4 clips
     assert wa._chunk_windows(1, 12, 16, 196) == 4 and wa._chunk_windows(1, 24, 16, 64) == 4  # `small`'s stages 3, 4
     assert wa._chunk_windows(1, 64, 16, 196) == 1  # a chunk of two such clips would exceed MAX_CHUNK_SCORES
-    assert wa._chunk_windows(1, h, 2, n) == 1  # too few clips for MIN_CLIP_CHUNKS chunks
+    assert wa._chunk_windows(1, h, 2, n) == 1  # too few clips for MIN_CLIP_CHUNKS (clip_groups) chunks
 
 
 def test_resolve_attention():

@@ -22,6 +22,18 @@ AUTO = 0  # Swin3DConfig.clip_groups value that picks per stage by backend (reso
 CPU_STAGE_GROUPS = (2,)  # groups "auto" gives each stage on a single CPU device; later stages: 1
 
 
+# Chunks of whole clips (Dense kernel gradients and attention of the late Swin stages on CPU): at least this many,
+# two per core of the `benchmarks/` host, whose XLA:CPU runs independent chunks concurrently.
+MIN_CLIP_CHUNKS = 4
+
+
+def clip_chunk_counts(clips: int) -> list[int]:
+    """Counts m >= MIN_CLIP_CHUNKS of equal chunks of whole clips a batch of `clips` splits into, ascending; each a
+    multiple of the device count, so a batch sharded over devices splits evenly."""
+    devices = jax.device_count()
+    return [m for m in range(MIN_CLIP_CHUNKS, clips + 1) if clips % m == 0 and m % devices == 0]
+
+
 def validate_clip_groups(groups: int) -> None:
     """Raises ValueError unless `groups` is an int >= 0."""
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 0:

@@ -18,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from clover_jax.models.clip_groups import clip_chunk_counts
+
 Array = jax.Array
 
 ROWS_PER_CHUNK = 1024  # tokens per chunk: a chunk of 32-128 float32 channels is 128-512 KB, inside L2
@@ -26,12 +28,11 @@ MAX_PARTIAL_BYTES = 64 << 20  # bigger (chunks, C, D) partial sums fall back to 
 # writing and summing the (C, D) partials moves more memory than the whole-operand transpose it avoids
 # (measured: `small`'s stage 3, 196 tokens per clip against 1536 channels, was slower chunked).
 MIN_ROWS_PER_WIDTH = 2
-# Below that (`small`'s stages 2-4: 784, 196 and 64 tokens per clip against 192-3072 channels) the gradient is
-# summed over MIN_CLIP_CHUNKS chunks of whole clips instead, which XLA:CPU runs faster than autodiff's one
-# contraction over every token of the batch. Forward + backward of one unshifted block of `small` (16 clips,
-# alternating runs on the benchmark host of `benchmarks/`), before -> after: stage 2 270 / 268 -> 236 / 235 ms,
-# stage 3 196 / 198 -> 177 / 172 ms, stage 4 220 / 211 -> 187 / 184 ms.
-MIN_CLIP_CHUNKS = 4
+# Below that (`small`'s stages 2-4: 784, 196 and 64 tokens per clip against 192-3072 channels) the gradient
+# is summed over the fewest chunks of whole clips `clip_groups.clip_chunk_counts` allows instead, which XLA:CPU
+# runs faster than autodiff's one contraction over every token of the batch. Forward + backward of one unshifted
+# block of `small` (16 clips, alternating runs on the benchmark host of `benchmarks/`), before -> after: stage 2
+# 270 / 268 -> 236 / 235 ms, stage 3 196 / 198 -> 177 / 172 ms, stage 4 220 / 211 -> 187 / 184 ms.
 
 
 def _rows_per_chunk(tokens: int) -> int:
@@ -40,10 +41,8 @@ def _rows_per_chunk(tokens: int) -> int:
 
 
 def _clip_groups(clips: int) -> int:
-    """Chunks of whole clips for the late stages: the smallest multiple of the device count (so a batch sharded
-    over devices splits evenly) that divides `clips` and is at least MIN_CLIP_CHUNKS; 0 if none."""
-    devices = jax.device_count()
-    return min((m for m in range(MIN_CLIP_CHUNKS, clips + 1) if clips % m == 0 and m % devices == 0), default=0)
+    """Chunks of whole clips for the late stages: the fewest `clip_chunk_counts` allows, 0 if none."""
+    return min(clip_chunk_counts(clips), default=0)
 
 
 def kernel_grad(x: Array, g: Array, kernel_dtype) -> Array:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clover_jax.models.clip_groups import clip_chunk_counts
+
 Array = jax.Array
 
 
@@ -159,26 +161,22 @@ CHUNK_ROWS = 64
 
 
 # When a clip is one window (the late stages, where the window covers the whole frame), a chunk takes several
-# clips instead: as many as keep MIN_CLIP_CHUNKS chunks (two per core of the benchmark host, which runs unrolled
-# chunks concurrently), with at most CHUNK_ROWS 196-token windows' worth of scores. Measured there (forward +
-# backward of one attention core over 16 clips, benchmarks/window_attention.py): `small`'s stage 3 (196 tokens,
-# 12 heads) 45.3 -> 37.0 ms, its stage 4 (64 tokens, 24 heads: a loop of 16 chunks before) 23.8 -> 9.7 ms,
-# `tiny`'s stage 4 (196 tokens, 8 heads) 30.4 -> 22.9 ms. Grouping clips of several windows was slower
-# (`tiny`'s stage 3: 51.8 -> 54.7 ms).
-MIN_CLIP_CHUNKS = 4
+# clips instead: the fewest chunks `clip_groups.clip_chunk_counts` allows (at least four, which the benchmark
+# host runs concurrently when unrolled) with at most CHUNK_ROWS 196-token windows' worth of scores each.
+# Measured there (forward + backward of one attention core over 16 clips, benchmarks/window_attention.py):
+# `small`'s stage 3 (196 tokens, 12 heads) 45.3 -> 37.0 ms, its stage 4 (64 tokens, 24 heads: a loop of 16
+# chunks before) 23.8 -> 9.7 ms, `tiny`'s stage 4 (196 tokens, 8 heads) 30.4 -> 22.9 ms. Grouping clips of
+# several windows was slower (`tiny`'s stage 3: 51.8 -> 54.7 ms).
 MAX_CHUNK_SCORES = CHUNK_ROWS * 196 * 196
 
 
 def _chunk_windows(num_windows: int, heads: int, clips: int = 1, n: int = 196) -> int:
     """Windows per chunk. Several windows per clip: the largest divisor of that count with windows * heads <=
-    CHUNK_ROWS, so a chunk never straddles two clips' shift-mask rows. One window per clip: the largest divisor
-    of `clips` leaving at least MIN_CLIP_CHUNKS chunks, a multiple of the device count, of at most MAX_CHUNK_SCORES
-    scores each (else 1)."""
+    CHUNK_ROWS, so a chunk never straddles two clips' shift-mask rows. One window per clip: clips / m for the
+    fewest chunks m of `clip_chunk_counts` holding at most MAX_CHUNK_SCORES scores each (else 1)."""
     if num_windows > 1:
         return max(c for c in range(1, num_windows + 1) if num_windows % c == 0 and (c * heads <= CHUNK_ROWS or c == 1))
-    devices = jax.device_count()  # chunks stay a multiple of it, so a batch sharded over devices splits evenly
-    return max((k for k in range(1, clips + 1) if clips % k == 0 and clips // k >= MIN_CLIP_CHUNKS
-                and (clips // k) % devices == 0 and k * heads * n * n <= MAX_CHUNK_SCORES), default=1)
+    return next((clips // m for m in clip_chunk_counts(clips) if clips // m * heads * n * n <= MAX_CHUNK_SCORES), 1)
 
 
 # Up to MAX_UNROLLED_CHUNKS chunks per call, each of at least MIN_UNROLLED_SCORES float32 scores, are unrolled into
