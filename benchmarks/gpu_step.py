@@ -6,11 +6,11 @@
 
 The prepared check for one GPU (H200; CUDA wheel `pip install "jax[cuda12]==0.10.2"`); on CPU it runs with
 a small config, which is how it is tested (`--config configs/pretrain.py:tiny`). Each variant of
-`config.model.attention` (default: every `window_attention.ATTENTION_IMPLEMENTATIONS` entry and "per_clip")
+`config.kernels.window_attention` (default: every `kernels.ops.WINDOW_ATTENTION` entry) or model.video_batching=per_clip
 runs in a child process of its own (its own device memory and peak counter; a hard XLA abort becomes its
 error row): the real step, compiled by `benchmarks.memory.compile_step`, executed on a freshly initialised
 train state and a random batch. Per row: median step time after 2 warm-ups, clips/s, the analytic model
-FLOP/s (`train_step.clover_train_flops`), MFU = its share of one device's measured `jnp.dot` FLOP/s in the
+FLOP/s (`clover_jax.model_flops.clover_train_flops`), MFU = its share of one device's measured `jnp.dot` FLOP/s in the
 compute dtype (n³; n = 8192 on GPU, 1024 elsewhere), compile time, XLA's planned peak (`memory_analysis()`:
 arguments + outputs - aliased + temporaries) and the allocator's `peak_bytes_in_use` (GPU/TPU), shown only
 when the row's own steps raised that process-wide high-water mark.
@@ -48,15 +48,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.train_step import clover_train_flops, matmul_flops_per_second, random_batch  # noqa: E402
+from benchmarks.train_step import matmul_flops_per_second, random_batch  # noqa: E402
 from clover_jax import optim  # noqa: E402
 from clover_jax import run as run_lib  # noqa: E402
 from clover_jax import sharding as shard_lib  # noqa: E402
 from clover_jax import train_step as ts  # noqa: E402
+from clover_jax.kernels.ops import WINDOW_ATTENTION  # noqa: E402
+from clover_jax.model_flops import clover_train_flops  # noqa: E402
 from clover_jax.models.clover import dummy_batch, init_params  # noqa: E402
-from clover_jax.models.window_attention import ATTENTION_IMPLEMENTATIONS, CLIP_MAPPED  # noqa: E402
 
-VARIANTS = (*ATTENTION_IMPLEMENTATIONS, CLIP_MAPPED)
+VARIANTS = (*WINDOW_ATTENTION, "per_clip")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -260,7 +261,7 @@ def main() -> None:
     p.add_argument("--mesh", default="data=1", help="mesh axes, e.g. data=8 (CPU: more than one device needs "
                                                     "XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     p.add_argument("--batch-per-device", type=int, default=8)
-    p.add_argument("--attention", default=",".join(VARIANTS), help="config.model.attention values to sweep")
+    p.add_argument("--attention", default=",".join(VARIANTS), help="window-attention kernels (or per_clip) to sweep")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f32"], help="compute dtype (parameters f32)")
     p.add_argument("--remat", default="on", choices=["on", "off"])
     p.add_argument("--steps", type=int, default=5, help="timed steps after 2 warm-up steps (median reported)")

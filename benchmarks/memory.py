@@ -2,7 +2,7 @@
 
   .venv/bin/python -m benchmarks.memory [--config configs/pretrain.py:base] [--mesh data=32]
       [--batch-per-device 2,4] [--verify 32] [--remat on,off] [--dtype bf16,f32] [--microbatches 1,4]
-      [--attention auto,per_clip] [--capacity-gib 16,32,80] [--global-batch 1024] [--dump DIR] [--fast] [--json]
+      [--attention batched,per_clip] [--capacity-gib 16,32,80] [--global-batch 1024] [--dump DIR] [--fast] [--json]
 
 The step is the one `clover_jax.train` runs: `run.setup_run` (mesh, model config, parameter shardings),
 `optim.make_optimizer`, the task's loss (or, with `config.microbatches > 1`, the gradient-caching
@@ -86,24 +86,28 @@ class Measurement:
 
 
 def load_config(spec: str, mesh_axes: dict[str, int], setting: Setting, global_batch: int) -> Any:
-    """The run config of `spec` with the mesh, batch, remat, dtype, microbatches and attention applied."""
+    """The run config of `spec` with the mesh, batch, remat, dtype, microbatches and attention applied.
+    `setting.attention` is a video batching ("batched", "per_clip"), a window-attention kernel name
+    (`kernels.ops.WINDOW_ATTENTION`) or "-" (the config's own)."""
     from clover_jax import run as run_lib
+    from clover_jax.models.clover import VIDEO_BATCHING
 
     config = run_lib.load_config_file(spec)
     config.compilation_cache_dir = ""
     config.mesh = dict(mesh_axes)
     config.data.batch_size = global_batch
     config.eval.batch_size = global_batch
-    config.model.remat = setting.remat
+    config.model.remat = "full" if setting.remat else "none"
     config.model.dtype = {"bf16": "bfloat16", "f32": "float32"}[setting.dtype]
     if setting.microbatches != 1:
         config.microbatches = setting.microbatches
-    if setting.attention != "-":
-        config.model.attention = setting.attention
-    if "clip_groups" in config.model:
-        # The accelerators' layout: "auto" splits the batch into clip groups only on a single CPU device,
-        # a schedule choice of XLA:CPU that would otherwise enter this CPU compile of an accelerator step.
-        config.model.clip_groups = 1
+    if setting.attention in VIDEO_BATCHING:
+        config.model.video_batching = setting.attention
+    elif setting.attention != "-":
+        config.kernels.window_attention = setting.attention
+    # The accelerators' layout: auto clip groups split the batch only on a single CPU device, a schedule
+    # choice of XLA:CPU that would otherwise enter this CPU compile of an accelerator step.
+    config.kernels.clip_groups = 1
     return config
 
 
@@ -111,40 +115,15 @@ def compile_step(config: Any) -> tuple[Any, float, dict[str, Any]]:
     """(compiled step, lower+compile seconds, facts) for `config`, lowered from abstract arrays only."""
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from clover_jax import optim, train
-    from clover_jax import run as run_lib
-    from clover_jax import train_step as ts
-    from clover_jax.models.clover import dummy_batch
+    from clover_jax import aot
 
-    run = run_lib.setup_run(config)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    params = nn.unbox(run.abstract_params)
-    state_sh = ts.train_state_shardings(tx, params, run.param_shardings, run.mesh)
-    grad_kw = train._gradient_fn(run, config)
-    step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=run.batch_sharding, mesh=run.mesh,
-                              schedule=schedule, **grad_kw)
-
-    abstract_state = jax.eval_shape(
-        lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)), params)
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  abstract_state, state_sh)
-    batch = jax.eval_shape(lambda: dummy_batch(run.model_config, config.data.batch_size, config.data.text_length))
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.batch_sharding), batch)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=jax.sharding.NamedSharding(
-        run.mesh, jax.sharding.PartitionSpec()))
-
-    start = time.perf_counter()
-    compiled = step.lower(abstract_state, batch, rng).compile()
-    seconds = time.perf_counter() - start
-    video = run.model_config.video
+    compiled, run, seconds = aot.compile_train_step(config)
+    model = run.model_config
     facts = dict(
-        params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
-        attention=getattr(video, "attention", "(no model.attention yet)"),
-        frames=run.model_config.num_frames, image_size=run.model_config.image_size,
-        text_length=config.data.text_length,
+        params=sum(math.prod(x.shape) for x in jax.tree.leaves(nn.unbox(run.abstract_params))),
+        attention=f"{model.video_batching}, {run.execution.window_attention}",
+        frames=model.num_frames, image_size=model.image_size, text_length=config.data.text_length,
     )
     return compiled, seconds, facts
 
@@ -205,8 +184,8 @@ def feature_available(spec: str, setting: Setting) -> str:
     config = run_lib.load_config_file(spec)
     if setting.microbatches != 1 and "microbatches" not in config:
         return "config.microbatches is not available in this checkout"
-    if setting.attention != "-" and "attention" not in config.model:
-        return "config.model.attention is not available in this checkout"
+    if setting.attention != "-" and "kernels" not in config:
+        return "config.kernels is not available in this checkout"
     return ""
 
 
@@ -403,7 +382,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", help="bf16,f32 (compute dtype; parameters stay float32)")
     p.add_argument("--microbatches", default="1", help="gradient-caching chunks, e.g. 1,4 (config.microbatches)")
     p.add_argument("--attention", default="-",
-                   help="config.model.attention values, e.g. auto,per_clip ('-' = the config's own)")
+                   help="video batching (batched, per_clip) or window-attention kernel names ('-' = the config's own)")
     p.add_argument("--global-batch", type=int, default=1024, help="the paper's global batch, read off the line")
     p.add_argument("--capacity-gib", default="16,32,80", help="device memories for the largest batch that fits")
     p.add_argument("--dump", default="", help="XLA dump folder for the first compile; prints the peak's buffers")

@@ -29,6 +29,7 @@ import ml_collections
 from clover_jax import pixel_stats
 from clover_jax import run as run_lib
 from clover_jax.evaluators import entries
+from clover_jax.kernels import execution
 from clover_jax.run_logging import (
     USER_ERRORS,
     OneLineArgumentParser,
@@ -102,6 +103,7 @@ def _evaluate(args: Any, overrides: list[str]) -> int:
     config.pixel_stats, why = pixel_stats.resolve(config, checkpoint=checkpoint)
     print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
     run = run_lib.setup_run(config)
+    print(f"clover_jax: {execution.describe(run.execution)}", flush=True)
     try:
         evaluators = entries.make_evaluators(config, run.model_config, run.batch_sharding, workdir / "eval", names)
     except ValueError as err:

@@ -24,6 +24,7 @@ from clover_jax import checkpoint as ckpt_lib
 from clover_jax import data as data_glue
 from clover_jax import grad_cache, tasks
 from clover_jax import sharding as shard_lib
+from clover_jax.kernels import execution
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
 from clover_jax.train_step import TrainState, create_train_state
 from data_pipelines.mixtures import make_mixture_iterator
@@ -44,18 +45,47 @@ class Run:
     abstract_params: Any  # boxed (logical axes), from eval_shape
     param_shardings: Any
 
+    @property
+    def execution(self) -> execution.ExecutionPolicy:
+        return self.model_config.execution
 
-def model_config_from(config: ml_collections.ConfigDict) -> CloverConfig:
-    """The model of a run: its preset, sized for the training clips unless `model.overrides` says otherwise
-    (fine-tuning on longer clips keeps the pre-training fusion tables with overrides.num_frames)."""
+
+# Keys of configs saved before the execution policy: model.attention named a window-attention kernel or, as
+# "per_clip", the video batching; model.clip_groups is now kernels.clip_groups.
+def _legacy_model_keys(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+    """(video batching, `config.kernels` with the legacy model keys folded in)."""
     m = config.model
+    kernels = dict(config.get("kernels", {}) or {})
+    batching = m.get("video_batching", "batched")
+    attention = m.get("attention", "auto")
+    if attention == "per_clip":
+        batching = "per_clip"
+    elif attention != "auto" and kernels.get("window_attention", "auto") == "auto":
+        kernels["window_attention"] = attention
+    if m.get("clip_groups", 0) and not kernels.get("clip_groups", 0):
+        kernels["clip_groups"] = m.clip_groups
+    return batching, kernels
+
+
+def execution_policy(config: ml_collections.ConfigDict, mesh: Any) -> execution.ExecutionPolicy:
+    """The run's execution policy: `config.kernels` over the defaults of the mesh's platform."""
+    try:
+        return execution.policy_for_mesh(mesh, _legacy_model_keys(config)[1])
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def model_config_from(config: ml_collections.ConfigDict,
+                      policy: execution.ExecutionPolicy = execution.REFERENCE) -> CloverConfig:
+    """The model of a run: its preset, sized for the training clips unless `model.overrides` says otherwise
+    (fine-tuning on longer clips keeps the pre-training fusion tables with overrides.num_frames), run under
+    `policy` (a run's is `execution_policy`; the default is the plain math)."""
+    m = config.model
+    batching, _ = _legacy_model_keys(config)
     kw = dict(num_frames=config.data.num_frames, image_size=config.data.image_size, dtype=m.dtype,
-              remat=m.remat, h_v_input=m.h_v_input)
-    overrides = dict(m.get("overrides", {}))
-    video_overrides = {"attention": m.get("attention", "auto"), "clip_groups": m.get("clip_groups", 0),
-                       **overrides.pop("video_overrides", {})}
-    kw.update(overrides)
-    return clover_config(m.preset, video_overrides=video_overrides, **kw)
+              remat=m.remat, h_v_input=m.h_v_input, video_batching=batching, execution=policy)
+    kw.update(dict(m.get("overrides", {})))
+    return clover_config(m.preset, **kw)
 
 
 def enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
@@ -80,10 +110,14 @@ def logical_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], .
     return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
 
 
-def setup_run(config: ml_collections.ConfigDict) -> Run:
-    """Mesh, model config and parameter shardings; config errors surface here as one-line messages."""
+def setup_run(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Run:
+    """Mesh (over `devices`, default every device), model config and parameter shardings; config errors
+    surface here as one-line messages. `devices` may be compile-only (`clover_jax.aot`)."""
     enable_compilation_cache(config)
-    mesh = shard_lib.make_mesh(dict(config.mesh))
+    try:
+        mesh = shard_lib.make_mesh(dict(config.mesh), devices)
+    except ValueError as err:
+        raise ConfigError(f"config.mesh: {err}") from None
     rules = logical_rules(config)
     try:
         shard_lib.check_global_batch(config.data.batch_size, mesh, rules)
@@ -91,7 +125,7 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
     except ValueError as err:
         raise ConfigError(f"data.batch_size / eval.batch_size: {err}") from None
     check_microbatches(config, mesh)
-    model_config = model_config_from(config)
+    model_config = model_config_from(config, execution_policy(config, mesh))
     batch = dummy_batch(model_config)
     abstract = jax.eval_shape(lambda r: init_params(model_config, r, batch), jax.random.key(0))
     return Run(config, mesh, shard_lib.batch_sharding(mesh, rules), model_config, abstract,

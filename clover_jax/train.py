@@ -44,6 +44,7 @@ from clover_jax import grad_cache, host_allocator, pixel_stats, tasks
 from clover_jax import run as run_lib
 from clover_jax import sharding as shard_lib
 from clover_jax.evaluators import entries
+from clover_jax.kernels import execution
 from clover_jax.metric_writer import MetricWriter
 from clover_jax.optim import make_optimizer
 from clover_jax.run import ConfigError, Run
@@ -112,6 +113,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     config.pixel_stats, why = pixel_stats.resolve(config, workdir=workdir)
     print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
     run = run_lib.setup_run(config)
+    print(f"clover_jax: {execution.describe(run.execution)}", flush=True)
     data = run_lib.train_data(run)
     durations = run_lib.resolve_durations(config, data.examples_per_epoch)
     total = durations.total_steps

@@ -16,7 +16,8 @@ MISSING = "<absent>"
 # Keys (dotted) or prefixes (ending in ".") that decide the shapes or the tree of the saved state.
 STATE_KEYS = ("task", "model.", "data.num_frames", "data.image_size", "optim.grad_clip", "optim.lr_multipliers")
 # Exceptions inside STATE_KEYS: implementation choices that leave every parameter's shape unchanged.
-SHAPE_NEUTRAL = ("model.attention", "model.clip_groups", "model.remat", "model.dtype")
+SHAPE_NEUTRAL = ("model.video_batching", "model.remat", "model.dtype",
+                 "model.attention", "model.clip_groups")  # the last two: configs saved before `kernels`
 
 
 class WorkdirConfigError(ValueError):

@@ -11,8 +11,8 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
   base    The paper's recipe (reference §4): Swin3D-B + bert-base-uncased + 3 fusion layers, 8 frames at
           224², global batch 1024, AdamW lr 5e-5 wd 0.005 betas (0.9, 0.98), cosine with 4 warm-up
           epochs from 1e-3x to 1e-3x, grad clip 15, bf16 compute, WebVid-2M and CC3M alternating.
-          The Swin runs clip by clip, rematerialised (model.attention=per_clip), which keeps 32 clips per
-          device near 10 GiB (README, Memory).
+          The Swin runs clip by clip, rematerialised (model.video_batching=per_clip, model.remat=full);
+          `python -m clover_jax.compile --config=configs/pretrain.py:base --topology=v5p-32` reports its memory.
           Supply the prepared folders: --config.data.sources.webvid.dataset=… and
           --config.data.sources.cc3m.dataset=…, and the MSR-VTT 1k-A test folder as --config.eval.dataset.
           Hardware: 32 A100/H100-class GPUs or a v4-64 TPU slice. 40 epochs (4 warm-up), an epoch being
@@ -36,6 +36,7 @@ from __future__ import annotations
 import ml_collections
 
 from clover_jax.defaults import default_loss_config, default_optim_config
+from clover_jax.kernels.execution import default_kernels_config
 from configs.common import apply_official, parse_arg, split_official
 
 
@@ -75,12 +76,15 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
 
     # From scratch at width 64, BERT's 0.02 init leaves the [CLS] state almost input-independent
     # (cos ~0.99998 between captions) and the contrastive loss collapses; 1/sqrt(64) keeps it informative.
-    # attention: Swin window-attention implementation ("auto" = the backend's fastest, see README).
-    # clip_groups: each Swin stage runs the batch as this many interleaved groups of clips, same values (0 = auto:
-    # 2 in the first stage on a single CPU device, where XLA then runs the groups' ops concurrently; else 1).
-    c.model = dict(preset="tiny", dtype="float32", remat=False, attention="auto", clip_groups=0,
+    # remat: "none", "full" or a jax.checkpoint_policies name (clover_jax/models/layers.py REMAT_POLICIES).
+    # video_batching: "batched" (one Swin call over the batch) or "per_clip" (a rematerialised scan over clips).
+    c.model = dict(preset="tiny", dtype="float32", remat="none", video_batching="batched",
                    h_v_input="text_cls",
                    overrides={"text_overrides": {"initializer_range": 0.125}, "video_overrides": {"init_std": 0.1}})
+
+    # How backend-dependent ops run (clover_jax/kernels/execution.py): "auto" takes the mesh platform's choice,
+    # printed at start-up; clip_groups 0 = auto; `cpu` holds the CPU kernels' host-tuned sizes.
+    c.kernels = default_kernels_config()
 
     c.data = dict(
         # mixture_mode: "alternate", "alternate_official" or "weighted" (data_pipelines.mixtures);
@@ -121,7 +125,7 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         c.evals.retrieval.every_epochs = 1.0  # base's schedule and selection in miniature
         c.best_metric = "retrieval/recall_all"
     if a.base:
-        c.model = dict(preset="base", dtype="bfloat16", remat=True, attention="per_clip", clip_groups=0,
+        c.model = dict(preset="base", dtype="bfloat16", remat="full", video_batching="per_clip",
                        h_v_input="text_cls",
                        overrides={})
         c.data.sources = {"webvid": _source("", 8), "cc3m": _source("", 1)}

@@ -1,41 +1,38 @@
-"""Clip groups of the Swin encoder: how many by backend, the row split, and the same values and gradients."""
+"""Clip groups of the Swin encoder: how many the execution policy gives by platform and mesh size, the row
+split, and the same values and gradients."""
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clover_jax.models.clip_groups import (
-    AUTO,
-    CPU_STAGE_GROUPS,
-    join_clip_groups,
-    resolve_clip_groups,
-    split_clip_groups,
-)
+from clover_jax.kernels.execution import MAX_STAGES, policy_for, use
+from clover_jax.kernels.ops import join_clip_groups, split_clip_groups
 from clover_jax.models.swin3d import SwinTransformer3D, swin3d_config
-from clover_jax.run import model_config_from
+from clover_jax.run import ConfigError, execution_policy
+from clover_jax.sharding import make_mesh
 from configs import pretrain
 
 
-def test_resolve_by_backend_and_batch():
-    cpu_auto = resolve_clip_groups(AUTO, 16, 4, backend="cpu", devices=1)
-    assert cpu_auto == (CPU_STAGE_GROUPS + (1, 1, 1, 1))[:4] and max(cpu_auto) > 1
-    assert resolve_clip_groups(AUTO, 16, 4, backend="cpu", devices=8) == (1,) * 4  # shares may not divide
-    assert resolve_clip_groups(AUTO, 16, 4, backend="gpu", devices=1) == (1,) * 4
-    assert resolve_clip_groups(AUTO, 15, 4, backend="cpu", devices=1) == (1,) * 4  # an odd batch stays whole
-    assert resolve_clip_groups(3, 6, 2) == (3, 3) and resolve_clip_groups(3, 8, 2) == (1, 1)
+def test_auto_groups_by_platform_and_device_count():
+    cpu_one = policy_for("cpu", 1)
+    assert cpu_one.clip_groups == (2,) and cpu_one.stage_clip_groups(0, 16) == 2
+    assert cpu_one.stage_clip_groups(1, 16) == 1  # later stages: one group
+    assert cpu_one.stage_clip_groups(0, 15) == 1  # an odd batch stays whole
+    assert policy_for("cpu", 8).clip_groups == ()  # a sharded batch's shares may not split
+    assert policy_for("gpu", 1).clip_groups == () and policy_for("tpu", 1).clip_groups == ()
+    assert policy_for("cpu", 1, {"cpu": {"first_stage_clip_groups": 4}}).clip_groups == (4,)
+    every = policy_for("tpu", 4, {"clip_groups": 3})
+    assert every.clip_groups == (3,) * MAX_STAGES
+    assert every.stage_clip_groups(2, 6) == 3 and every.stage_clip_groups(2, 8) == 1
     for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="clip_groups must be an int >= 0"):
-            resolve_clip_groups(bad, 8, 4)
-    with pytest.raises(ValueError, match="clip_groups"):
-        swin3d_config("tiny", clip_groups=-2)
+        with pytest.raises(ValueError, match="kernels.clip_groups must be an int >= 0"):
+            policy_for("cpu", 1, {"clip_groups": bad})
 
 
-def test_split_interleaves_rows_and_join_inverts():
-    x = jnp.arange(24.0).reshape(6, 2, 2)
+def test_split_and_join():
+    x = np.arange(12 * 2).reshape(12, 2)
     groups = split_clip_groups(x, 3)
     assert len(groups) == 3
     for g, rows in enumerate(groups):
@@ -44,35 +41,41 @@ def test_split_interleaves_rows_and_join_inverts():
     assert split_clip_groups(x, 1)[0] is x and join_clip_groups([x]) is x
 
 
-def test_config_flag_reaches_the_encoder():
+def test_config_keys_reach_the_policy():
     config = pretrain.get_config("tiny")
-    assert model_config_from(config).video.clip_groups == AUTO
-    config.model.clip_groups = 2
-    assert model_config_from(config).video.clip_groups == 2
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    assert execution_policy(config, mesh).clip_groups == (2,)  # auto, one CPU device
+    config.kernels.clip_groups = 2
+    assert execution_policy(config, mesh).clip_groups == (2,) * MAX_STAGES
+    config.kernels.clip_groups = -3
+    with pytest.raises(ConfigError, match="kernels.clip_groups"):
+        execution_policy(config, mesh)
+    legacy = pretrain.get_config("tiny")  # a config saved before `kernels`: model.clip_groups / model.attention
+    legacy.model.clip_groups, legacy.model.attention = 3, "fused"
+    assert execution_policy(legacy, mesh).clip_groups == (3,) * MAX_STAGES
+    assert execution_policy(legacy, mesh).window_attention == "fused"
 
 
-@pytest.mark.parametrize("groups", [2, AUTO])
-def test_groups_give_the_same_features_and_gradients(groups, monkeypatch):
+@pytest.mark.parametrize("groups", [2, 0])
+def test_groups_give_the_same_features_and_gradients(groups):
     # Two stages (unshifted + shifted blocks, one patch merging); 3 clips x 2 masks = 6 rows. 2: both stages
-    # in 2 groups; AUTO as on a single CPU device: the first stage in 2 groups, then regrouped to 1.
-    monkeypatch.setattr("clover_jax.models.clip_groups.CPU_STAGE_GROUPS", (2,))  # the suite runs on 8 devices
-    monkeypatch.setattr("clover_jax.models.swin3d.resolve_clip_groups",
-                        functools.partial(resolve_clip_groups, backend="cpu", devices=1))
-    base = dict(depths=(2, 2), num_heads=(1, 2))
-    whole, grouped = SwinTransformer3D(swin3d_config("tiny", clip_groups=1, **base)), SwinTransformer3D(
-        swin3d_config("tiny", clip_groups=groups, **base))
+    # in 2 groups; 0 (auto) on a single CPU device: the first stage in 2 groups, then regrouped to 1.
+    model = SwinTransformer3D(swin3d_config("tiny", depths=(2, 2), num_heads=(1, 2)))
+    whole, grouped = policy_for("cpu", 1, {"clip_groups": 1}), policy_for("cpu", 1, {"clip_groups": groups})
     rng = np.random.default_rng(0)
     video = rng.standard_normal((3, 4, 32, 32, 3)).astype(np.float32)
     token_mask = np.stack([np.zeros((3, 8, 8)), rng.random((3, 8, 8)) < 0.5], axis=1).astype(np.float32)
-    params = jax.jit(whole.init)(jax.random.PRNGKey(0), video, token_mask)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), video, token_mask)["params"]
 
-    def loss(p, model):
+    def loss(p):
         out, features = model.apply({"params": p}, video, token_mask, return_features=True)
         return jnp.sum(out * jnp.cos(jnp.arange(out.shape[-1]))), (out, features)
 
-    grad = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)
-    (g_whole, (out_whole, feat_whole)), (g_grouped, (out_grouped, feat_grouped)) = (
-        grad(params, whole), grad(params, grouped))
+    def grad(policy):
+        with use(policy):
+            return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    (g_whole, (out_whole, feat_whole)), (g_grouped, (out_grouped, feat_grouped)) = grad(whole), grad(grouped)
     assert out_grouped.shape == out_whole.shape == (6, 2, 4, 4, 64)
     np.testing.assert_allclose(out_grouped, out_whole, rtol=0, atol=1e-5)
     assert len(feat_grouped) == len(feat_whole) == 4

@@ -8,7 +8,9 @@ import pytest
 from jax.extend.random import threefry2x32_p
 from jax.sharding import NamedSharding, PartitionSpec
 
-from clover_jax.models.dropout import Dropout, keep_mask, threefry2x32
+from clover_jax.kernels.cpu.dropout import keep_mask, threefry2x32
+from clover_jax.kernels.execution import policy_for, use
+from clover_jax.models.dropout import Dropout
 from clover_jax.sharding import make_mesh
 
 
@@ -29,14 +31,28 @@ def test_keep_share_within_four_sigma(keep):
     assert abs(share - keep) < 4 * (keep * (1 - keep) / n) ** 0.5
 
 
-def test_dropout_scales_kept_and_zeroes_dropped():
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_dropout_scales_kept_and_zeroes_dropped(platform):
+    """Under each platform's policy (CPU: the unrolled Threefry; TPU: jax.random's Bernoulli draw)."""
     x = jnp.asarray(np.random.default_rng(1).uniform(1.0, 2.0, size=(64, 96)), jnp.float32)
-    y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    policy = policy_for(platform, 1)
+    with use(policy):
+        y = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+        other = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
     kept = np.asarray(y) != 0
     assert 0 < kept.mean() < 1
     np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.9, rtol=1e-6)
-    other = Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(4)})
     assert not np.array_equal(np.asarray(other) != 0, kept)  # another key, another mask
+
+
+def test_each_policy_draws_with_its_own_kernel():
+    x = jnp.ones((64, 96), jnp.float32)
+    masks = {}
+    for platform in ("cpu", "tpu"):
+        with use(policy_for(platform, 1)):
+            masks[platform] = np.asarray(Dropout(0.1).apply({}, x, deterministic=False,
+                                                            rngs={"dropout": jax.random.key(3)})) != 0
+    assert not np.array_equal(masks["cpu"], masks["tpu"])  # same key, different generators
 
 
 def test_dropout_identity_and_extremes():

@@ -1,4 +1,5 @@
-"""layer_norm.layer_norm_fn and layers.LayerNorm: nn.LayerNorm's parameters, values and gradients, both row sums."""
+"""The CPU LayerNorm kernel (`kernels/cpu/layer_norm.py`), the math (`models/layer_norm.py`) and `layers.LayerNorm`:
+nn.LayerNorm's parameters, values and gradients, both row sums."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -7,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clover_jax.models.layer_norm import layer_norm_fn
+from clover_jax.kernels.cpu.layer_norm import layer_norm_fn
+from clover_jax.models.layer_norm import layer_norm
 from clover_jax.models.layers import LayerNorm
 
 
@@ -24,11 +26,16 @@ def _flax(x, scale, bias, eps):
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False).apply({"params": {"scale": scale, "bias": bias}}, x)
 
 
-@pytest.mark.parametrize("by_matmul", [True, False])
+IMPLEMENTATIONS = {"cpu_matvec_sums": lambda x, s, b, eps: layer_norm_fn(x, s, b, eps, True),
+                   "cpu_jnp_sums": lambda x, s, b, eps: layer_norm_fn(x, s, b, eps, False),
+                   "math": layer_norm}
+
+
+@pytest.mark.parametrize("name", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("eps", [1e-5, 1e-12])
-def test_value_and_gradients_equal_flax(by_matmul, eps):
+def test_value_and_gradients_equal_flax(name, eps):
     x, scale, bias, g = _inputs()
-    out, vjp = jax.vjp(lambda *a: layer_norm_fn(*a, eps, by_matmul), x, scale, bias)
+    out, vjp = jax.vjp(lambda *a: IMPLEMENTATIONS[name](*a, eps), x, scale, bias)
     ref_out, ref_vjp = jax.vjp(lambda *a: _flax(*a, eps), x, scale, bias)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     for got, want, name in zip(vjp(g), ref_vjp(g), ("x", "scale", "bias")):

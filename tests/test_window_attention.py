@@ -1,5 +1,6 @@
-"""Window-attention implementations: each equals the plain einsum reference in values and gradients,
-alone and inside a Swin3D stage; the multi-mask patch embedding equals separate masked passes."""
+"""Window-attention implementations (`kernels/attention.py`, `kernels/cpu/window_attention.py`): each equals the
+plain einsum math of `models/window_attention.py` in values and gradients, alone and inside a Swin3D stage, when
+the execution policy names it; the multi-mask patch embedding equals separate masked passes."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -8,11 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clover_jax.models import window_attention as wa
+from clover_jax.kernels import ops
+from clover_jax.kernels.cpu import window_attention as chunked
+from clover_jax.kernels.execution import PLATFORM_KERNELS, policy_for, use
 from clover_jax.models.swin3d import SwinTransformer3D, shift_attention_mask, swin3d_config
 from tests.test_swin3d import random_params
 
-VARIANTS = [name for name in wa.ATTENTION_IMPLEMENTATIONS if name != "einsum"]
+VARIANTS = [name for name in ops.WINDOW_ATTENTION if name != "einsum"]
+
+
+def _policy(name: str, devices: int = 8, **cpu):
+    """A CPU policy (the suite's 8 devices) whose window attention is `name`, with CPU sizes `cpu`."""
+    return policy_for("cpu", devices, {"window_attention": name, "cpu": cpu})
 
 
 def _rel_err(a, b) -> float:
@@ -31,10 +39,11 @@ def inputs():
     return qkv, g, bias, mask
 
 
-def _value_and_grads(name, qkv, g, bias, mask):
+def _value_and_grads(name, qkv, g, bias, mask, policy=None):
     def loss(qkv, bias):
-        return jnp.sum(wa.window_attention(qkv, bias, mask, scale=0.25, implementation=name) * g)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(qkv, bias)
+        return jnp.sum(ops.window_attention(qkv, bias, mask, 0.25) * g)
+    with use(policy or _policy(name)):
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(qkv, bias)
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
@@ -54,50 +63,48 @@ def test_variant_equals_reference(inputs, name, with_mask):
 
 @pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
 @pytest.mark.parametrize("chunk_rows", [1, 4])
-def test_chunked_with_several_chunks_per_clip(inputs, monkeypatch, chunk_rows, unroll):
-    """Small chunks: 8 or 2 chunks per clip, so the shift-mask rows are sliced at nonzero offsets; the chunks
-    unrolled into independent ops (16 or 4 of them) and run as a loop."""
+def test_chunked_with_several_chunks_per_clip(inputs, chunk_rows, unroll):
+    """Small chunks (the config's kernels.cpu sizes): 8 or 2 chunks per clip, so the shift-mask rows are sliced at
+    nonzero offsets; the chunks unrolled into independent ops (16 or 4 of them) and run as a loop."""
     qkv, g, bias, mask = inputs
-    monkeypatch.setattr(wa, "CHUNK_ROWS", chunk_rows)
-    monkeypatch.setattr(wa, "MAX_UNROLLED_CHUNKS", 16 if unroll else 0)
-    monkeypatch.setattr(wa, "MIN_UNROLLED_SCORES", 0)
+    policy = _policy("chunked", chunk_rows=chunk_rows, max_unrolled_chunks=16 if unroll else 0, min_unrolled_scores=0)
     windows = max(1, chunk_rows // bias.shape[0])
-    assert wa._unrolled(qkv.shape[0] * mask.shape[0] // windows, windows * bias.shape[0], qkv.shape[2]) == unroll
-    assert wa._chunk_windows(mask.shape[0], bias.shape[0]) == max(1, chunk_rows // bias.shape[0])
+    assert chunked.unrolled(qkv.shape[0] * mask.shape[0] // windows, windows * bias.shape[0], qkv.shape[2],
+                            policy) == unroll
+    assert chunked.chunk_windows(mask.shape[0], bias.shape[0], 2, 98, policy) == windows
     ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, mask)
-    value, grads = _value_and_grads("chunked", qkv, g, bias, mask)
+    value, grads = _value_and_grads("chunked", qkv, g, bias, mask, policy)
     errors = [_rel_err(value, ref_value), _rel_err(grads[0], ref_grads[0]), _rel_err(grads[1], ref_grads[1])]
     assert max(errors) < 1e-5, errors
 
 
-def test_chunked_groups_single_window_clips(monkeypatch):
+def test_chunked_groups_single_window_clips():
     """One window per clip (the late stages): a chunk takes several whole clips; values and gradients as einsum."""
     rng = np.random.default_rng(4)
     b, n, h, d = 16, 49, 4, 8
     qkv = jnp.asarray(rng.standard_normal((b, 1, n, 3, h, d)), jnp.float32)
     g = jnp.asarray(rng.standard_normal((b, 1, n, h, d)), jnp.float32)
     bias = jnp.asarray(rng.standard_normal((h, n, n)), jnp.float32)
-    assert wa._chunk_windows(1, h, b, n) == 2  # 8 devices: 8 chunks of 2 clips
-    assert wa._chunk_windows(8, h, b, n) == 8  # several windows per clip: within one clip, as before
+    eight, one = _policy("chunked"), _policy("chunked", devices=1)
+    assert chunked.chunk_windows(1, h, b, n, eight) == 2  # 8 devices: 8 chunks of 2 clips
+    assert chunked.chunk_windows(8, h, b, n, eight) == 8  # several windows per clip: within one clip, as before
     ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, None)
     value, grads = _value_and_grads("chunked", qkv, g, bias, None)
     errors = [_rel_err(value, ref_value), _rel_err(grads[0], ref_grads[0]), _rel_err(grads[1], ref_grads[1])]
     assert max(errors) < 1e-5, errors
-    monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert wa._chunk_windows(1, h, b, n) == 4  # 4 chunks of 4 clips
-    assert wa._chunk_windows(1, 12, 16, 196) == 4 and wa._chunk_windows(1, 24, 16, 64) == 4  # `small`'s stages 3, 4
-    assert wa._chunk_windows(1, 64, 16, 196) == 1  # a chunk of two such clips would exceed MAX_CHUNK_SCORES
-    assert wa._chunk_windows(1, h, 2, n) == 1  # too few clips for MIN_CLIP_CHUNKS (clip_groups) chunks
+    assert chunked.chunk_windows(1, h, b, n, one) == 4  # one device: 4 chunks of 4 clips
+    # `small`'s stages 3, 4
+    assert chunked.chunk_windows(1, 12, 16, 196, one) == 4 and chunked.chunk_windows(1, 24, 16, 64, one) == 4
+    assert chunked.chunk_windows(1, 64, 16, 196, one) == 1  # a chunk of two such clips would exceed max_chunk_scores
+    assert chunked.chunk_windows(1, h, 2, n, one) == 1  # too few clips for min_clip_chunks chunks
 
 
-def test_resolve_attention():
-    assert wa.resolve_attention("auto", "cpu") == wa.DEFAULT_BY_BACKEND["cpu"]
-    assert wa.resolve_attention("auto", "gpu") == "dot_product"
-    assert wa.resolve_attention("per_clip") == "per_clip"
-    with pytest.raises(ValueError, match="model.attention='flash'.*'einsum'"):
-        wa.resolve_attention("flash")
-    with pytest.raises(ValueError, match="model.attention"):
-        swin3d_config("tiny", attention="flash")
+def test_policy_picks_the_attention_by_platform():
+    for platform, name in (("cpu", "chunked"), ("gpu", "dot_product"), ("tpu", "fused")):
+        assert policy_for(platform, 4).window_attention == PLATFORM_KERNELS[platform]["window_attention"] == name
+    assert policy_for("tpu", 4, {"window_attention": "einsum"}).window_attention == "einsum"
+    with pytest.raises(ValueError, match="kernels.window_attention='flash'.*'einsum'"):
+        policy_for("cpu", 1, {"window_attention": "flash"})
 
 
 def test_swin_stage_variants_match_reference():
@@ -107,12 +114,13 @@ def test_swin_stage_variants_match_reference():
     video = jnp.asarray(rng.standard_normal((2, 4, 32, 32, 3)), jnp.float32)
     readout = jnp.asarray(rng.standard_normal(64), jnp.float32)
     results = {}
-    for name in wa.ATTENTION_IMPLEMENTATIONS:
-        config = swin3d_config("tiny", depths=(2, 2), num_heads=(1, 2), attention=name)
+    for name in ops.WINDOW_ATTENTION:
+        config = swin3d_config("tiny", depths=(2, 2), num_heads=(1, 2))
         params = random_params(config, seed=0)
         model = SwinTransformer3D(config)
         loss = lambda p: jnp.sum(model.apply({"params": p}, video) @ readout)  # noqa: E731
-        results[name] = jax.jit(jax.value_and_grad(loss))(params)
+        with use(_policy(name)):
+            results[name] = jax.jit(jax.value_and_grad(loss))(params)
     ref_value, ref_grads = results.pop("einsum")
     for name, (value, grads) in results.items():
         errors = jax.tree.map(_rel_err, grads, ref_grads)
@@ -140,16 +148,17 @@ def test_multi_mask_equals_separate_passes():
 
 
 def test_clip_by_clip_encoder_matches_batched():
-    """attention="per_clip": Clover's video encoder scans over clips (rematerialised); the pre-training
-    outputs and every parameter gradient equal the batched encoder's (drop path off: the scan splits the
-    dropout key per clip, so its draws differ from the batched call's)."""
+    """model.video_batching="per_clip": Clover's video encoder scans over clips (rematerialised); the pre-training
+    outputs and every parameter gradient equal the batched encoder's under the CPU policy (drop path off: the
+    scan splits the dropout key per clip, so its draws differ from the batched call's)."""
     from clover_jax.models.clover import Clover, clover_config, dummy_batch, init_params
 
     rng = np.random.default_rng(4)
     readout = jnp.asarray(rng.standard_normal(256), jnp.float32)
     results = {}
-    for name in ("fused", "per_clip"):
-        config = clover_config("tiny", num_frames=4, image_size=32, video_overrides={"attention": name})
+    for name in ("batched", "per_clip"):
+        config = clover_config("tiny", num_frames=4, image_size=32, video_batching=name,
+                               execution=policy_for("cpu", 8))
         if not results:  # one batch and one set of parameters (the attention variant has no parameters of its own)
             shared = dummy_batch(config, batch_size=3, text_length=8)
             shared["video"] = rng.standard_normal(shared["video"].shape).astype(np.float32)
@@ -164,7 +173,7 @@ def test_clip_by_clip_encoder_matches_batched():
             return sum(jnp.sum(o * readout[: o.shape[-1]]) for o in outs.values()), outs
 
         results[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    ((ref_value, ref_outs), ref_grads), ((value, outs), grads) = results["fused"], results["per_clip"]
+    ((ref_value, ref_outs), ref_grads), ((value, outs), grads) = results["batched"], results["per_clip"]
     # The outputs themselves, not only the scalar: the random-sign readout sum cancels, so its relative
     # error is ill-conditioned (1.2e-5 seen on one CPU with outputs equal to 1e-6).
     for k in ref_outs:

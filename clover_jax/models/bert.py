@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from clover_jax.models.dropout import Dropout
-from clover_jax.models.layers import dense, gelu, layer_norm
+from clover_jax.models.layers import dense, gelu, layer_norm, maybe_remat
 
 Dtype = Any
 
@@ -249,7 +249,7 @@ class BertEncoder(nn.Module):
     config: BertConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False  # rematerialise each layer's activations in the backward pass
+    remat: bool | str = "none"  # a `layers.REMAT_POLICIES` name for each layer's backward pass
 
     @nn.compact
     def __call__(
@@ -262,7 +262,7 @@ class BertEncoder(nn.Module):
             )
         bias = attention_bias(attention_mask)
         # static_argnums counts `self` as 0: (x=1, bias=2, deterministic=3).
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        layer_cls = maybe_remat(BertLayer, self.remat, static_argnums=(3,))
         for i in range(self.config.num_layers):
             x = layer_cls(self.config, self.dtype, self.param_dtype, name=f"layer_{i}")(
                 x, bias, deterministic
@@ -292,7 +292,7 @@ class BertModel(nn.Module):
     add_pooler: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"
 
     @nn.compact
     def __call__(

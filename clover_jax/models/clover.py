@@ -14,13 +14,15 @@ feeds the mean of the fused video tokens, which is what the head's own shape com
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clover_jax.kernels import execution
 from clover_jax.models.bert import BertConfig, BertModel, bert_config
 from clover_jax.models.fusion import FusionEncoder
 from clover_jax.models.heads import (
@@ -32,10 +34,13 @@ from clover_jax.models.heads import (
     TextProjector,
     VideoProjector,
 )
+from clover_jax.models.layers import REMAT_POLICIES, remat_name
 from clover_jax.models.swin3d import Swin3DConfig, SwinTransformer3D, swin3d_config
-from clover_jax.models.window_attention import resolve_attention
 
 PRETRAIN_OUTPUTS = ("v", "t", "v_masked", "t_masked", "z_v", "z_t", "mlm_logits")
+# How the video encoder takes a batch: "batched" (one call over every clip) or "per_clip" (a scan over clips
+# whose body is rematerialised: no batch-wide Swin activation is stored, and a clip's windows stay in cache).
+VIDEO_BATCHING = ("batched", "per_clip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -55,9 +60,15 @@ class CloverConfig:
     qa_dropout: float = 0.5
     mask_token_id: int = 103  # [MASK] in bert-base-uncased; fill-in-the-blank reads the fused state here
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False  # rematerialise every Swin block and BERT layer in the backward pass
+    remat: str = "none"  # `layers.REMAT_POLICIES` name for every Swin block and BERT layer (True = "full")
+    video_batching: str = "batched"  # or "per_clip": see VIDEO_BATCHING
+    execution: execution.ExecutionPolicy = execution.REFERENCE  # implementations of backend-dependent ops
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_name(self.remat))
+        if self.video_batching not in VIDEO_BATCHING:
+            valid = ", ".join(map(repr, VIDEO_BATCHING))
+            raise ValueError(f"model.video_batching={self.video_batching!r}; valid: {valid}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
         if self.h_v_input not in ("text_cls", "video_token_mean"):
@@ -130,19 +141,32 @@ def _split(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def _encode_clip_by_clip(encoder: SwinTransformer3D, video: jnp.ndarray, token_mask: jnp.ndarray | None,
-                         deterministic: bool) -> jnp.ndarray:
-    """`encoder(video, token_mask)` as a scan over clips whose body is rematerialised: the backward
-    recomputes one clip's forward at a time. Same rows and values as the batched call."""
+                         deterministic: bool, remat: str) -> jnp.ndarray:
+    """`encoder(video, token_mask)` as a scan over clips whose body is rematerialised (under the `remat`
+    policy; "none" counts as "full"): the backward recomputes one clip's forward at a time. Same rows and
+    values as the batched call."""
 
     def one_clip(module, carry, clip):
         clip_video, clip_mask = clip
         out = module(clip_video[None], None if clip_mask is None else clip_mask[None], deterministic=deterministic)
         return carry, out
 
-    scan = nn.scan(nn.remat(one_clip, prevent_cse=False), variable_broadcast="params",
+    policy = REMAT_POLICIES[remat if remat != "none" else "full"]
+    scan = nn.scan(nn.remat(one_clip, prevent_cse=False, policy=policy), variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True}, in_axes=0, out_axes=0)
     _, features = scan(encoder, None, (video, token_mask))  # (B, rows per clip, T', H', W', C)
     return features.reshape(-1, *features.shape[2:])
+
+
+def _under_execution_policy(method: Callable) -> Callable:
+    """`method` traced under the model config's execution policy (`kernels.execution.use`)."""
+
+    @functools.wraps(method)
+    def traced(self, *args, **kwargs):
+        with execution.use(self.config.execution):
+            return method(self, *args, **kwargs)
+
+    return traced
 
 
 class Clover(nn.Module):
@@ -154,11 +178,8 @@ class Clover(nn.Module):
         c = self.config
         kw = dict(dtype=c.compute_dtype, param_dtype=jnp.float32)
         temporal, spatial = c.video_token_shape
-        # "per_clip": the encoder runs one clip at a time (a scan over clips, rematerialised per clip), so
-        # a clip's windows stay in cache and no batch-wide activation of the Swin is ever stored.
-        self._per_clip = resolve_attention(c.video.attention) == "per_clip"
-        video = dataclasses.replace(c.video, attention="fused") if self._per_clip else c.video
-        self.video_encoder = SwinTransformer3D(video, remat=c.remat and not self._per_clip, **kw)
+        self._per_clip = c.video_batching == "per_clip"  # the scan rematerialises each clip itself
+        self.video_encoder = SwinTransformer3D(c.video, remat="none" if self._per_clip else c.remat, **kw)
         self.text_encoder = BertModel(c.text, add_pooler=False, remat=c.remat, **kw)
         self.fusion = FusionEncoder(
             c.fusion_config, video_dim=c.video.out_dim, max_temporal_tokens=temporal,
@@ -175,17 +196,19 @@ class Clover(nn.Module):
             self.mc_head = MultipleChoiceHead(dropout_rate=c.qa_dropout, **kw)
 
     # ---- encoders -----------------------------------------------------------------------------
+    @_under_execution_policy
     def encode_video(
         self, video: jnp.ndarray, token_mask: jnp.ndarray | None = None, *, deterministic: bool = True
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
         """video (B, T, H, W, 3) -> (Swin features (B, T', H', W', C), v (B, E) float32); a (B, K, Hp, Wp)
         `token_mask` gives B*K rows (clip b under mask j at row b*K + j, see SwinTransformer3D)."""
         if self._per_clip:
-            features = _encode_clip_by_clip(self.video_encoder, video, token_mask, deterministic)
+            features = _encode_clip_by_clip(self.video_encoder, video, token_mask, deterministic, self.config.remat)
         else:
             features = self.video_encoder(video, token_mask, deterministic=deterministic)
         return features, self.video_proj(features, deterministic=deterministic).astype(jnp.float32)
 
+    @_under_execution_policy
     def encode_text(
         self, ids: jnp.ndarray, mask: jnp.ndarray, *, deterministic: bool = True
     ) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -193,6 +216,7 @@ class Clover(nn.Module):
         states = self.text_encoder(ids, mask, deterministic=deterministic)
         return states, self.text_proj(states).astype(jnp.float32)
 
+    @_under_execution_policy
     def fuse(
         self, video_features: jnp.ndarray, text_states: jnp.ndarray, text_mask: jnp.ndarray,
         *, deterministic: bool = True,
@@ -201,6 +225,7 @@ class Clover(nn.Module):
         return self.fusion(video_features, text_states, text_mask, deterministic=deterministic)
 
     # ---- pre-training -------------------------------------------------------------------------
+    @_under_execution_policy
     def __call__(self, batch: dict[str, jnp.ndarray], *, deterministic: bool = True) -> dict[str, jnp.ndarray]:
         """The pre-training forward; `batch` holds video, video_mask, text_ids, text_ids_masked, text_mask.
 
@@ -234,6 +259,7 @@ class Clover(nn.Module):
         return {k: x.astype(jnp.float32) for k, x in out.items()}
 
     # ---- downstream: retrieval and VideoQA ----------------------------------------------------
+    @_under_execution_policy
     def video_features(self, video: jnp.ndarray, *, deterministic: bool = True) -> jnp.ndarray:
         """Swin features (B, T', H', W', C) of (B, T, H, W, 3) clips, or of (B, V, T, H, W, 3) clips seen
         as V views (TGIF multi-view testing, reference §5.2): each view is encoded and the V feature maps
@@ -246,6 +272,7 @@ class Clover(nn.Module):
         features = self.encode_video(video.reshape(b * views, *video.shape[2:]), deterministic=deterministic)[0]
         return features.reshape(b, views, *features.shape[1:]).mean(axis=1)
 
+    @_under_execution_policy
     def fused_cls(
         self, video: jnp.ndarray, ids: jnp.ndarray, mask: jnp.ndarray, *, deterministic: bool = True
     ) -> jnp.ndarray:
@@ -255,6 +282,7 @@ class Clover(nn.Module):
         states, _ = self.encode_text(ids, mask, deterministic=deterministic)
         return self.fuse(features, states, mask, deterministic=deterministic)[1]
 
+    @_under_execution_policy
     def qa_open_ended(
         self, video: jnp.ndarray, ids: jnp.ndarray, mask: jnp.ndarray, *, deterministic: bool = True,
         at_mask_token: bool = False,
@@ -271,6 +299,7 @@ class Clover(nn.Module):
             x = fused[:, 0]
         return self.qa_head(x, deterministic=deterministic).astype(jnp.float32)
 
+    @_under_execution_policy
     def qa_multiple_choice(
         self, video: jnp.ndarray, option_ids: jnp.ndarray, option_mask: jnp.ndarray,
         *, deterministic: bool = True,
@@ -287,6 +316,7 @@ class Clover(nn.Module):
         fused = self.fuse(feats, states, option_mask.reshape(b * k, length), deterministic=deterministic)[1]
         return self.mc_head(fused[:, 0], deterministic=deterministic).reshape(b, k).astype(jnp.float32)
 
+    @_under_execution_policy
     def initialize_all(self, batch: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
         """Touches every submodule (pre-training path plus configured QA heads) so `init` creates them all."""
         out = self(batch)

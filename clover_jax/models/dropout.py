@@ -1,69 +1,28 @@
-"""Dropout whose keep mask comes from a counter-based Threefry-2x32 hash written as plain element-wise ops.
+"""Dropout as `nn.Dropout`: zero each element with probability `rate`, scale the rest by 1 / (1 - rate).
 
-`nn.Dropout` draws its mask with `jax.random.bernoulli`, whose Threefry primitive XLA:CPU lowers as a rolled
-loop of 5 steps over whole arrays (jax/_src/random/threefry2x32.py), so every step streams the counters
-through memory. Here the same cipher (20 rounds, key injection every 4; Salmon et al., SC 2011) is unrolled
-in jnp and fuses with the multiply: a dropout over the fusion encoder's (16, 12, 94, 94) attention
-probabilities took 1.5 ms instead of 7.4 ms on the 2-core machine of `benchmarks/`.
-
-Each element's bits are the first output word of Threefry-2x32 keyed by two words drawn from the module's
-"dropout" rng, with the element's flat index as the counter (`lax.iota`, which XLA partitions with the
-array, so a sharded batch draws the same mask as an unsharded one). An element is kept when its bits fall
-below round(keep * 2^32): keep probability exact to 2^-32.
+The keep mask comes from `kernels.ops.dropout_keep_mask` (the policy's implementation: jax.random's
+Bernoulli draw, or on CPU an unrolled Threefry that fuses with the multiply), keyed by the "dropout" rng.
 """
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-Array = jax.Array
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32 rotation schedule, alternating per 4 rounds
-_KEY_PARITY = np.uint32(0x1BD11BDA)
-
-
-def _rotate_left(x: Array, bits: int) -> Array:
-    return (x << np.uint32(bits)) | (x >> np.uint32(32 - bits))
-
-
-def threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
-    """Threefry-2x32 (20 rounds) of the uint32 counter words (x0, x1) under the key (k0, k1), element-wise."""
-    keys = (k0, k1, k0 ^ k1 ^ _KEY_PARITY)
-    x0, x1 = x0 + keys[0], x1 + keys[1]
-    for step in range(5):
-        for bits in _ROTATIONS[step % 2]:
-            x0 = x0 + x1
-            x1 = _rotate_left(x1, bits) ^ x0
-        x0 = x0 + keys[(step + 1) % 3]
-        x1 = x1 + keys[(step + 2) % 3] + np.uint32(step + 1)
-    return x0, x1
-
-
-def keep_mask(key: Array, keep: float, shape: tuple[int, ...]) -> Array:
-    """Boolean array of `shape`, each element True with probability `keep` (to 2^-32), from `key`."""
-    k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
-    counters = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    bits, _ = threefry2x32(k0, k1, counters, jnp.zeros_like(counters))
-    threshold = min(round(keep * 2.0**32), 2**32 - 1)
-    return bits < np.uint32(threshold)
+from clover_jax.kernels import ops
 
 
 class Dropout(nn.Module):
-    """Drop-in for `nn.Dropout(rate)(x, deterministic=...)`: zeroes elements with probability `rate` and scales
-    the rest by 1 / (1 - rate), drawing from the "dropout" rng collection."""
+    """Drop-in for `nn.Dropout(rate)(x, deterministic=...)`, drawing from the "dropout" rng collection."""
 
     rate: float
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         if deterministic or self.rate == 0.0:
             return x
         if self.rate == 1.0:
             return jnp.zeros_like(x)
         keep = 1.0 - self.rate
-        mask = keep_mask(self.make_rng("dropout"), keep, x.shape)
+        mask = ops.dropout_keep_mask(self.make_rng("dropout"), keep, x.shape)
         return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))

@@ -39,7 +39,7 @@ class FusionEncoder(nn.Module):
     video_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"
 
     @nn.compact
     def __call__(

@@ -16,8 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clover_jax.models.layer_norm import layer_norm_fn
-from clover_jax.models.token_chunked_grad import token_chunked_dot_general
+from clover_jax.kernels import ops
 
 Axes = Sequence[str | None]
 Dtype = Any
@@ -35,10 +34,10 @@ def dense(
     param_dtype: Dtype = jnp.float32,
     use_bias: bool = True,
     kernel_init: Callable = TRUNC_NORMAL_02,
-    token_chunked_grad: bool = False,
+    token_grid: bool = False,
 ) -> nn.Dense:
-    """nn.Dense whose (in, out) kernel carries `axes` and whose bias carries `axes[1]`; with
-    `token_chunked_grad`, its kernel gradient is summed over token chunks on CPU (`token_chunked_grad.py`)."""
+    """nn.Dense whose (in, out) kernel carries `axes` and whose bias carries `axes[1]`. `token_grid`: the
+    input is a grid of video tokens, whose product the policy may run with its own kernel gradient."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -46,14 +45,14 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=nn.with_logical_partitioning(kernel_init, tuple(axes)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        dot_general=token_chunked_dot_general if token_chunked_grad else None,
+        dot_general=ops.token_grid_dot_general() if token_grid else None,
         name=name,
     )
 
 
 class LayerNorm(nn.Module):
     """nn.LayerNorm's parameters (`scale`, `bias`, carrying the logical `axis`) and function, float32
-    statistics and output, computed by `layer_norm.layer_norm_fn` (row sums as matrix-vector products on CPU)."""
+    statistics and output (`layer_norm.py`, run by `kernels.ops.layer_norm`)."""
 
     epsilon: float = 1e-5
     axis: str | None = "embed"
@@ -65,8 +64,7 @@ class LayerNorm(nn.Module):
         scale = param_with_axes(self, "scale", nn.initializers.ones_init(), (c,), (self.axis,), self.param_dtype)
         bias = param_with_axes(self, "bias", nn.initializers.zeros_init(), (c,), (self.axis,), self.param_dtype)
         f32 = jnp.float32
-        return layer_norm_fn(x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon,
-                             jax.default_backend() == "cpu")
+        return ops.layer_norm(x.astype(f32), scale.astype(f32), bias.astype(f32), self.epsilon)
 
 
 def layer_norm(
@@ -97,3 +95,31 @@ def gelu(x: jnp.ndarray) -> jnp.ndarray:
     element on XLA:CPU): within 1e-6 of it, and GELU(x) @ W of `tiny`'s stage-1 MLP (16 clips) took 21 instead
     of 36 ms forward and 53 instead of 73 ms forward + backward on the 2-core host of `benchmarks/`."""
     return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
+# `model.remat`: which activations a rematerialised layer keeps for its backward pass, by the names of
+# `jax.checkpoint_policies` ("full" keeps none: every layer recomputes its forward; "none": no remat).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+    """A REMAT_POLICIES name from a `model.remat` value (True = "full", False = "none")."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r}; valid: {', '.join(map(repr, REMAT_POLICIES))} (or true / false)")
+    return remat
+
+
+def maybe_remat(module_cls: type[nn.Module], remat: bool | str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """`module_cls` rematerialised under the `remat` policy (unchanged for "none")."""
+    name = remat_name(remat)
+    if name == "none":
+        return module_cls
+    return nn.remat(module_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[name])

@@ -1,8 +1,8 @@
 """3D Swin (Video Swin) video encoder in Flax, faithful to torchvision's SwinTransformer3d / official Video Swin.
 
 Layout is channels-last throughout: video (B, T, H, W, 3) -> features (B, T', H', W', C).
-Window attention uses reshape/transpose partitioning, `jnp.roll` for the cyclic shift and one of the
-implementations in `window_attention` (chosen by `Swin3DConfig.attention`, per backend by default); the
+Window attention uses reshape/transpose partitioning, `jnp.roll` for the cyclic shift and
+`kernels.ops.window_attention` (the math of `window_attention.py`, in the execution policy's implementation); the
 relative-position index and the shift mask are numpy constants built at trace time. The patch embedding
 is a patchify reshape and one matmul with the Conv3d's parameters (kernel = stride makes them equal).
 """
@@ -17,9 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clover_jax.models.clip_groups import join_clip_groups, resolve_clip_groups, split_clip_groups, validate_clip_groups
-from clover_jax.models.layers import TRUNC_NORMAL_02, dense, gelu, layer_norm, param_with_axes
-from clover_jax.models.window_attention import resolve_attention, window_attention
+from clover_jax.kernels import ops
+from clover_jax.models.layers import TRUNC_NORMAL_02, dense, gelu, layer_norm, maybe_remat, param_with_axes
 
 Dtype = Any
 Triple = tuple[int, int, int]
@@ -39,8 +38,6 @@ class Swin3DConfig:
     use_mask_token: bool = True
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02  # truncated-normal std of linear kernels (torchvision/official: 0.02 at every width)
-    attention: str = "auto"  # window-attention implementation (window_attention.ATTENTION_IMPLEMENTATIONS)
-    clip_groups: int = 0  # each stage runs the batch as this many groups of clips (clip_groups.py); 0 = auto
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(self.depths))
@@ -58,8 +55,6 @@ class Swin3DConfig:
         for i, heads in enumerate(self.num_heads):
             if self.stage_dim(i) % heads:
                 raise ValueError(f"stage {i} width {self.stage_dim(i)} is not divisible by num_heads[{i}]={heads}")
-        resolve_attention(self.attention)  # raises on an unknown name
-        validate_clip_groups(self.clip_groups)
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
@@ -220,7 +215,6 @@ class WindowAttention3D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = 0.02
-    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -244,7 +238,7 @@ class WindowAttention3D(nn.Module):
 
         head_dim = c // self.num_heads
         qkv = dense(3 * c, ("embed", "heads"), name="qkv", dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_init(self.init_std), token_chunked_grad=True)(windows)
+                    kernel_init=_init(self.init_std), token_grid=True)(windows)
         qkv = qkv.reshape(b, nw, n, 3, self.num_heads, head_dim)
 
         # The reference indexes the full-window table and slices it to the (possibly shrunk) window volume.
@@ -252,10 +246,10 @@ class WindowAttention3D(nn.Module):
         bias = jnp.take(table, index.reshape(-1), axis=0).reshape(n, n, self.num_heads)
         bias = jnp.transpose(bias, (2, 0, 1))
         mask = shift_attention_mask(padded, window, shift) if any(shift) else None
-        out = window_attention(qkv, bias, mask, scale=head_dim**-0.5, implementation=self.attention)
+        out = ops.window_attention(qkv, bias, mask, head_dim**-0.5)
         out = out.reshape(b, nw, n, c)
         out = dense(c, ("heads", "embed"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=_init(self.init_std), token_chunked_grad=True)(out)
+                    kernel_init=_init(self.init_std), token_grid=True)(out)
         out = merge_windows(out, window, padded)
         if any(shift):
             out = jnp.roll(out, shift, axis=(1, 2, 3))
@@ -272,10 +266,10 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         dim = x.shape[-1]
         x = dense(self.hidden_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype, param_dtype=self.param_dtype,
-                  kernel_init=_init(self.init_std), token_chunked_grad=True)(x)
+                  kernel_init=_init(self.init_std), token_grid=True)(x)
         x = gelu(x)
         return dense(dim, ("mlp", "embed"), name="fc2", dtype=self.dtype, param_dtype=self.param_dtype,
-                     kernel_init=_init(self.init_std), token_chunked_grad=True)(x)
+                     kernel_init=_init(self.init_std), token_grid=True)(x)
 
 
 def drop_path(module: nn.Module, x: jnp.ndarray, rate: float, deterministic: bool) -> jnp.ndarray:
@@ -300,14 +294,13 @@ class SwinBlock3D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     init_std: float = 0.02
-    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> jnp.ndarray:
         y = layer_norm(name="norm1", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
         y = WindowAttention3D(
             self.dim, self.num_heads, self.window_size, self.shift_size, self.dtype, self.param_dtype,
-            init_std=self.init_std, attention=self.attention, name="attn",
+            init_std=self.init_std, name="attn",
         )(y)
         x = x + drop_path(self, y, self.drop_path_rate, deterministic)
         y = layer_norm(name="norm2", eps=self.eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
@@ -334,7 +327,7 @@ class PatchMerging(nn.Module):
         x = layer_norm(name="norm", eps=self.eps, axis=None, param_dtype=self.param_dtype)(x).astype(self.dtype)
         return dense(
             2 * c, (None, "embed"), name="reduction", use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=_init(self.init_std), token_chunked_grad=True,
+            kernel_init=_init(self.init_std), token_grid=True,
         )(x)
 
 
@@ -348,14 +341,14 @@ class SwinStage3D(nn.Module):
     stage: int
     drop_path_rates: tuple[float, ...]
     downsample: bool
-    remat: bool = False
+    remat: bool | str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, deterministic: bool = True) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         cfg = self.config
-        block_cls = nn.remat(SwinBlock3D, static_argnums=(2,)) if self.remat else SwinBlock3D
+        block_cls = maybe_remat(SwinBlock3D, self.remat, static_argnums=(2,))
         half_window = tuple(w // 2 for w in cfg.window_size)
         for j in range(cfg.depths[self.stage]):
             x = block_cls(
@@ -367,7 +360,6 @@ class SwinStage3D(nn.Module):
                 drop_path_rate=self.drop_path_rates[j],
                 eps=cfg.layer_norm_eps,
                 init_std=cfg.init_std,
-                attention=cfg.attention,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=f"blocks_{j}",
@@ -387,14 +379,14 @@ class SwinTransformer3D(nn.Module):
     With `return_features=True` also returns the list
     [patch_embed, features_0, ..., features_{2S-2}] as torchvision's `features` (patch embedding after its
     norm and the mask substitution, then each stage's output and each PatchMerging output).
-    Each stage runs the rows as interleaved groups (`config.clip_groups`, `clip_groups.py`): the same values,
-    as ops XLA:CPU can run concurrently.
+    Each stage runs in the clip groups the execution policy gives it (`kernels.ops.in_clip_groups`): the same
+    values, as ops XLA:CPU can run concurrently.
     """
 
     config: Swin3DConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = "none"
 
     def _check_inputs(self, video: jnp.ndarray, token_mask: jnp.ndarray | None) -> tuple[int, int]:
         if video.ndim != 5 or video.shape[-1] != 3:
@@ -438,9 +430,6 @@ class SwinTransformer3D(nn.Module):
             x = x[:, None] * (1 - weight) + mask_token.astype(self.dtype) * weight
             x = x.reshape(-1, *x.shape[2:])
         features = [x]
-        stage_groups = resolve_clip_groups(cfg.clip_groups, x.shape[0], cfg.num_stages)
-        groups = [x]
-
         rates = cfg.drop_path_rates()
         start = 0
         for i, depth in enumerate(cfg.depths):
@@ -455,16 +444,13 @@ class SwinTransformer3D(nn.Module):
                 param_dtype=self.param_dtype,
                 name=f"layers_{i}",
             )
-            if len(groups) != stage_groups[i]:
-                groups = split_clip_groups(join_clip_groups(groups), stage_groups[i])
-            outs = [stage(g, deterministic) for g in groups]  # one set of parameters for every group
+            stage_out, merged = ops.in_clip_groups(lambda rows: stage(rows, deterministic), x, i)
             start += depth
             if return_features:
-                features.append(join_clip_groups([stage_out for stage_out, _ in outs]))
+                features.append(stage_out)
                 if not last:
-                    features.append(join_clip_groups([merged for _, merged in outs]))
-            groups = [stage_out if last else merged for stage_out, merged in outs]
-        x = join_clip_groups(groups)
+                    features.append(merged)
+            x = stage_out if last else merged
 
         out = layer_norm(name="norm", eps=cfg.layer_norm_eps, param_dtype=self.param_dtype)(x).astype(self.dtype)
         return (out, features) if return_features else out
