@@ -11,13 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
-from typing import Any
+from typing import Any, MutableMapping
 
 import ml_collections
 
 GIB = 2**30
+
+# libtpu on a host without TPUs, used only to compile: no metadata-server queries or start-up warnings, and no
+# lockfile, so several processes (the suite's workers, a compile beside a test) may load it at once.
+COMPILE_ONLY_TPU_ENVIRONMENT = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_STDERR_LOG_LEVEL": "3", "TPU_MIN_LOG_LEVEL": "3",
+}
+
+
+def set_compile_only_environment(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Before jax starts: the CPU as the only runtime platform and libtpu quiet (values already set win)."""
+    environ.setdefault("JAX_PLATFORMS", "cpu")
+    for name, value in COMPILE_ONLY_TPU_ENVIRONMENT.items():
+        environ.setdefault(name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +159,15 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None
                        ) -> tuple[Any, Any, float]:
-    """(compiled step, Run, lower + compile seconds) of the training step `clover_jax.train` runs for
-    `config` on `devices` (default: this process's), from abstract state, batch and rng."""
+    """(compiled step, Run, lower + compile seconds) of `lower_train_step`."""
+    start = time.perf_counter()
+    lowered, run = lower_train_step(config, devices)
+    return lowered.compile(), run, time.perf_counter() - start
+
+
+def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> tuple[Any, Any]:
+    """(lowered step, Run) of the training step `clover_jax.train` runs for `config` on `devices` (default:
+    this process's), from abstract state, batch and rng."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -156,7 +178,11 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
     from clover_jax.models.clover import dummy_batch
 
     run = run_lib.setup_run(config, devices)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+    # The schedule's lengths change values, not the program: epochs (resolved from the data at start) are
+    # stood in for by total_steps, and a warm-up of at least one step (optax logs a line for zero).
+    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+    optim_config.warmup_steps = max(1, min(optim_config.warmup_steps, config.total_steps - 1))
+    tx, schedule = optim.make_optimizer(optim_config, config.total_steps)
     params = nn.unbox(run.abstract_params)
     state_sh = ts.train_state_shardings(tx, params, run.param_shardings, run.mesh)
     step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=run.batch_sharding, mesh=run.mesh,
@@ -169,9 +195,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
     rng = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=jax.sharding.NamedSharding(
         run.mesh, jax.sharding.PartitionSpec()))
-    start = time.perf_counter()
-    compiled = step.lower(_abstract(state, state_sh), batch, rng).compile()
-    return compiled, run, time.perf_counter() - start
+    return step.lower(_abstract(state, state_sh), batch, rng), run
 
 
 def compile_embedding_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None

@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__":  # a CPU host compiling for accelerators: no accelerator client, libtpu kept quiet
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    for name, value in {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
-                        "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_STDERR_LOG_LEVEL": "3",
-                        "TPU_MIN_LOG_LEVEL": "3", "TF_CPP_MIN_LOG_LEVEL": "3"}.items():
-        os.environ.setdefault(name, value)
+    from clover_jax.aot import set_compile_only_environment
+
+    set_compile_only_environment()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json
 import pathlib
@@ -94,7 +93,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"per chip: arguments {_gib(r['arguments'])}, outputs {_gib(r['outputs'])} ({_gib(r['aliased'])} aliased), "
         f"temporaries {_gib(r['temporaries'])}; peak {_gib(r['peak'])} of {_gib(r['hbm'])} HBM "
         f"({'fits' if r['fits'] else 'DOES NOT FIT'})",
-        f"per chip: {r['xla_flops'] / 1e12:.2f} TFLOP (XLA), {r['analytic_flops'] / 1e12:.2f} TFLOP (model matmuls), "
+        f"per chip: {r['xla_flops'] / 1e12:.3g} TFLOP (XLA), {r['analytic_flops'] / 1e12:.3g} TFLOP (model matmuls), "
         f"{r['bytes_accessed'] / 1e9:.1f} GB accessed",
         f"roofline lower bound: {r['roofline_s'] * 1e3:.1f} ms per step (compute {r['compute_s'] * 1e3:.1f} ms, "
         f"HBM {r['memory_s'] * 1e3:.1f} ms)",

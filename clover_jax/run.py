@@ -70,7 +70,7 @@ def _legacy_model_keys(config: ml_collections.ConfigDict) -> tuple[str, dict[str
 def execution_policy(config: ml_collections.ConfigDict, mesh: Any) -> execution.ExecutionPolicy:
     """The run's execution policy: `config.kernels` over the defaults of the mesh's platform."""
     try:
-        return execution.policy_for_mesh(mesh, _legacy_model_keys(config)[1])
+        return execution.policy_for_mesh(mesh, _legacy_model_keys(config)[1], shard_lib.num_data_replicas(mesh))
     except ValueError as err:
         raise ConfigError(str(err)) from None
 

@@ -5,11 +5,16 @@ their element-wise neighbours to YNNPACK; adding reductions (softmax and LayerNo
 leaving lone dots to XLA's own emitter took the `tiny` step at 8x224², batch 8, from 2.5 s to 2.1–2.3 s on
 the 2-core machine of `benchmarks/` (README, Performance). The flags only touch the CPU backend.
 
+On a host with no accelerator device node, `add_default_flags` also sets JAX_PLATFORMS=cpu (unless set): jax
+then never probes the TPU or CUDA plugins, so a CPU run stays quiet and fast with libtpu installed (for AOT
+compiles, `clover_jax.compile`).
+
 A flag already named in XLA_FLAGS is left as the user gave it: `--xla_cpu_experimental_ynn_fusion_type=-reduce`
 restores XLA's own choice.
 """
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import os
 from typing import MutableMapping
@@ -35,6 +40,18 @@ def with_default_flags(xla_flags: str, jaxlib_version: tuple[int, ...] | None = 
     return " ".join([xla_flags.strip(), *extra]).strip()
 
 
+# Device nodes of the accelerators jax can drive: TPU chips (accel, or vfio on newer generations), NVIDIA and AMD GPUs.
+ACCELERATOR_DEVICE_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def host_has_accelerator() -> bool:
+    """Whether any ACCELERATOR_DEVICE_NODES entry exists on this host."""
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_NODES)
+
+
 def add_default_flags(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Writes `with_default_flags` into environ["XLA_FLAGS"]; call before jax creates its CPU backend."""
+    """Writes `with_default_flags` into environ["XLA_FLAGS"], and JAX_PLATFORMS=cpu on a host without an
+    accelerator (a value already set wins); call before jax starts."""
     environ["XLA_FLAGS"] = with_default_flags(environ.get("XLA_FLAGS", ""))
+    if "JAX_PLATFORMS" not in environ and not host_has_accelerator():
+        environ["JAX_PLATFORMS"] = "cpu"

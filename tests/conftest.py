@@ -3,7 +3,8 @@ shared golden/data paths."""
 import os
 import pathlib
 
-from clover_jax.xla_cpu_flags import with_default_flags  # jax-free: imports nothing that starts jax
+from clover_jax.aot import set_compile_only_environment  # jax-free, as is the next import
+from clover_jax.xla_cpu_flags import with_default_flags
 
 # The suite's programs are tiny and each runs a few times, so compiling dominates its time: LLVM at -O0 cuts
 # the backend compile by about a third (and the whole suite by minutes). It changes how the fused loops are
@@ -12,7 +13,7 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = with_default_flags(
     f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}"
 )
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+set_compile_only_environment()  # JAX_PLATFORMS=cpu, and libtpu (requirements-tpu.txt) for TPU compiles only
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

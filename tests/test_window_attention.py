@@ -157,8 +157,8 @@ def test_clip_by_clip_encoder_matches_batched():
     readout = jnp.asarray(rng.standard_normal(256), jnp.float32)
     results = {}
     for name in ("batched", "per_clip"):
-        config = clover_config("tiny", num_frames=4, image_size=32, video_batching=name,
-                               execution=policy_for("cpu", 8))
+        config = clover_config("tiny", num_frames=4, image_size=32, video_batching=name,  # 3 shards of one clip
+                               execution=policy_for("cpu", 8, batch_shards=3))
         if not results:  # one batch and one set of parameters (the attention variant has no parameters of its own)
             shared = dummy_batch(config, batch_size=3, text_length=8)
             shared["video"] = rng.standard_normal(shared["video"].shape).astype(np.float32)

@@ -28,10 +28,30 @@ def test_older_jaxlib_gets_nothing_added():
     assert with_default_flags("--a=1", ()) == "--a=1"
 
 
-def test_add_default_flags_writes_the_environment():
+def test_add_default_flags_writes_the_environment(monkeypatch):
     env = {"XLA_FLAGS": "--b=2"}
+    monkeypatch.setattr(xla_cpu_flags, "host_has_accelerator", lambda: False)
     xla_cpu_flags.add_default_flags(env)
     assert env["XLA_FLAGS"].startswith("--b=2 ") and YNN in env["XLA_FLAGS"]
+    assert env["JAX_PLATFORMS"] == "cpu"  # no accelerator: jax never probes libtpu or CUDA
+
+
+def test_platform_is_left_alone_with_an_accelerator_or_a_choice(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags, "host_has_accelerator", lambda: True)
+    env: dict[str, str] = {}
+    xla_cpu_flags.add_default_flags(env)
+    assert "JAX_PLATFORMS" not in env
+    monkeypatch.setattr(xla_cpu_flags, "host_has_accelerator", lambda: False)
+    env = {"JAX_PLATFORMS": "tpu"}
+    xla_cpu_flags.add_default_flags(env)
+    assert env["JAX_PLATFORMS"] == "tpu"
+
+
+def test_accelerator_detection_reads_device_nodes(monkeypatch):
+    monkeypatch.setattr(xla_cpu_flags.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+    assert xla_cpu_flags.host_has_accelerator()
+    monkeypatch.setattr(xla_cpu_flags.glob, "glob", lambda pattern: [])
+    assert not xla_cpu_flags.host_has_accelerator()
 
 
 def test_this_process_compiles_with_them():

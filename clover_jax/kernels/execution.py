@@ -74,6 +74,7 @@ class ExecutionPolicy:
     dense: str = REFERENCE_KERNELS["dense"]
     dropout: str = REFERENCE_KERNELS["dropout"]
     clip_groups: tuple[int, ...] = ()  # groups of clips per Swin stage (missing stages: 1)
+    batch_shards: int = 1  # blocks the batch is sharded in (the mesh's batch axes): a per-clip scan steps over each
     cpu: CpuTuning = CpuTuning()
 
     def __post_init__(self) -> None:
@@ -100,7 +101,8 @@ def default_kernels_config() -> dict[str, Any]:
                 cpu=dataclasses.asdict(CpuTuning()))
 
 
-def policy_for(platform: str, devices: int, kernels: Mapping[str, Any] | None = None) -> ExecutionPolicy:
+def policy_for(platform: str, devices: int, kernels: Mapping[str, Any] | None = None,
+               batch_shards: int = 1) -> ExecutionPolicy:
     """The policy for `devices` devices of `platform` ("cpu", "gpu", "tpu"): PLATFORM_KERNELS's row, with every
     non-"auto" entry of `kernels` (a `config.kernels` mapping) in its place. `kernels.clip_groups`: 0 = auto
     (the first Swin stage in `cpu.first_stage_clip_groups` groups on a single CPU device, else none), N > 0 =
@@ -127,7 +129,8 @@ def policy_for(platform: str, devices: int, kernels: Mapping[str, Any] | None = 
         stage_groups = (tuning.first_stage_clip_groups,)
     else:
         stage_groups = ()
-    return ExecutionPolicy(platform=platform, devices=devices, clip_groups=stage_groups, cpu=tuning, **chosen)
+    return ExecutionPolicy(platform=platform, devices=devices, clip_groups=stage_groups, batch_shards=batch_shards,
+                           cpu=tuning, **chosen)
 
 
 def mesh_platform(mesh: Any) -> str:
@@ -135,9 +138,9 @@ def mesh_platform(mesh: Any) -> str:
     return mesh.devices.flat[0].platform
 
 
-def policy_for_mesh(mesh: Any, kernels: Mapping[str, Any] | None = None) -> ExecutionPolicy:
-    """`policy_for` the platform and device count of `mesh`."""
-    return policy_for(mesh_platform(mesh), int(mesh.devices.size), kernels)
+def policy_for_mesh(mesh: Any, kernels: Mapping[str, Any] | None = None, batch_shards: int = 1) -> ExecutionPolicy:
+    """`policy_for` the platform and device count of `mesh` (whose batch axes split the batch `batch_shards` ways)."""
+    return policy_for(mesh_platform(mesh), int(mesh.devices.size), kernels, batch_shards)
 
 
 def describe(policy: ExecutionPolicy) -> str:

@@ -23,6 +23,7 @@ from clover_jax.models.layer_norm import layer_norm as layer_norm_math
 from clover_jax.models.window_attention import einsum_attention
 
 Array = jax.Array
+CLIP_GROUPS_SCOPE = "cpu_clip_groups"  # name scope of a stage run in clip groups (tests look for it)
 
 WINDOW_ATTENTION: dict[str, Callable[[Array, Array, Any, float, ExecutionPolicy], Array]] = {
     "einsum": lambda qkv, bias, mask, scale, policy: einsum_attention(qkv, bias, mask, scale),
@@ -88,5 +89,6 @@ def in_clip_groups(fn: Callable[[Array], tuple[Any, ...]], x: Array, stage: int)
     groups = active().stage_clip_groups(stage, x.shape[0])
     if groups == 1:
         return fn(x)
-    outs = [fn(part) for part in split_clip_groups(x, groups)]
-    return tuple(None if o[0] is None else join_clip_groups(list(o)) for o in zip(*outs))
+    with jax.named_scope(CLIP_GROUPS_SCOPE):
+        outs = [fn(part) for part in split_clip_groups(x, groups)]
+        return tuple(None if o[0] is None else join_clip_groups(list(o)) for o in zip(*outs))

@@ -141,21 +141,28 @@ def _split(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
 
 
 def _encode_clip_by_clip(encoder: SwinTransformer3D, video: jnp.ndarray, token_mask: jnp.ndarray | None,
-                         deterministic: bool, remat: str) -> jnp.ndarray:
+                         deterministic: bool, remat: str, shards: int) -> jnp.ndarray:
     """`encoder(video, token_mask)` as a scan over clips whose body is rematerialised (under the `remat`
-    policy; "none" counts as "full"): the backward recomputes one clip's forward at a time. Same rows and
-    values as the batched call."""
+    policy; "none" counts as "full"): the backward recomputes one step's forward at a time. Step i encodes
+    clip i of each of the `shards` contiguous blocks the batch is sharded in, so on a mesh every device
+    encodes its own clip each step (a scan over the global batch axis would gather every clip to every
+    device). Same rows and values as the batched call."""
+    b = video.shape[0]
+    shards = shards if b % shards == 0 else 1
 
-    def one_clip(module, carry, clip):
-        clip_video, clip_mask = clip
-        out = module(clip_video[None], None if clip_mask is None else clip_mask[None], deterministic=deterministic)
-        return carry, out
+    def by_step(x):  # (B, ...) -> (B / shards, shards, ...): step i holds row i of every shard's block
+        return None if x is None else jnp.swapaxes(x.reshape(shards, b // shards, *x.shape[1:]), 0, 1)
+
+    def one_step(module, carry, clips):
+        clip_video, clip_mask = clips
+        return carry, module(clip_video, clip_mask, deterministic=deterministic)
 
     policy = REMAT_POLICIES[remat if remat != "none" else "full"]
-    scan = nn.scan(nn.remat(one_clip, prevent_cse=False, policy=policy), variable_broadcast="params",
+    scan = nn.scan(nn.remat(one_step, prevent_cse=False, policy=policy), variable_broadcast="params",
                    split_rngs={"params": False, "dropout": True}, in_axes=0, out_axes=0)
-    _, features = scan(encoder, None, (video, token_mask))  # (B, rows per clip, T', H', W', C)
-    return features.reshape(-1, *features.shape[2:])
+    _, features = scan(encoder, None, (by_step(video), by_step(token_mask)))  # (B / shards, shards * K, ...)
+    features = features.reshape(b // shards, shards, -1, *features.shape[2:])  # (step, shard, mask, ...)
+    return jnp.swapaxes(features, 0, 1).reshape(-1, *features.shape[3:])
 
 
 def _under_execution_policy(method: Callable) -> Callable:
@@ -203,7 +210,8 @@ class Clover(nn.Module):
         """video (B, T, H, W, 3) -> (Swin features (B, T', H', W', C), v (B, E) float32); a (B, K, Hp, Wp)
         `token_mask` gives B*K rows (clip b under mask j at row b*K + j, see SwinTransformer3D)."""
         if self._per_clip:
-            features = _encode_clip_by_clip(self.video_encoder, video, token_mask, deterministic, self.config.remat)
+            features = _encode_clip_by_clip(self.video_encoder, video, token_mask, deterministic, self.config.remat,
+                                            self.config.execution.batch_shards)
         else:
             features = self.video_encoder(video, token_mask, deterministic=deterministic)
         return features, self.video_proj(features, deterministic=deterministic).astype(jnp.float32)

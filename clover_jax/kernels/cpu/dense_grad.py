@@ -30,6 +30,7 @@ from clover_jax.kernels.cpu.clip_chunks import clip_chunk_counts
 from clover_jax.kernels.execution import ExecutionPolicy
 
 Array = jax.Array
+SCOPE = "cpu_token_chunked_grad"  # name scope of the kernel gradient's ops (tests look for it)
 
 
 def rows_per_chunk(tokens: int, limit: int) -> int:
@@ -84,7 +85,8 @@ def _matmul_fwd(x, kernel, policy):
 def _matmul_bwd(policy, residuals, g):
     x, kernel = residuals
     g_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ()))).astype(x.dtype)
-    return g_x, kernel_grad(x, g, kernel.dtype, policy)
+    with jax.named_scope(SCOPE):
+        return g_x, kernel_grad(x, g, kernel.dtype, policy)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -21,6 +21,7 @@ import numpy as np
 
 Array = jax.Array
 
+SCOPE = "cpu_threefry_dropout"  # name scope of the mask's ops (tests look for it)
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32 rotation schedule, alternating per 4 rounds
 _KEY_PARITY = np.uint32(0x1BD11BDA)
 
@@ -44,6 +45,11 @@ def threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Arr
 
 def keep_mask(key: Array, keep: float, shape: tuple[int, ...]) -> Array:
     """Boolean array of `shape`, each element True with probability `keep` (to 2^-32), from `key`."""
+    with jax.named_scope(SCOPE):
+        return _keep_mask_ops(key, keep, shape)
+
+
+def _keep_mask_ops(key: Array, keep: float, shape: tuple[int, ...]) -> Array:
     k0, k1 = jax.random.bits(key, (2,), jnp.uint32)
     counters = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     bits, _ = threefry2x32(k0, k1, counters, jnp.zeros_like(counters))

@@ -28,6 +28,7 @@ from clover_jax.kernels.cpu.clip_chunks import clip_chunk_counts
 from clover_jax.kernels.execution import ExecutionPolicy
 
 Array = jax.Array
+SCOPE = "cpu_chunked_attention"  # name scope of this kernel's ops (tests look for it in lowered programs)
 
 
 def max_chunk_scores(policy: ExecutionPolicy) -> int:
@@ -87,6 +88,11 @@ def _chunk_probs(q: Array, k: Array, bias: Array, mask: Array, index: Array, c: 
 
 
 def _chunked_forward(qkv, bias, mask, scale, policy):
+    with jax.named_scope(SCOPE):
+        return _chunked_forward_ops(qkv, bias, mask, scale, policy)
+
+
+def _chunked_forward_ops(qkv, bias, mask, scale, policy):
     b, nw, n, _, h, d = qkv.shape
     c = chunk_windows(nw, h, b, n, policy)
 
@@ -102,6 +108,11 @@ def _chunked_forward(qkv, bias, mask, scale, policy):
 
 
 def _chunked_bwd(scale, policy, residuals, g_out):
+    with jax.named_scope(SCOPE):
+        return _chunked_bwd_ops(scale, policy, residuals, g_out)
+
+
+def _chunked_bwd_ops(scale, policy, residuals, g_out):
     qkv, bias, mask, out = residuals
     b, nw, n, _, h, d = qkv.shape
     c = chunk_windows(nw, h, b, n, policy)

@@ -1,0 +1,106 @@
+"""Ahead-of-time compiles for a TPU topology on this CPU host (`clover_jax.aot`, `clover_jax.compile`): the
+execution policy is the TPU one, none of the CPU kernels is in the program, and memory is reported.
+
+Needs libtpu (requirements-tpu.txt, which the README's test command installs): the test skips without it on a
+user's clone and fails when CI is set.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from clover_jax import aot
+from clover_jax.compile import compile_report, format_report
+from clover_jax.kernels.cpu import dense_grad, dropout, layer_norm, window_attention
+from clover_jax.kernels.ops import CLIP_GROUPS_SCOPE
+from configs import pretrain
+
+# The name scopes of the CPU kernels (each kernel's ops run inside its scope, so lowered programs carry it).
+CPU_KERNEL_SCOPES = (window_attention.SCOPE, dense_grad.SCOPE, layer_norm.SCOPE, dropout.SCOPE, CLIP_GROUPS_SCOPE)
+
+
+@pytest.fixture(scope="module")
+def tpu_devices():
+    if importlib.util.find_spec("libtpu") is None:
+        msg = "libtpu is not installed (pip install -r requirements-tpu.txt)"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " — and CI is set, where .ci/run installs it")
+        pytest.skip(msg)
+    return aot.compile_devices(aot.parse_topology("v5e:2x2"))
+
+
+def _tiny_with_dropout():
+    config = pretrain.get_config("tiny")
+    config.model.overrides.text_overrides.hidden_dropout = 0.1  # the golden tiny BERT has none
+    config.compilation_cache_dir = ""
+    return config
+
+
+def _lowered_text(config, devices) -> str:
+    lowered, run = aot.lower_train_step(config, devices)
+    return lowered.as_text(debug_info=True), run
+
+
+def test_topology_names():
+    assert aot.parse_topology("v5p-32") == aot.Topology("v5p-32", "v5p", 16, "2x2x4")
+    assert aot.parse_topology("v5litepod-16").shape == "4x4" and aot.parse_topology("v4-8").chips == 4
+    assert aot.parse_topology("v5p:2x2x1").chips == 4 and aot.parse_topology("h100-8").shape == "1x1x8"
+    for bad, match in (("v9-8", "unknown chip"), ("v5p-3", "multiple of 2"), ("v5e:2xq", "chip shape")):
+        with pytest.raises(ValueError, match=match):
+            aot.parse_topology(bad)
+
+
+def test_collectives_and_buffers_from_hlo_text():
+    hlo = """
+  %all-reduce.1 = f32[1024,768]{1,0} all-reduce(f32[1024,768]{1,0} %p), metadata={op_name="jit(step)/grad"}
+  %ag-start = (bf16[8,64]{1,0}, bf16[32,64]{1,0}) all-gather-start(bf16[8,64]{1,0} %x), metadata={op_name="nce/gather"}
+  %ag-done = bf16[32,64]{1,0} all-gather-done((bf16[8,64]{1,0}, bf16[32,64]{1,0}) %ag-start)
+  ROOT %fusion.2 = f32[4096,4096]{1,0} fusion(f32[2]{0} %a), kind=kLoop
+"""
+    found = aot.hlo_collectives(hlo)
+    assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 1024 * 768 * 4
+    assert found["all-gather"]["count"] == 1 and found["all-gather"]["bytes"] == (8 * 64 + 32 * 64) * 2 // 2
+    assert found["all-gather"]["largest"][0][1] == "nce/gather"
+    assert aot.largest_buffers(hlo, 1)[0][0] == 4096 * 4096 * 4
+
+
+def test_cpu_lowering_carries_every_cpu_kernel():
+    """The positive control: the same step lowered for one CPU device runs every CPU kernel."""
+    text, run = _lowered_text(_tiny_with_dropout(), jax.devices()[:1])
+    assert run.execution.platform == "cpu"
+    missing = [scope for scope in CPU_KERNEL_SCOPES if scope not in text]
+    assert not missing, missing
+
+
+def test_per_clip_scan_keeps_each_device_on_its_own_clips():
+    """video_batching=per_clip on 8 devices: each scan step encodes one clip per device, so the compiled step
+    gathers no clip (a scan over the global batch axis all-gathered the whole video batch to every device)."""
+    config = pretrain.get_config("tiny")
+    config.compilation_cache_dir = ""
+    config.model.update(video_batching="per_clip", remat="full")
+    config.kernels.window_attention = "fused"  # the CPU kernel's chunk loop slices a sharded axis: not this test's
+    compiled, run, _ = aot.compile_train_step(config)
+    assert run.execution.batch_shards == 8 and run.mesh.devices.size == 8
+    one_clip = config.data.num_frames * config.data.image_size**2 * 3 * 4
+    gathers = aot.hlo_collectives(compiled.as_text()).get("all-gather", {"largest": []})["largest"]
+    assert all(size < one_clip for size, _ in gathers), gathers
+
+
+def test_tpu_compile_has_the_tpu_policy_no_cpu_kernel_and_reports_memory(tpu_devices):
+    config = _tiny_with_dropout()
+    text, run = _lowered_text(config, tpu_devices)
+    assert run.execution.platform == "tpu" and run.execution.window_attention == "fused"
+    assert (run.execution.layer_norm, run.execution.dense, run.execution.dropout) == ("xla", "xla", "xla")
+    assert run.execution.clip_groups == ()
+    found = [scope for scope in CPU_KERNEL_SCOPES if scope in text]
+    assert not found, found
+    report = compile_report(config, "v5e:2x2")
+    print("\n" + format_report(report))
+    assert report["chips"] == 4 and report["clips_per_chip"] == 2 and report["fits"]
+    assert report["arguments"] > 0 and report["temporaries"] > 0 and report["peak"] < report["hbm"]
+    assert report["xla_flops"] > 0 and report["analytic_flops"] > 0 and report["roofline_s"] > 0
+    assert "all-reduce" in report["collectives"]  # the gradient reduction over the 4 chips
+    assert "for 4 tpu devices: window_attention fused" in report["policy"]
