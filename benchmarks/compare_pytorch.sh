@@ -5,8 +5,10 @@
 #                                 [--steps 8] [--threads 2] [--text-length 30] [--malloc shipped|tcmalloc|system]
 #
 # --malloc: shipped (default) runs each program as it ships: clover_jax re-executes itself under tcmalloc
-# when one is installed (clover_jax/host_allocator.py), the peer under the system malloc; tcmalloc runs
-# both under tcmalloc with the same settings; system runs both under the system malloc.
+# when one is installed, else under pip's cmeel-mimalloc (clover_jax/host_allocator.py), the peer under the
+# system malloc; tcmalloc runs both under tcmalloc with the same settings; system runs both under the system
+# malloc. CLOVER_JAX_NO_TCMALLOC=1 in the environment hides tcmalloc from clover_jax, so `--malloc shipped`
+# measures what a fresh install (pip only, no libtcmalloc) gets.
 # Each round runs `python -m benchmarks.train_step --json` (2 warm-up + STEPS timed steps, median) and then
 # ../shared/bench/torch_baseline.py (STEPS + 2 steps, median of all but the first 2) with the same clip,
 # batch, text length and thread count. The PyTorch model flags are derived from the JAX preset
@@ -20,7 +22,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --preset) preset=$2 ;; --frames) frames=$2 ;; --size) size=$2 ;; --batch) batch=$2 ;;
     --rounds) rounds=$2 ;; --steps) steps=$2 ;; --threads) threads=$2 ;; --text-length) text_length=$2 ;; --malloc) malloc=$2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "compare_pytorch.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift 2
@@ -72,7 +74,7 @@ case "$malloc" in
     jax_env=(CLOVER_JAX_ALLOCATOR=tcmalloc) torch_env=($tcmalloc_env) ;;
   *) echo "compare_pytorch.sh: --malloc $malloc: use shipped, tcmalloc or system" >&2; exit 2 ;;
 esac
-echo "malloc: $malloc (clover_jax env: ${jax_env[*]:-none}; PyTorch env: ${torch_env[*]:-none})"
+echo "malloc: $malloc (clover_jax env: ${jax_env[*]:-none}; PyTorch env: ${torch_env[*]:-none})${CLOVER_JAX_NO_TCMALLOC:+; CLOVER_JAX_NO_TCMALLOC=$CLOVER_JAX_NO_TCMALLOC}"
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
@@ -96,12 +98,14 @@ preset, frames, size, batch = sys.argv[3:7]
 print(f"\n{preset} Clover, {frames}x{size}², batch {batch}, malloc {sys.argv[7]}: step seconds (median of the timed steps)")
 print("| round | clover_jax s | PyTorch eager s | PyTorch ÷ clover_jax |")
 print("|---|---|---|---|")
-ratios = []
+ratios, mallocs = [], set()
 for r in range(1, rounds + 1):
     jax_s = json.loads((out / f"{r}.jax.json").read_text())["step_s_median"]
     torch_s = json.loads((out / f"{r}.torch.json").read_text())["step_s_median"]
     ratios.append(torch_s / jax_s)
+    mallocs.add(json.loads((out / f"{r}.jax.json").read_text()).get("host_malloc", "?"))
     print(f"| {r} | {jax_s:.3f} | {torch_s:.3f} | {torch_s / jax_s:.2f} |")
 print(f"median ratio PyTorch ÷ clover_jax over {rounds} rounds: {statistics.median(ratios):.2f} "
       "(> 1: clover_jax is faster)")
+print(f"clover_jax host malloc: {', '.join(sorted(mallocs))}")
 EOF

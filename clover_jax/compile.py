@@ -93,8 +93,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"per chip: arguments {_gib(r['arguments'])}, outputs {_gib(r['outputs'])} ({_gib(r['aliased'])} aliased), "
         f"temporaries {_gib(r['temporaries'])}; peak {_gib(r['peak'])} of {_gib(r['hbm'])} HBM "
         f"({'fits' if r['fits'] else 'DOES NOT FIT'})",
-        f"per chip: {r['xla_flops'] / 1e12:.3g} TFLOP (XLA), {r['analytic_flops'] / 1e12:.3g} TFLOP (model matmuls), "
-        f"{r['bytes_accessed'] / 1e9:.1f} GB accessed",
+        f"per chip: {r['xla_flops'] / 1e12:.3g} TFLOP (XLA), "
+        + (f"{r['analytic_flops'] / 1e12:.3g} TFLOP (model matmuls), " if r["analytic_flops"] == r["analytic_flops"]
+           else "")
+        + f"{r['bytes_accessed'] / 1e9:.1f} GB accessed",
         f"roofline lower bound: {r['roofline_s'] * 1e3:.1f} ms per step (compute {r['compute_s'] * 1e3:.1f} ms, "
         f"HBM {r['memory_s'] * 1e3:.1f} ms)",
     ]

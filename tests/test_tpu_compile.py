@@ -67,6 +67,19 @@ def test_collectives_and_buffers_from_hlo_text():
     assert aot.largest_buffers(hlo, 1)[0][0] == 4096 * 4096 * 4
 
 
+def test_a_step_that_does_not_fit_names_its_largest_buffers():
+    report = dict(step="train", topology="v5e-4", chips=4, chip="v5e", shape="2x2", num_slices=1, compile_s=1.0,
+                  mesh={"data": 4}, clips_per_chip=32, config_batch=128, policy="execution policy ...",
+                  model=dict(remat="none", video_batching="batched", dtype="bfloat16", microbatches=1),
+                  arguments=3 * aot.GIB, outputs=aot.GIB, aliased=aot.GIB, temporaries=20 * aot.GIB,
+                  peak=23 * aot.GIB, hbm=16 * aot.GIB, fits=False, xla_flops=2e12, analytic_flops=1e12,
+                  bytes_accessed=1e11, roofline_s=0.1, compute_s=0.01, memory_s=0.1, collectives={},
+                  largest_buffers=[(6 * aot.GIB, "bf16[64,8,56,56,128]", "video_encoder/layers_0/attn")])
+    text = format_report(report)
+    assert "peak 23.00 GiB of 16.00 GiB HBM (DOES NOT FIT)" in text
+    assert "largest buffers: 6.00 GiB bf16[64,8,56,56,128] (video_encoder/layers_0/attn)" in text
+
+
 def test_cpu_lowering_carries_every_cpu_kernel():
     """The positive control: the same step lowered for one CPU device runs every CPU kernel."""
     text, run = _lowered_text(_tiny_with_dropout(), jax.devices()[:1])
