@@ -28,11 +28,22 @@ COMPILE_ONLY_TPU_ENVIRONMENT = {
 }
 
 
-def set_compile_only_environment(environ: MutableMapping[str, str] = os.environ) -> None:
-    """Before jax starts: the CPU as the only runtime platform and libtpu quiet (values already set win)."""
+# XLA:GPU with no device cannot autotune: Triton GEMM tilings then fail ("Couldn't find output tile sizes", a
+# Swin Dense) and so does a Triton softmax fusion of the NCE logits; cuBLAS and XLA's own fusions compile.
+GPU_COMPILE_ONLY_XLA_FLAGS = "--xla_gpu_enable_triton_gemm=false --xla_disable_hlo_passes=triton-softmax-rewriter"
+
+
+def set_compile_only_environment(environ: MutableMapping[str, str] = os.environ, topology: str = "") -> None:
+    """Before jax starts: the CPU as the only runtime platform, libtpu quiet and, for a GPU `topology` name,
+    GPU_COMPILE_ONLY_XLA_FLAGS (values already set win)."""
     environ.setdefault("JAX_PLATFORMS", "cpu")
     for name, value in COMPILE_ONLY_TPU_ENVIRONMENT.items():
         environ.setdefault(name, value)
+    chip = re.match(r"[a-z0-9]+?(?=[-:]|$)", topology.strip().lower())
+    if chip and CHIPS.get(chip.group(0), Chip("tpu", 0, 0, 0)).platform == "gpu":
+        given = environ.get("XLA_FLAGS", "")
+        extra = [f for f in GPU_COMPILE_ONLY_XLA_FLAGS.split() if f.split("=")[0] not in given]
+        environ["XLA_FLAGS"] = " ".join([given, *extra]).strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,11 +289,22 @@ def largest_buffers(hlo_text: str, k: int = 5) -> list[tuple[int, str, str]]:
 
 
 def cost_of(compiled: Any) -> dict[str, float]:
-    """`compiled.cost_analysis()` as one dict ({} where the backend has none)."""
+    """`compiled.cost_analysis()` as one dict. The CUDA plugin's compile-only client has none (UNIMPLEMENTED):
+    there XLA's HLO cost analysis of the optimised module is run through the CPU backend (a private jax API;
+    {} if that fails too)."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - the CUDA plugin's compile-only client raises UNIMPLEMENTED
-        return {}
+    except Exception:  # noqa: BLE001 - the compile-only CUDA client raises UNIMPLEMENTED
+        cost = None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    return dict(cost or {})
+    if cost:
+        return dict(cost)
+    try:
+        from jax._src import xla_bridge
+        from jax._src.lib import _jax
+
+        module = compiled.runtime_executable().hlo_modules()[0]
+        return dict(_jax.hlo_module_cost_analysis(xla_bridge.get_backend("cpu"), module))
+    except Exception:  # noqa: BLE001 - private API: report no cost rather than fail the compile report
+        return {}

@@ -15,9 +15,12 @@ from __future__ import annotations
 import os
 
 if __name__ == "__main__":  # a CPU host compiling for accelerators: no accelerator client, libtpu kept quiet
+    import sys
+
     from clover_jax.aot import set_compile_only_environment
 
-    set_compile_only_environment()
+    topology_flags = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--topology=")]
+    set_compile_only_environment(topology=topology_flags[-1] if topology_flags else "")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json
@@ -123,7 +126,8 @@ def main(argv: list[str]) -> None:
         exit_process(report_user_error(err))
     print(format_report(report), flush=True)
     if f.json:
-        pathlib.Path(f.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        strict = json.loads(json.dumps(report, default=str), parse_constant=lambda _: None)  # NaN -> null
+        pathlib.Path(f.json).write_text(json.dumps(strict, indent=1, allow_nan=False) + "\n")
     exit_process(0 if report["fits"] else 1)
 
 
