@@ -65,6 +65,8 @@ CHIPS: dict[str, Chip] = {
     "h100": Chip("gpu", hbm_gib=80, bf16_tflops=989, hbm_gbps=3350),
 }
 TPU_TOPOLOGY_DIMS = {"v4": 3, "v5p": 3, "v5e": 2, "v6e": 2}  # torus dimensions of each TPU generation
+# libtpu's chip configuration where its default is not one device per chip (which jax meshes need)
+TPU_CHIP_CONFIGS = {"v4": "megacore"}
 
 # GpuTargetConfigProto (text format) of an H100 SXM 80GB, as XLA reads it from a live device: the CUDA
 # plugin compiles for it with no GPU present (no autotuning, so tiles are defaults; memory sizes hold).
@@ -147,8 +149,10 @@ def compile_devices(topology: Topology, num_slices: int = 1) -> list[Any]:
     chip = topology.chip
     try:
         if chip.platform == "tpu":
-            desc = topologies.get_topology_desc(f"{topology.chip_name}:{topology.shape}", "tpu",
-                                                **({"num_slices": num_slices} if num_slices > 1 else {}))
+            options: dict[str, Any] = {"num_slices": num_slices} if num_slices > 1 else {}
+            if topology.chip_name in TPU_CHIP_CONFIGS:
+                options["chip_config_name"] = TPU_CHIP_CONFIGS[topology.chip_name]
+            desc = topologies.get_topology_desc(f"{topology.chip_name}:{topology.shape}", "tpu", **options)
         else:
             if num_slices > 1:
                 raise ValueError("--num_slices applies to TPU topologies")

@@ -53,6 +53,17 @@ def test_topology_names():
             aot.parse_topology(bad)
 
 
+def test_compile_only_environment():
+    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm=true"}
+    aot.set_compile_only_environment(env, "h100-8")
+    assert env["JAX_PLATFORMS"] == "cpu" and env["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "1"
+    # the user's own setting wins; the other GPU compile-only flag is added
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=true --xla_disable_hlo_passes=triton-softmax-rewriter"
+    env = {}
+    aot.set_compile_only_environment(env, "v5p-32")
+    assert "XLA_FLAGS" not in env  # TPU compiles take no GPU flags
+
+
 def test_collectives_and_buffers_from_hlo_text():
     hlo = """
   %all-reduce.1 = f32[1024,768]{1,0} all-reduce(f32[1024,768]{1,0} %p), metadata={op_name="jit(step)/grad"}
