@@ -24,6 +24,7 @@ if __name__ == "__main__":  # a CPU host compiling for accelerators: no accelera
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json
+import math
 import pathlib
 import sys
 from typing import Any
@@ -66,7 +67,7 @@ def compile_report(config: ml_collections.ConfigDict, topology_name: str, num_sl
     flops = float(cost.get("flops", float("nan")))
     bytes_accessed = float(cost.get("bytes accessed", float("nan")))
     # The analytic count is the floor where XLA counts a loop body once (a scanned encoder reads low).
-    roofline_flops = max(x for x in (flops, analytic) if x == x) if (flops == flops or analytic == analytic) else 0
+    roofline_flops = max((x for x in (flops, analytic) if not math.isnan(x)), default=0.0)
     compute_s = roofline_flops / (chip.bf16_tflops * 1e12)
     memory_s = bytes_accessed / (chip.hbm_gbps * 1e9) if bytes_accessed == bytes_accessed else 0.0
     return dict(
