@@ -26,10 +26,15 @@ declare -A CELLS=(
   [v5p_best_fsdp]="$base --topology=v5p-8 $(b 128) --config.mesh.data=1 --config.mesh.fsdp=4"
   [v4_default_32]="$base --topology=v4-8 $(b 128)"
   [v5e_default_32]="$base --topology=v5e-4 $(b 128)"
+  [v4_default_128]="$base --topology=v4-8 $(b 512)"
+  [v4_default_256]="$base --topology=v4-8 $(b 1024)"
+  [v5e_default_128]="$base --topology=v5e-4 $(b 512)"
+  [v5e_default_256]="$base --topology=v5e-4 $(b 1024)"
   [base_v5p-32]="$base --topology=v5p-32"
 )
 ORDER=(base_v5p-32 v5p_per_clip_full v5p_batched_full v5p_per_clip_dots v5p_batched_dots v5p_per_clip_none
-       v5p_batched_none v5p_best_micro2 v5p_best_micro4 v5p_best_fsdp v4_default_32 v5e_default_32)
+       v5p_batched_none v5p_best_micro2 v5p_best_micro4 v5p_best_fsdp v4_default_32 v5e_default_32 v4_default_128
+       v5e_default_128 v4_default_256 v5e_default_256)
 cells=("${@:-${ORDER[@]}}")
 for cell in "${cells[@]}"; do
   args=${CELLS[$cell]:-$cell}  # a cell name, or literal compile flags
