@@ -37,11 +37,9 @@ from typing import Any, Callable, Iterator
 from benchmarks.memory import GIB, Setting, compile_step, compiled_measurement, git_state, load_config, parse_mesh
 
 if __name__ == "__main__":  # before jax is imported; both only touch the CPU backend
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()
-    reexec_with_tuned_allocator()
+    launch.prepare_process()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -49,9 +47,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.train_step import matmul_flops_per_second, random_batch  # noqa: E402
-from clover_jax import optim  # noqa: E402
-from clover_jax import run as run_lib  # noqa: E402
-from clover_jax import sharding as shard_lib  # noqa: E402
+from clover_jax import (
+    optim,  # noqa: E402
+    partitioning,  # noqa: E402
+    run_setup,  # noqa: E402
+)
 from clover_jax import train_step as ts  # noqa: E402
 from clover_jax.kernels.ops import WINDOW_ATTENTION  # noqa: E402
 from clover_jax.model_flops import clover_train_flops  # noqa: E402
@@ -116,12 +116,12 @@ class StepRunner:
         self.spec, self.mesh_axes, self.setting = spec, mesh_axes, setting
         self.replicas = mesh_axes["data"] * mesh_axes["fsdp"]  # the batch axes
         self.config = self.config_for(1)
-        self.run = run_lib.setup_run(self.config)
+        self.run = run_setup.setup_run(self.config)
         self.tx, _ = optim.make_optimizer(self.config.optim, self.config.total_steps)
         self.state_shardings = ts.train_state_shardings(self.tx, nn.unbox(self.run.abstract_params),
                                                         self.run.param_shardings, self.run.mesh)
         self.state: Any = None
-        self.rng = jax.device_put(jax.random.key(1), shard_lib.replicated(self.run.mesh))
+        self.rng = jax.device_put(jax.random.key(1), partitioning.replicated(self.run.mesh))
         # Large batches repeat these clips: drawing gigabytes of normal samples on the host would take longer
         # than the step.
         self.clips = random_batch(self.run.model_config, 8, self.config.data.text_length)
@@ -132,8 +132,8 @@ class StepRunner:
     def train_state(self) -> Any:
         if self.state is None or any(x.is_deleted() for x in jax.tree.leaves(self.state)):
             self.state = None  # frees what is left before allocating anew
-            model, rules = self.run.model_config, run_lib.logical_rules(self.config)
-            params, _ = shard_lib.create_sharded(lambda r: init_params(model, r, dummy_batch(model)), self.run.mesh,
+            model, rules = self.run.model_config, run_setup.logical_rules(self.config)
+            params, _ = partitioning.create_sharded(lambda r: init_params(model, r, dummy_batch(model)), self.run.mesh,
                                                  rules, jax.random.key(self.config.seed))
             self.state = ts.create_train_state(params, self.tx, self.state_shardings)
         return self.state
@@ -149,9 +149,9 @@ class StepRunner:
                               temporaries=m.temporaries, peak=m.peak)
             row.train_flops = clover_train_flops(self.run.model_config, row.global_batch,
                                                  self.config.data.text_length)["train"]
-            batch = shard_lib.shard_batch({k: np.resize(v, (row.global_batch, *v.shape[1:]))
+            batch = partitioning.shard_batch({k: np.resize(v, (row.global_batch, *v.shape[1:]))
                                            for k, v in self.clips.items()},
-                                          self.run.mesh, run_lib.logical_rules(self.config))
+                                          self.run.mesh, run_setup.logical_rules(self.config))
             peak_before = device_memory("peak_bytes_in_use")
             times = []
             for _ in range(warmup + steps):

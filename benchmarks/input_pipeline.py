@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any
 
+from data_pipelines.build import built_splits
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -45,26 +47,25 @@ def pin_cores(cores: int) -> int:
 
 def build(media: pathlib.Path, out: str, fps: float, short_side: int, workers: int) -> dict[str, Any]:
     """Builds the real clips listed in media/manifest.jsonl; returns folder, counts and timing."""
-    from data_pipelines import annotations as ann
-    from data_pipelines import builder
-    from data_pipelines.video_io import DecodeConfig
+    from data_pipelines.build import annotation_rows, builder
+    from data_pipelines.build.video_io import DecodeConfig
 
     rows = [json.loads(line) for line in (media / "manifest.jsonl").read_text().splitlines()]
-    records = [ann.VideoText(r["path"], list(r["text"]) or ["a video"], "train") for r in rows]
+    records = [annotation_rows.VideoText(r["path"], list(r["text"]) or ["a video"], "train") for r in rows]
     cfg = builder.BuildConfig(decode=DecodeConfig(fps=fps, short_side=short_side), num_workers=workers,
                               progress=False)
     start = time.perf_counter()
     built = builder.build_dataset("bench", {"train": records}, media, out, cfg)
     seconds = time.perf_counter() - start
     return dict(data_dir=str(built.data_dir), clips=len(records), prep_s=seconds,
-                frames=int(builder.split_index(built.data_dir, "train").num_frames.sum()),
+                frames=int(built_splits.split_index(built.data_dir, "train").num_frames.sum()),
                 size_mb=sum(f.stat().st_size for f in built.data_dir.glob("*array_record*")) / 2**20)
 
 
 def time_pipeline(data_dir: str, batch: int, steps: int, threads: int) -> dict[str, float]:
     """First-batch latency and steady-state clips/s of the training pipeline (8 frames x 224²)."""
-    from data_pipelines import input_pipeline as ip
-    from data_pipelines.device_transfer import numpy_batches
+    from data_pipelines.input import input_pipeline as ip
+    from data_pipelines.input.device_transfer import numpy_batches
 
     icfg = ip.InputConfig(dataset=data_dir, batch_size=batch, num_frames=8, image_size=224, threads=threads)
     it = numpy_batches(ip.make_train_dataset(icfg, process_index=0, process_count=1))
@@ -82,7 +83,7 @@ def time_pipeline(data_dir: str, batch: int, steps: int, threads: int) -> dict[s
 
 def time_generator(data_dir: str, batch: int, elements: int) -> float:
     """Elements/s of the Python generator that feeds tf.data, iterated on its own (no TF ops)."""
-    from data_pipelines import input_pipeline as ip
+    from data_pipelines.input import input_pipeline as ip
 
     icfg = ip.InputConfig(dataset=data_dir, batch_size=batch, num_frames=8, image_size=224)
     gen = ip._train_elements(icfg, ip.open_pass(icfg, 0, 1), 0)

@@ -89,10 +89,10 @@ def load_config(spec: str, mesh_axes: dict[str, int], setting: Setting, global_b
     """The run config of `spec` with the mesh, batch, remat, dtype, microbatches and attention applied.
     `setting.attention` is a video batching ("batched", "per_clip"), a window-attention kernel name
     (`kernels.ops.WINDOW_ATTENTION`) or "-" (the config's own)."""
-    from clover_jax import run as run_lib
+    from clover_jax import run_setup
     from clover_jax.models.clover import VIDEO_BATCHING
 
-    config = run_lib.load_config_file(spec)
+    config = run_setup.load_config_file(spec)
     config.compilation_cache_dir = ""
     config.mesh = dict(mesh_axes)
     config.data.batch_size = global_batch
@@ -179,9 +179,9 @@ def measure_from_dump(spec: str, mesh_axes: dict[str, int], replicas: int, setti
 
 def feature_available(spec: str, setting: Setting) -> str:
     """'' when the code base supports the setting, else the reason it cannot be compiled yet."""
-    from clover_jax import run as run_lib
+    from clover_jax import run_setup
 
-    config = run_lib.load_config_file(spec)
+    config = run_setup.load_config_file(spec)
     if setting.microbatches != 1 and "microbatches" not in config:
         return "config.microbatches is not available in this checkout"
     if setting.attention != "-" and "kernels" not in config:

@@ -31,8 +31,13 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from clover_jax import grad_cache, losses, optim, tasks  # noqa: E402
-from clover_jax import sharding as shard_lib  # noqa: E402
+from clover_jax import (  # noqa: E402
+    grad_cache,
+    losses,
+    optim,
+    partitioning,  # noqa: E402
+    tasks,
+)
 from clover_jax import train_step as ts  # noqa: E402
 from clover_jax.models import clover  # noqa: E402
 
@@ -48,22 +53,22 @@ def abstract_batch(config: clover.CloverConfig, batch_size: int, text_length: in
 def step_memory(config: clover.CloverConfig, mesh_axes: dict[str, int], batch_size: int, text_length: int,
                 microbatches: int) -> tuple[int, float]:
     """(temp_size_in_bytes per device, compile seconds) of one compiled train step."""
-    mesh = shard_lib.make_mesh(mesh_axes, jax.devices()[: math.prod(mesh_axes.values())])
+    mesh = partitioning.make_mesh(mesh_axes, jax.devices()[: math.prod(mesh_axes.values())])
     boxed = jax.eval_shape(lambda: clover.init_params(config, jax.random.key(0)))
-    param_sh = shard_lib.param_shardings(boxed, mesh)
+    param_sh = partitioning.param_shardings(boxed, mesh)
     tx, schedule = optim.make_optimizer(dict(lr=1e-4, warmup_steps=0), 10)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), param_sh)
     state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
     state = jax.eval_shape(lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
                            params)
     state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
-    replicas = shard_lib.num_data_replicas(mesh)
+    replicas = partitioning.num_data_replicas(mesh)
     grad_cache.check_microbatches(batch_size, microbatches, replicas)
     objective = tasks.pretrain_objective(config, losses.default_loss_config(), replicas)
-    batch_sh = shard_lib.batch_sharding(mesh)
+    batch_sh = partitioning.batch_sharding(mesh)
     step = ts.make_train_step(None, tx, state_shardings=state_sh, batch_sharding=batch_sh, mesh=mesh,
                               schedule=schedule, value_and_grad_fn=grad_cache.value_and_grad(objective, microbatches))
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=shard_lib.replicated(mesh))
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=partitioning.replicated(mesh))
     start = time.perf_counter()
     compiled = step.lower(state, abstract_batch(config, batch_size, text_length, batch_sh), rng).compile()
     return compiled.memory_analysis().temp_size_in_bytes, time.perf_counter() - start

@@ -32,7 +32,8 @@ BINS = ("0", "1", "2", "3", "4", "5+")
 def masked_word_counts(captions: list[str], tag_rule: str, mode: str, max_length: int,
                        nlp) -> tuple[np.ndarray, list[set[str]]]:
     """Whole words masked per caption under (tag_rule, mode), and each caption's candidate words (lower case)."""
-    from data_pipelines import text_masking, text_tags
+    from data_pipelines.build import text_tags
+    from data_pipelines.input import text_masking
 
     tokenizer = text_masking.load_tokenizer()
     cfg = text_masking.TextMaskingConfig(max_length=max_length, mode=mode)
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.captions} not found (pass --captions)", file=sys.stderr)
         return 2
 
-    from data_pipelines import text_tags
-    from data_pipelines.caption_readers import read_msrvtt_jsfusion_csv
+    from data_pipelines.build import text_tags
+    from data_pipelines.build.caption_readers import read_msrvtt_jsfusion_csv
 
     captions = [r.captions[0] for r in read_msrvtt_jsfusion_csv(args.captions)]
     if args.sentence_case:

@@ -21,11 +21,9 @@ import tempfile
 import time
 
 if __name__ == "__main__":
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()
-    reexec_with_tuned_allocator()
+    launch.prepare_process()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
 
 import jax  # noqa: E402
 

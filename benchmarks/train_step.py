@@ -39,11 +39,9 @@ def pin_threads(threads: int) -> None:
 
 
 if __name__ == "__main__":  # before jax is imported: XLA sizes its thread pool by the allowed cores
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
-    reexec_with_tuned_allocator()
+    launch.prepare_process()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
     _early = argparse.ArgumentParser(add_help=False)
     _early.add_argument("--threads", type=int, default=0)
     pin_threads(_early.parse_known_args()[0].threads)
@@ -52,8 +50,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clover_jax import losses, optim, tasks  # noqa: E402
-from clover_jax import sharding as shard_lib  # noqa: E402
+from clover_jax import (  # noqa: E402
+    losses,
+    optim,
+    partitioning,  # noqa: E402
+    tasks,
+)
 from clover_jax import train_step as ts  # noqa: E402
 from clover_jax.host_allocator import applied_allocator  # noqa: E402
 from clover_jax.kernels.execution import REFERENCE, ExecutionPolicy, policy_for_mesh  # noqa: E402
@@ -142,10 +144,10 @@ class CompiledStep:
 
 def compile_train_step(preset: str, batch: int, text_length: int, frames: int = 0, size: int = 0) -> CompiledStep:
     """Params, optimizer state, a random sharded batch and the AOT-compiled pre-training step on one device."""
-    mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
+    mesh = partitioning.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
     config = bench_config(preset, frames, size, policy_for_mesh(mesh))
-    params, param_sh = shard_lib.create_sharded(
-        lambda rng: clover.init_params(config, rng), mesh, shard_lib.LOGICAL_RULES, jax.random.key(0)
+    params, param_sh = partitioning.create_sharded(
+        lambda rng: clover.init_params(config, rng), mesh, partitioning.LOGICAL_RULES, jax.random.key(0)
     )
     num_params = clover.count_params(params)
     optim_cfg = optim.default_optim_config()
@@ -153,10 +155,10 @@ def compile_train_step(preset: str, batch: int, text_length: int, frames: int = 
     tx, schedule = optim.make_optimizer(optim_cfg, total_steps=1000)
     state_sh = ts.train_state_shardings(tx, params, param_sh, mesh)
     state = ts.create_train_state(params, tx, state_sh)
-    loss_fn = tasks.pretrain_loss_fn(config, losses.default_loss_config(), shard_lib.num_data_replicas(mesh))
-    step = ts.make_train_step(loss_fn, tx, state_shardings=state_sh, batch_sharding=shard_lib.batch_sharding(mesh),
+    loss_fn = tasks.pretrain_loss_fn(config, losses.default_loss_config(), partitioning.num_data_replicas(mesh))
+    step = ts.make_train_step(loss_fn, tx, state_shardings=state_sh, batch_sharding=partitioning.batch_sharding(mesh),
                               mesh=mesh, schedule=schedule)
-    host_batch = shard_lib.shard_batch(random_batch(config, batch, text_length), mesh)
+    host_batch = partitioning.shard_batch(random_batch(config, batch, text_length), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     compiled = step.lower(state, host_batch, rng).compile()

@@ -15,11 +15,9 @@ import statistics
 import time
 
 if __name__ == "__main__":  # before jax starts, as `python -m clover_jax.train` does
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()
-    reexec_with_tuned_allocator()
+    launch.prepare_process()  # the XLA flags and the malloc `python -m clover_jax.train` runs with
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

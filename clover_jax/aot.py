@@ -187,12 +187,11 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any] | Non
     import jax
     import jax.numpy as jnp
 
-    from clover_jax import optim, train
-    from clover_jax import run as run_lib
+    from clover_jax import optim, run_setup, train
     from clover_jax import train_step as ts
     from clover_jax.models.clover import dummy_batch
 
-    run = run_lib.setup_run(config, devices)
+    run = run_setup.setup_run(config, devices)
     # The schedule's lengths change values, not the program: epochs (resolved from the data at start) are
     # stood in for by total_steps, and a warm-up of at least one step (optax logs a line for zero).
     optim_config = ml_collections.ConfigDict(config.optim.to_dict())
@@ -201,7 +200,7 @@ def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any] | Non
     params = nn.unbox(run.abstract_params)
     state_sh = ts.train_state_shardings(tx, params, run.param_shardings, run.mesh)
     step = ts.make_train_step(tx=tx, state_shardings=state_sh, batch_sharding=run.batch_sharding, mesh=run.mesh,
-                              schedule=schedule, rules=run_lib.logical_rules(config),
+                              schedule=schedule, rules=run_setup.logical_rules(config),
                               **train._gradient_fn(run, config))
     state = jax.eval_shape(
         lambda p: ts.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)), params)
@@ -221,10 +220,9 @@ def compile_embedding_step(config: ml_collections.ConfigDict, devices: list[Any]
     import jax
     import jax.numpy as jnp
 
-    from clover_jax import run as run_lib
-    from clover_jax import tasks
+    from clover_jax import run_setup, tasks
 
-    run = run_lib.setup_run(config, devices)
+    run = run_setup.setup_run(config, devices)
     params = _abstract(nn.unbox(run.abstract_params), run.param_shardings)
     e = config.eval
     video = jax.ShapeDtypeStruct((e.batch_size, e.num_frames, e.image_size, e.image_size, 3), jnp.float32,

@@ -6,7 +6,7 @@ renames it when complete, so a process killed mid-save leaves the previous step 
 `keep_checkpoints` steps live in `<workdir>/checkpoints/`; the step with the best value of
 `config.best_metric` so far lives in `<workdir>/best/` (`BestCheckpoint`).
 
-The restore order of a training run is `clover_jax.run.initial_state`'s: the workdir's newest checkpoint,
+The restore order of a training run is `clover_jax.run_setup.initial_state`'s: the workdir's newest checkpoint,
 then `config.resume` (another run's checkpoint, full state), then `config.init_from` (params only: a
 `python -m clover_jax.convert` output or a training checkpoint, optionally limited to some top-level
 modules, e.g. only the text encoder), then a fresh initialisation.

@@ -33,8 +33,8 @@ import ml_collections
 
 from clover_jax import aot
 from clover_jax.kernels import execution
-from clover_jax.run import ConfigError
-from clover_jax.run_logging import USER_ERRORS, exit_process, report_user_error
+from clover_jax.launch import USER_ERRORS, exit_process, report_user_error
+from clover_jax.run_setup import ConfigError
 
 STEPS = ("train", "embed")
 

@@ -14,11 +14,9 @@ like the value it replaces). Each evaluator prints the table training prints and
 from __future__ import annotations
 
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()
-    reexec_with_tuned_allocator()
+    launch.prepare_process()
 
 import json
 import pathlib
@@ -26,11 +24,10 @@ from typing import Any
 
 import ml_collections
 
-from clover_jax import pixel_stats
-from clover_jax import run as run_lib
+from clover_jax import pixel_stats, run_setup
 from clover_jax.evaluators import entries
 from clover_jax.kernels import execution
-from clover_jax.run_logging import (
+from clover_jax.launch import (
     USER_ERRORS,
     OneLineArgumentParser,
     exit_process,
@@ -43,15 +40,15 @@ def _set(config: ml_collections.ConfigDict, override: str) -> None:
     """Applies `--config.a.b=value`: the value is typed like the one it replaces (JSON for lists/dicts)."""
     key, sep, raw = override.removeprefix("--config.").partition("=")
     if not sep or not key:
-        raise run_lib.ConfigError(f"{override}: expected --config.KEY=VALUE")
+        raise run_setup.ConfigError(f"{override}: expected --config.KEY=VALUE")
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
         if part not in node:
-            raise run_lib.ConfigError(f"{override}: the config has no key {part!r}")
+            raise run_setup.ConfigError(f"{override}: the config has no key {part!r}")
         node = node[part]
     if leaf not in node:
-        raise run_lib.ConfigError(f"{override}: the config has no key {key!r}")
+        raise run_setup.ConfigError(f"{override}: the config has no key {key!r}")
     old = node[leaf]
     try:
         if isinstance(old, bool):
@@ -65,7 +62,7 @@ def _set(config: ml_collections.ConfigDict, override: str) -> None:
         else:
             value = json.loads(raw)
     except ValueError as err:
-        raise run_lib.ConfigError(f"{override}: {err}") from None
+        raise run_setup.ConfigError(f"{override}: {err}") from None
     node[leaf] = value
 
 
@@ -90,25 +87,25 @@ def _evaluate(args: Any, overrides: list[str]) -> int:
     workdir = pathlib.Path(args.workdir).absolute()
     if not workdir.is_dir():
         raise FileNotFoundError(f"--workdir={args.workdir} does not exist (pass a training run's workdir)")
-    config = run_lib.load_run_config(workdir, args.config)
+    config = run_setup.load_run_config(workdir, args.config)
     for override in overrides:
         _set(config, override)
     available = entries.evaluator_names(config)
     if args.evaluator and args.evaluator not in available:
-        raise run_lib.ConfigError(f"--evaluator={args.evaluator}: the run's config has no such evaluator; "
+        raise run_setup.ConfigError(f"--evaluator={args.evaluator}: the run's config has no such evaluator; "
                                   f"valid: {', '.join(available) or 'none'}")
     names = [args.evaluator] if args.evaluator else entries.evaluator_names(config, scheduled_only=True)
-    checkpoint = run_lib.checkpoint_path(workdir, args.checkpoint)
+    checkpoint = run_setup.checkpoint_path(workdir, args.checkpoint)
     quiet_third_party_logs(workdir, "eval")
     config.pixel_stats, why = pixel_stats.resolve(config, checkpoint=checkpoint)
     print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
-    run = run_lib.setup_run(config)
+    run = run_setup.setup_run(config)
     print(f"clover_jax: {execution.describe(run.execution)}", flush=True)
     try:
         evaluators = entries.make_evaluators(config, run.model_config, run.batch_sharding, workdir / "eval", names)
     except ValueError as err:
-        raise run_lib.ConfigError(str(err)) from None
-    params, step = run_lib.load_params_for_eval(run, checkpoint)
+        raise run_setup.ConfigError(str(err)) from None
+    params, step = run_setup.load_params_for_eval(run, checkpoint)
     for evaluator in evaluators.values():
         evaluator.run(params, step)
     return 0

@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any
 
-from data_pipelines.input_config import PIXEL_STATS
+from data_pipelines.input.input_config import PIXEL_STATS
 
 AUTO = "auto"
 OFFICIAL_SOURCE = "official_clover"  # the converter's --source for an official Clover checkpoint

@@ -1,6 +1,6 @@
 """Training loop: `python -m clover_jax.train --config=configs/pretrain.py[:variant] --workdir=DIR`.
 
-One readable loop (big_vision style) over what `clover_jax.run` sets up (mesh, model, restored state,
+One readable loop (big_vision style) over what `clover_jax.run_setup` sets up (mesh, model, restored state,
 input stream): the jitted step runs over the batches, logging every `log_every` steps (metrics fetched
 one step late, so the host never stalls the device), checkpointing asynchronously every
 `checkpoint_every` steps, and running the evaluators of `config.evals` on their schedule and after the
@@ -19,11 +19,9 @@ another shape is refused (`workdir_config`); user mistakes end in one `error:` l
 from __future__ import annotations
 
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
-    from clover_jax.host_allocator import reexec_with_tuned_allocator
-    from clover_jax.xla_cpu_flags import add_default_flags
+    from clover_jax import launch
 
-    add_default_flags()
-    reexec_with_tuned_allocator()
+    launch.prepare_process()
 
 import copy
 import os
@@ -40,15 +38,13 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, host_allocator, pixel_stats, tasks
-from clover_jax import run as run_lib
-from clover_jax import sharding as shard_lib
+from clover_jax import grad_cache, host_allocator, partitioning, pixel_stats, run_setup, tasks
 from clover_jax.evaluators import entries
 from clover_jax.kernels import execution
+from clover_jax.launch import USER_ERRORS, exit_process, quiet_third_party_logs, report_user_error
 from clover_jax.metric_writer import MetricWriter
 from clover_jax.optim import make_optimizer
-from clover_jax.run import ConfigError, Run
-from clover_jax.run_logging import USER_ERRORS, exit_process, quiet_third_party_logs, report_user_error
+from clover_jax.run_setup import ConfigError, Run
 from clover_jax.train_step import make_train_step, train_state_shardings
 from clover_jax.workdir_config import check_workdir_config
 
@@ -56,7 +52,7 @@ from clover_jax.workdir_config import check_workdir_config
 def _gradient_fn(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
     """`make_train_step`'s loss_fn, or for config.microbatches > 1 a gradient-cached value_and_grad_fn."""
     k = config.get("microbatches", 1)
-    replicas = shard_lib.num_data_replicas(run.mesh)
+    replicas = partitioning.num_data_replicas(run.mesh)
     if k == 1:
         try:
             return {"loss_fn": tasks.loss_fn_of(config.task, run.model_config, config.loss, replicas)}
@@ -112,13 +108,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     config = copy.deepcopy(config)  # "auto" pixel statistics become the concrete choice this run saves
     config.pixel_stats, why = pixel_stats.resolve(config, workdir=workdir)
     print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
-    run = run_lib.setup_run(config)
+    run = run_setup.setup_run(config)
     print(f"clover_jax: {execution.describe(run.execution)}", flush=True)
-    data = run_lib.train_data(run)
-    durations = run_lib.resolve_durations(config, data.examples_per_epoch)
+    data = run_setup.train_data(run)
+    durations = run_setup.resolve_durations(config, data.examples_per_epoch)
     total = durations.total_steps
     print(f"clover_jax: {durations.describe(data.examples_per_epoch, config.data.batch_size)}", flush=True)
-    tx, schedule = make_optimizer(run_lib.optim_config(config, durations), total)
+    tx, schedule = make_optimizer(run_setup.optim_config(config, durations), total)
     state_shardings = train_state_shardings(tx, nn.unbox(run.abstract_params), run.param_shardings, run.mesh)
     manager = ckpt_lib.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
     note = check_workdir_config(workdir, config.to_dict(), has_checkpoint=bool(manager.all_steps()))
@@ -131,14 +127,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     except ValueError as err:
         raise ConfigError(str(err)) from None
     best = _best_checkpoint(config, workdir, names)
-    state, source = run_lib.initial_state(run, config, tx, manager, state_shardings)
+    state, source = run_setup.initial_state(run, config, tx, manager, state_shardings)
     start = int(jax.device_get(state.step))
     ckpt_lib.write_json(workdir / "config.json", config.to_dict())
     print(f"clover_jax: {source}; steps {start} -> {total}; mesh {dict(run.mesh.shape)}; "
           f"{jax.device_count()} devices, {jax.process_count()} processes; library logs: {log_file}", flush=True)
 
     step_fn = make_train_step(tx=tx, state_shardings=state_shardings, batch_sharding=run.batch_sharding,
-                              mesh=run.mesh, schedule=schedule, rules=run_lib.logical_rules(config),
+                              mesh=run.mesh, schedule=schedule, rules=run_setup.logical_rules(config),
                               **_gradient_fn(run, config))
     rng = jax.random.key(config.seed + 1)
     batches = data.batches(start)
@@ -243,7 +239,7 @@ def main(argv: list[str]) -> None:
     if malloc:
         print(f"clover_jax: host malloc: {malloc}", flush=True)
     try:
-        run_lib.init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
+        run_setup.init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
                          flags.FLAGS.distributed_auto)
         train(config, workdir)
     except NonFiniteLossError as err:  # the run diverged: not a usage mistake, but nothing to add to it

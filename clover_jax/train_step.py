@@ -14,7 +14,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding
 
-from clover_jax import sharding as shard_lib
+from clover_jax import partitioning
 from clover_jax.grad_cache import LossFn, ValueAndGradFn
 
 RESERVED_METRICS = ("loss", "grad_norm", "param_norm", "lr", "finite")
@@ -34,9 +34,9 @@ def train_state_shardings(
 ) -> TrainState:
     """TrainState of shardings: step replicated, params as given, optimizer state following params."""
     return TrainState(
-        step=shard_lib.replicated(mesh),
+        step=partitioning.replicated(mesh),
         params=param_shardings,
-        opt_state=shard_lib.opt_state_shardings(tx, abstract_params, param_shardings, mesh),
+        opt_state=partitioning.opt_state_shardings(tx, abstract_params, param_shardings, mesh),
     )
 
 
@@ -58,7 +58,7 @@ def make_train_step(
     batch_sharding: NamedSharding,
     mesh: Mesh,
     schedule: Callable[[jax.Array], jax.Array] | None = None,
-    rules: shard_lib.Rules = shard_lib.LOGICAL_RULES,
+    rules: partitioning.Rules = partitioning.LOGICAL_RULES,
     skip_nonfinite: bool = False,
     value_and_grad_fn: ValueAndGradFn | None = None,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
@@ -82,8 +82,8 @@ def make_train_step(
         raise ValueError("make_train_step: pass exactly one of loss_fn and value_and_grad_fn")
     if value_and_grad_fn is None:
         value_and_grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    replicated = shard_lib.replicated(mesh)
-    mesh_rules = shard_lib.rules_for_mesh(rules, mesh)
+    replicated = partitioning.replicated(mesh)
+    mesh_rules = partitioning.rules_for_mesh(rules, mesh)
 
     def step(state: TrainState, batch: Any, rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         rng = jax.random.fold_in(rng, state.step)

@@ -6,7 +6,7 @@
       --config.qa.answer_vocab=msrvtt_train_ans2label.json
   python -m clover_jax.eval --workdir=W          # accuracy overall and per question kind
 
-`qa.dataset` is a folder from `python -m data_pipelines.prepare` holding the clips under the splits
+`qa.dataset` is a folder from `python -m clover_jax.prepare` holding the clips under the splits
 `data.split` (train) and `eval.split` (test) — e.g. `--format msvd` / `--format msrvtt` with split lists —
 or, for clips that have only questions, one folder per split from `--format qa --qa-source tgif_action
 --split test` (then set `qa.eval_dataset` to the test folder; for TGIF add `--fps 0`, which keeps every
@@ -52,7 +52,7 @@ import ml_collections
 
 from configs import pretrain
 from configs.common import apply_official, parse_arg, split_official
-from data_pipelines.qa_tasks import SOURCE_TASKS
+from data_pipelines.input.qa_tasks import SOURCE_TASKS
 
 # Per QA source (the keys of `qa_tasks.SOURCE_TASKS`, which also names each source's task):
 # answers, text length, lr, epochs, batch, test views, head dropout (the official configs' `dropout_ratio`)

@@ -27,7 +27,7 @@ used 8 GPUs (MSR-VTT, DiDeMo) and 16 (LSMDC), the `loss.official_replicas` of
 As the reference: evaluation after every epoch, and <workdir>/best keeps the best epoch by the first
 metric the reference's evaluation returns (its configs set no save_best, so the hook's "auto" picks it):
 text->video R@1 (`retrieval/t2v_r1`), for msrvtt_mc the accuracy (`msrvtt_mc/mc_accuracy`).
-Prepare the folders with `python -m data_pipelines.prepare` (see README). Epochs become steps when the
+Prepare the folders with `python -m clover_jax.prepare` (see README). Epochs become steps when the
 run starts, from the clips of the prepared training split (printed on the first line).
 Hardware for the paper recipes: 8+ A100/H100-class GPUs or a v4-32 TPU slice.
 """

@@ -65,7 +65,7 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
     c.init_from = ""
     c.init_from_include = ()  # e.g. ("text_encoder",) for a partial load
     c.mesh = dict(data=-1, fsdp=1, model=1)
-    # ((logical axis, mesh axes), ...) in priority order; () is `clover_jax.sharding.LOGICAL_RULES`.
+    # ((logical axis, mesh axes), ...) in priority order; () is `clover_jax.partitioning.LOGICAL_RULES`.
     c.sharding_rules = ()
     c.compilation_cache_dir = "~/.cache/clover_jax/xla"  # "" disables the persistent XLA cache
     c.microbatches = 1  # > 1: the step runs the batch in this many chunks (gradient caching, same result)
@@ -87,7 +87,7 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
     c.kernels = default_kernels_config()
 
     c.data = dict(
-        # mixture_mode: "alternate", "alternate_official" or "weighted" (data_pipelines.mixtures);
+        # mixture_mode: "alternate", "alternate_official" or "weighted" (data_pipelines.input.mixtures);
         # source_order: the turn order of `sources` by name (() = sorted names).
         sources={"synthetic": _source("synthetic")}, mixture_mode="alternate", source_order=(), split="train",
         cache_dir="", synthetic=dict(seed=0, num_train=1024, num_test=256, num_frames=8, size=64,

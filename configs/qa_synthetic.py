@@ -10,7 +10,7 @@
   python -m clover_jax.eval --workdir=/tmp/h9_open --evaluator=qa_train   # accuracy on the training questions
 
 Variants (the part after ':'):
-  open  (default) Open-ended attribute questions (`data_pipelines.synthetic_qa`): 4 per clip (colour,
+  open  (default) Open-ended attribute questions (`data_pipelines.build.synthetic_qa`): 4 per clip (colour,
         shape, count, motion) over the demo's 1024 training clips, answered from a 21-answer vocabulary
         by `Clover.qa_open_ended` (fused [CLS] -> Dropout, Linear, LN, GELU, Linear). Test: 1024
         questions on the 256 held-out clips. Baselines: the majority training answer ("one") scores
@@ -37,7 +37,7 @@ import ml_collections
 
 from configs import pretrain
 from configs.common import parse_arg
-from data_pipelines.synthetic_qa import ANSWERS
+from data_pipelines.build.synthetic_qa import ANSWERS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -265,15 +265,15 @@ def check_safetensors(data: bytes) -> None:
 # ----------------------------------------------------------------------------- annotation readers
 
 def _readers() -> dict[str, Callable[[pathlib.Path], Any]]:
-    from data_pipelines import annotations as ann
+    from data_pipelines.build import caption_readers, qa_readers, qa_sources
 
     readers: dict[str, Callable[[pathlib.Path], Any]] = {
-        name: getattr(ann, name) for name in dir(ann) if name.startswith("read_") and name not in
-        ("read_qa_examples", "read_qa_videos", "read_tgif_qa_tsv")}
-    readers["read_tgif_qa_tsv"] = lambda p: ann.read_tgif_qa_tsv(p, task="frameqa")
-    readers["read_tgif_qa_tsv_action"] = lambda p: ann.read_tgif_qa_tsv(p, task="action")
-    for source in ann.QA_SOURCES:
-        readers[f"read_qa_examples[{source}]"] = lambda p, s=source: ann.read_qa_examples(s, p, "test")
+        name: getattr(module, name) for module in (caption_readers, qa_readers) for name in dir(module)
+        if name.startswith("read_") and name != "read_tgif_qa_tsv"}
+    readers["read_tgif_qa_tsv"] = lambda p: qa_readers.read_tgif_qa_tsv(p, task="frameqa")
+    readers["read_tgif_qa_tsv_action"] = lambda p: qa_readers.read_tgif_qa_tsv(p, task="action")
+    for source in qa_sources.QA_SOURCES:
+        readers[f"read_qa_examples[{source}]"] = lambda p, s=source: qa_sources.read_qa_examples(s, p, "test")
     return readers
 
 

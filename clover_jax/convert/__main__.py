@@ -21,8 +21,8 @@ from clover_jax.convert.bert import has_hf_mlm_head, load_hf_bert_dir
 from clover_jax.convert.checkpoint_io import load_state_dict
 from clover_jax.convert.clover import import_official_clover, import_pretrained_parts
 from clover_jax.convert.common import CheckpointMismatchError
+from clover_jax.launch import USER_ERRORS, OneLineArgumentParser, exit_process, report_user_error
 from clover_jax.models.clover import abstract_params, clover_config
-from clover_jax.run_logging import USER_ERRORS, OneLineArgumentParser, exit_process, report_user_error
 
 SOURCES = ("official_clover", "torchvision_swin3d", "official_swin3d", "hf_bert")
 

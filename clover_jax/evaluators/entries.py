@@ -18,8 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from clover_jax import data as data_glue
-from clover_jax.evaluators import qa as qa_metrics
+from clover_jax import run_inputs
+from clover_jax.evaluators import qa_metrics
 from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
 from clover_jax.evaluators.retrieval import multiple_choice_accuracy, retrieval_metrics, top_k
 from clover_jax.evaluators.split_passes import SplitPasses
@@ -101,7 +101,7 @@ class _Evaluator:
                  model_config: CloverConfig, batch_sharding: Any, out_dir: pathlib.Path | None):
         self.name, self.settings, self.out_dir = name, settings, out_dir
         self.passes = SplitPasses(model_config, batch_sharding,
-                                  config.task if config.task in data_glue.QA_TASKS else "")
+                                  config.task if config.task in run_inputs.QA_TASKS else "")
 
 
 class RetrievalEvaluator(_Evaluator):
@@ -110,8 +110,8 @@ class RetrievalEvaluator(_Evaluator):
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)
-        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset, config.data),
-                                        data_glue.pixel_stats_name(config))
+        dataset = run_inputs.resolve_dataset(settings.dataset, config.data)
+        self.cfg = run_inputs.eval_input(settings, config.data, dataset, run_inputs.pixel_stats_name(config))
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
         cfg = self.cfg
@@ -127,7 +127,7 @@ class RetrievalEvaluator(_Evaluator):
         return metrics
 
     def _report(self, emb: dict[str, Any], metrics: dict[str, Any], title: str, step: int) -> None:
-        from data_pipelines.text_masking import load_tokenizer
+        from data_pipelines.input.text_masking import load_tokenizer
 
         queries = self.settings.report_queries
         captions = [load_tokenizer().decode(ids) for ids in emb["text_ids"]]
@@ -146,8 +146,8 @@ class MultipleChoiceEvaluator(_Evaluator):
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)
-        from data_pipelines.annotations import read_msrvtt_mc_jsonl
-        from data_pipelines.builder import split_index
+        from data_pipelines.build.builder import split_index
+        from data_pipelines.build.qa_readers import read_msrvtt_mc_jsonl
 
         if not settings.file:
             raise ValueError(f"evaluator {name!r} needs its MSR-VTT multiple-choice file: "
@@ -155,12 +155,12 @@ class MultipleChoiceEvaluator(_Evaluator):
         self.examples = list(read_msrvtt_mc_jsonl(settings.file))
         if not self.examples:
             raise ValueError(f"{settings.file}: no multiple-choice items to evaluate")
-        self.cfg = data_glue.eval_input(settings, config.data, data_glue.resolve_dataset(settings.dataset, config.data),
-                                        data_glue.pixel_stats_name(config))
+        dataset = run_inputs.resolve_dataset(settings.dataset, config.data)
+        self.cfg = run_inputs.eval_input(settings, config.data, dataset, run_inputs.pixel_stats_name(config))
         self.video_ids = split_index(self.cfg.dataset, self.cfg.split).video_id
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
-        from data_pipelines.synthetic_qa import encode_texts
+        from data_pipelines.build.synthetic_qa import encode_texts
 
         cfg, examples = self.cfg, self.examples
         emb = self.passes.embed_split(params, cfg, captions=False)
@@ -199,13 +199,13 @@ class QAEvaluator(_Evaluator):
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)
-        if config.task not in data_glue.QA_TASKS:
+        if config.task not in run_inputs.QA_TASKS:
             raise ValueError(f"evaluator {name!r} (type 'qa') needs a QA task, not config.task={config.task!r}")
         qa_config = ml_collections.ConfigDict(config.to_dict())
         qa_config.eval = settings  # the data glue reads the eval split's settings from config.eval
-        self.task, self.source = config.task, config.qa.get("source", data_glue.SYNTHETIC)
-        self.items, self.info = data_glue.qa_items(qa_config, settings.split, model_config.num_answers)
-        self.cfg = data_glue.qa_eval_input(qa_config)
+        self.task, self.source = config.task, config.qa.get("source", run_inputs.SYNTHETIC)
+        self.items, self.info = run_inputs.qa_items(qa_config, settings.split, model_config.num_answers)
+        self.cfg = run_inputs.qa_eval_input(qa_config)
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
         items, info, cfg = self.items, self.info, self.cfg
@@ -242,7 +242,7 @@ class QAEvaluator(_Evaluator):
         if missing:
             lines.append(f"  {len(missing)} of {total} questions have no clip in the split (scored wrong); "
                          f"accuracy on the {len(items)} with a clip: {metrics['accuracy_on_clips']:.2f}%")
-        where = self.source if self.source != data_glue.SYNTHETIC else pathlib.Path(cfg.dataset).parent.name
+        where = self.source if self.source != run_inputs.SYNTHETIC else pathlib.Path(cfg.dataset).parent.name
         views = f", {cfg.num_views} views" if cfg.num_views > 1 else ""
         print(f"VideoQA {where}/{cfg.split}: {total} questions, step {step}{views}\n" + "\n".join(lines), flush=True)
         _write_json(self.out_dir, f"{self.name}_step{step}.json", metrics)

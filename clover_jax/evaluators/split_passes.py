@@ -13,10 +13,10 @@ import numpy as np
 
 from clover_jax import tasks
 from clover_jax.models.clover import CloverConfig
-from data_pipelines.device_transfer import to_global
-from data_pipelines.input_config import InputConfig
-from data_pipelines.input_pipeline import make_eval_dataset
-from data_pipelines.qa_inputs import make_qa_eval_dataset
+from data_pipelines.input.device_transfer import to_global
+from data_pipelines.input.input_config import InputConfig
+from data_pipelines.input.input_pipeline import make_eval_dataset
+from data_pipelines.input.qa_inputs import make_qa_eval_dataset
 
 THUMB_FRAMES = 4
 THUMB_SIZE = 64

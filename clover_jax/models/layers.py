@@ -1,6 +1,6 @@
 """Shared layer constructors that attach logical axis names to every parameter.
 
-Logical axis vocabulary (the sharding rules table in `clover_jax/sharding.py` maps these to mesh axes):
+Logical axis vocabulary (the sharding rules table in `clover_jax/partitioning.py` maps these to mesh axes):
   "embed"  hidden/channel width of a transformer (BERT hidden, Swin stage channels)
   "mlp"    feed-forward inner width
   "heads"  fused attention width (num_heads * head_dim) of q/k/v and the attention output's input
