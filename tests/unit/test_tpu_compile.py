@@ -99,22 +99,12 @@ def test_cpu_lowering_carries_every_cpu_kernel():
     assert not missing, missing
 
 
-def test_per_clip_scan_keeps_each_device_on_its_own_clips():
-    """video_batching=per_clip on 8 devices: each scan step encodes one clip per device, so the compiled step
-    gathers no clip (a scan over the global batch axis all-gathered the whole video batch to every device)."""
-    config = pretrain.get_config("tiny")
-    config.compilation_cache_dir = ""
-    config.model.update(video_batching="per_clip", remat="full")
-    config.kernels.window_attention = "fused"  # the CPU kernel's chunk loop slices a sharded axis: not this test's
-    compiled, run, _ = aot.compile_train_step(config)
-    assert run.execution.batch_shards == 8 and run.mesh.devices.size == 8
-    one_clip = config.data.num_frames * config.data.image_size**2 * 3 * 4
-    gathers = aot.hlo_collectives(compiled.as_text()).get("all-gather", {"largest": []})["largest"]
-    assert all(size < one_clip for size, _ in gathers), gathers
-
-
 def test_tpu_compile_has_the_tpu_policy_no_cpu_kernel_and_reports_memory(tpu_devices):
+    """The per-clip encoder (the `:base` recipe's) for 4 TPU chips: no CPU kernel, memory reported, and each scan
+    step encodes one clip per chip, so the step gathers no clip (a scan over the global batch axis all-gathered
+    the whole video batch to every chip)."""
     config = _tiny_with_dropout()
+    config.model.update(video_batching="per_clip", remat="full")
     text, run = _lowered_text(config, tpu_devices)
     assert run.execution.platform == "tpu" and run.execution.window_attention == "fused"
     assert (run.execution.layer_norm, run.execution.dense, run.execution.dropout) == ("xla", "xla", "xla")
@@ -128,3 +118,7 @@ def test_tpu_compile_has_the_tpu_policy_no_cpu_kernel_and_reports_memory(tpu_dev
     assert report["xla_flops"] > 0 and report["analytic_flops"] > 0 and report["roofline_s"] > 0
     assert "all-reduce" in report["collectives"]  # the gradient reduction over the 4 chips
     assert "for 4 tpu devices: window_attention fused" in report["policy"]
+    assert run.execution.batch_shards == 4 and report["model"]["video_batching"] == "per_clip"
+    one_clip_bf16 = config.data.num_frames * config.data.image_size**2 * 3 * 2
+    gathers = report["collectives"].get("all-gather", {"largest": []})["largest"]
+    assert all(size < one_clip_bf16 for size, _ in gathers), gathers
