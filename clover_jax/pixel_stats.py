@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+
+from ml_collections import ConfigDict
 
 from data_pipelines.input.input_config import PIXEL_STATS
 
@@ -59,7 +60,7 @@ def stats_of_weights(path: str | pathlib.Path, _depth: int = 0) -> tuple[str, st
     return _from_sources(saved, None, _depth + 1)
 
 
-def _from_sources(config: Any, workdir: pathlib.Path | None, depth: int) -> tuple[str, str]:
+def _from_sources(config: ConfigDict, workdir: pathlib.Path | None, depth: int) -> tuple[str, str]:
     """(name, why) for "auto": the first weights source in restore order that is set."""
     if workdir is not None and (workdir / "checkpoints").is_dir() and (workdir / "config.json").is_file():
         name = json.loads((workdir / "config.json").read_text()).get("pixel_stats", LEGACY)
@@ -73,7 +74,7 @@ def _from_sources(config: Any, workdir: pathlib.Path | None, depth: int) -> tupl
     return "imagenet_rgb", "no official Clover checkpoint (fresh initialisation)"
 
 
-def resolve(config: Any, *, checkpoint: str | pathlib.Path = "",
+def resolve(config: ConfigDict, *, checkpoint: str | pathlib.Path = "",
             workdir: pathlib.Path | None = None) -> tuple[str, str]:
     """(concrete statistics name, one-line reason) of `config.pixel_stats` for a run reading its weights
     from `checkpoint` (evaluation) or, when that is empty, from `workdir`'s checkpoints / resume / init_from

@@ -11,6 +11,7 @@ import pathlib
 from typing import Any, Iterator
 
 import numpy as np
+from ml_collections import ConfigDict
 
 from clover_jax.tasks import QA_TASKS
 from data_pipelines.build import built_splits
@@ -24,7 +25,7 @@ from data_pipelines.input.video_masking import BlockMaskConfig
 SYNTHETIC = "synthetic"
 
 
-def cache_dir(data_cfg: Any) -> pathlib.Path:
+def cache_dir(data_cfg: ConfigDict) -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(data_cfg.cache_dir or "~/.cache/clover_jax")).absolute()
 
 
@@ -41,7 +42,7 @@ def _wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
     ocp.multihost.get_barrier_sync_fn()(key=f"clover_jax {name} {next(_barrier_ids)}", timeout_ms=timeout_s * 1000)
 
 
-def resolve_dataset(name_or_folder: str, data_cfg: Any) -> str:
+def resolve_dataset(name_or_folder: str, data_cfg: ConfigDict) -> str:
     """Dataset folder for a config entry; builds the synthetic dataset on first use."""
     if not name_or_folder:
         raise ValueError("no dataset given: set --config.data.dataset (a prepared folder or 'synthetic')")
@@ -67,12 +68,12 @@ def resolve_dataset(name_or_folder: str, data_cfg: Any) -> str:
     return str(folder)
 
 
-def _block_mask(data_cfg: Any) -> BlockMaskConfig:
+def _block_mask(data_cfg: ConfigDict) -> BlockMaskConfig:
     return BlockMaskConfig(grid=data_cfg.mask_grid, num_masked=data_cfg.mask_cells,
                            min_block=data_cfg.mask_min_block)
 
 
-def pixel_stats_name(config: Any) -> str:
+def pixel_stats_name(config: ConfigDict) -> str:
     """The concrete `config.pixel_stats` (entry points store it; "auto" is resolved from the config's
     resume / init_from here, see `clover_jax.pixel_stats`)."""
     from clover_jax import pixel_stats
@@ -80,7 +81,7 @@ def pixel_stats_name(config: Any) -> str:
     return pixel_stats.resolve(config)[0]
 
 
-def train_input(data_cfg: Any, dataset: str, *, num_frames: int | None = None, seed_offset: int = 0,
+def train_input(data_cfg: ConfigDict, dataset: str, *, num_frames: int | None = None, seed_offset: int = 0,
                 pixel_stats: str = "imagenet_rgb") -> InputConfig:
     """InputConfig of the training stream of `dataset` (a resolved folder), normalised as `pixel_stats`."""
     return InputConfig(
@@ -92,7 +93,8 @@ def train_input(data_cfg: Any, dataset: str, *, num_frames: int | None = None, s
     )
 
 
-def eval_input(eval_cfg: Any, data_cfg: Any, dataset: str, pixel_stats: str = "imagenet_rgb") -> InputConfig:
+def eval_input(eval_cfg: ConfigDict, data_cfg: ConfigDict, dataset: str,
+               pixel_stats: str = "imagenet_rgb") -> InputConfig:
     """InputConfig of an evaluation pass (uniform frames, `eval_cfg.crop` "centre" or "squash", no masking),
     normalised as `pixel_stats`."""
     return InputConfig(
@@ -103,7 +105,7 @@ def eval_input(eval_cfg: Any, data_cfg: Any, dataset: str, pixel_stats: str = "i
     )
 
 
-def train_mixture(data_cfg: Any, pixel_stats: str = "imagenet_rgb") -> MixtureConfig:
+def train_mixture(data_cfg: ConfigDict, pixel_stats: str = "imagenet_rgb") -> MixtureConfig:
     """The training sources as a mixture (one source is a mixture of one). Each source entry of
     `config.data.sources` is {dataset, weight, num_frames (0 = data.num_frames)}; they take turns in the
     order `config.data.source_order` names (empty: sorted names). A source's stream (its seed) does not
@@ -132,7 +134,7 @@ def captioned_clips(cfg: InputConfig) -> int:
     return int(np.count_nonzero(split_index(cfg.dataset, cfg.split).num_captions > 0))
 
 
-def qa_eval_input(config: Any) -> InputConfig:
+def qa_eval_input(config: ConfigDict) -> InputConfig:
     """InputConfig of a VideoQA evaluation pass: `eval_input` plus `config.eval.num_views` test views
     sampled as `config.eval.view_sampling`."""
     dataset = qa_clips_folder(config, config.eval.split)
@@ -140,7 +142,7 @@ def qa_eval_input(config: Any) -> InputConfig:
         num_views=config.eval.get("num_views", 1), view_sampling=config.eval.get("view_sampling", "interleaved"))
 
 
-def qa_clips_folder(config: Any, split: str) -> str:
+def qa_clips_folder(config: ConfigDict, split: str) -> str:
     """The clips of a QA split: `config.qa.eval_dataset` for the eval split when set (a folder built by
     `prepare --format qa` holds one split), else `config.qa.dataset`."""
     name = (config.qa.get("eval_dataset", "") if split == config.eval.split else "") or config.qa.dataset
@@ -150,7 +152,7 @@ def qa_clips_folder(config: Any, split: str) -> str:
     return resolve_dataset(name, config.data)
 
 
-def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
+def qa_items(config: ConfigDict, split: str, num_answers: int = 0) -> tuple[QAItems, dict[str, Any]]:
     """VideoQA items of `split` for `config.task` and facts for evaluation: info["answers"] and
     info["kinds"] per item (answer text, for multiple choice the true option; question kind),
     info["missing_kinds"] (questions whose clip is not in the split: scored wrong), and for open-ended
@@ -168,7 +170,7 @@ def qa_items(config: Any, split: str, num_answers: int = 0) -> tuple[QAItems, di
     return _annotated_qa_items(config, source, split, num_answers)
 
 
-def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
+def _synthetic_qa_items(config: ConfigDict, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
     from data_pipelines.build import synthetic_qa as sqa
 
     if config.task == "qa_fill_in_blank":
@@ -200,7 +202,7 @@ def _synthetic_qa_items(config: Any, split: str, num_answers: int) -> tuple[QAIt
                        missing_kinds=[])
 
 
-def _qa_file(config: Any, split: str) -> str:
+def _qa_file(config: ConfigDict, split: str) -> str:
     key = "train_file" if split == config.data.split else "eval_file" if split == config.eval.split else None
     if key is None:
         raise ValueError(f"split {split!r} is neither config.data.split ({config.data.split!r}) nor "
@@ -214,7 +216,8 @@ def _qa_file(config: Any, split: str) -> str:
     return path
 
 
-def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
+def _annotated_qa_items(config: ConfigDict, source: str, split: str,
+                        num_answers: int) -> tuple[QAItems, dict[str, Any]]:
     from data_pipelines.build import qa_sources
 
     if source not in qa_tasks.SOURCE_TASKS:
@@ -264,7 +267,7 @@ def _annotated_qa_items(config: Any, source: str, split: str, num_answers: int) 
     return result.items, info
 
 
-def qa_train_batches(config: Any, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
+def qa_train_batches(config: ConfigDict, items: QAItems, start_step: int, sharding: Any) -> Iterator[tuple[str, dict]]:
     """(name, global batch) per step from `start_step`, like `make_mixture_iterator` for one QA source."""
     from data_pipelines.input.device_transfer import device_iterator, numpy_batches
     from data_pipelines.input.qa_inputs import make_qa_train_dataset

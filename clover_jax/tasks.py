@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
+from ml_collections import ConfigDict
 
 from clover_jax import grad_cache, losses
 from clover_jax.defaults import TEMPERATURE
@@ -25,7 +26,7 @@ from clover_jax.models.clover import Clover, CloverConfig
 LossFn = grad_cache.LossFn
 
 
-def pretrain_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+def pretrain_objective(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                        *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
     """The pre-training loss (`losses.pretrain_objective`) in embedding form: `embed` runs the Clover forward
     on rows of a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels and returns the six
@@ -50,14 +51,14 @@ def pretrain_objective(model_config: CloverConfig, loss_config: Any, num_data_re
     return grad_cache.EmbeddingLoss(embed, normalizer, loss)
 
 
-def pretrain_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+def pretrain_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                      *, deterministic: bool = False) -> LossFn:
     """The pre-training loss on a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels."""
     return grad_cache.plain_loss_fn(pretrain_objective(model_config, loss_config, num_data_replicas,
                                                        deterministic=deterministic))
 
 
-def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+def retrieval_objective(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                         *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
     """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) in embedding form (the fusion
     encoder is unused; no per-example term). Its gradient is scaled by `losses.contrastive_grad_factor`: the
@@ -83,7 +84,7 @@ def retrieval_objective(model_config: CloverConfig, loss_config: Any, num_data_r
     return grad_cache.EmbeddingLoss(embed, lambda batch: jnp.ones((), jnp.float32), loss)
 
 
-def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+def retrieval_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                       *, deterministic: bool = False) -> LossFn:
     """Symmetric InfoNCE between v = g_v(Swin(V)) and t = g_t(BERT(T)) (the fusion encoder is unused)."""
     return grad_cache.plain_loss_fn(retrieval_objective(model_config, loss_config, num_data_replicas,
@@ -94,7 +95,7 @@ def retrieval_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_rep
 EMBEDDING_OBJECTIVES = {"pretrain": pretrain_objective, "retrieval": retrieval_objective}
 
 
-def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int,
+def qa_open_ended_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                           *, at_mask_token: bool = False) -> LossFn:
     """Cross-entropy over the answer vocabulary (`Clover.qa_open_ended`) on video, text_ids, text_mask,
     answer_index. Questions whose answer is outside the vocabulary (-1) are left out of the loss but
@@ -125,12 +126,12 @@ def _qa_multiple_choice_forward(model: Clover) -> Callable:
     return forward
 
 
-def qa_fill_in_blank_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+def qa_fill_in_blank_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int) -> LossFn:
     """LSMDC fill-in-the-blank: the open-ended cross-entropy with the head on the fused [MASK] state."""
     return qa_open_ended_loss_fn(model_config, loss_config, num_data_replicas, at_mask_token=True)
 
 
-def qa_multiple_choice_loss_fn(model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+def qa_multiple_choice_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int) -> LossFn:
     """Cross-entropy over the K option scores (`Clover.qa_multiple_choice`) on video, option_ids,
     option_mask (B, K, L) and answer_index (the true option)."""
     del loss_config, num_data_replicas
@@ -192,7 +193,7 @@ TASKS = {
 QA_TASKS = tuple(name for name, task in TASKS.items() if task.evaluator == "qa")
 
 
-def loss_fn_of(task: str, model_config: CloverConfig, loss_config: Any, num_data_replicas: int) -> LossFn:
+def loss_fn_of(task: str, model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int) -> LossFn:
     """The loss function of `config.task`; ValueError names the valid tasks."""
     if task not in TASKS:
         raise ValueError(f"config.task={task!r}; valid: {', '.join(map(repr, TASKS))}")
