@@ -69,10 +69,17 @@ def test_data_pipelines_import_nothing_from_clover_jax():
     assert {module: targets for module, targets in upward.items() if targets} == {}
 
 
-def layout_rows(readme: str) -> set[str]:
-    """The paths in the first column of README's Layout table."""
+def layout_rows(readme: str) -> dict[str, str]:
+    """{path in the first column: the row's role text} of README's Layout table."""
     section = readme.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
-    return {line.split("`")[1] for line in section.splitlines() if line.startswith("| `")}
+    return {line.split("`")[1]: line.split("|")[2] for line in section.splitlines() if line.startswith("| `")}
+
+
+def unlisted_modules(rows: dict[str, str], modules: set[str]) -> list[str]:
+    """Modules with neither a row of their own nor a mention (`name.py`) in their folder's row."""
+    paths = {m: pathlib.PurePosixPath(m) for m in modules}
+    return sorted(m for m, path in paths.items() if m not in rows and
+                  f"`{path.name}`" not in rows.get(f"{path.parent}/", ""))
 
 
 def test_readme_layout_names_every_module_and_only_existing_paths():
@@ -81,14 +88,17 @@ def test_readme_layout_names_every_module_and_only_existing_paths():
                for p in (REPO / package).rglob("*.py") if p.name != "__init__.py"}
     folders = {str(p.parent.relative_to(REPO)) + "/" for package in ("clover_jax", "data_pipelines")
                for p in (REPO / package).rglob("__init__.py")}
-    assert sorted(modules - rows) == [], "modules missing from README's Layout table"
-    assert sorted(folders - rows) == [], "packages missing from README's Layout table"
+    assert unlisted_modules(rows, modules) == [], "modules missing from README's Layout table"
+    assert sorted(folders - set(rows)) == [], "packages missing from README's Layout table"
     assert sorted(r for r in rows if not (REPO / r).exists()) == [], "README's Layout names paths that do not exist"
 
 
-def test_layout_rows_reads_the_first_column():
-    readme = "# x\n## Layout\n| path | role |\n|---|---|\n| `a/b.py` | B |\n| `a/` | A |\n## Next\n| `c.py` | no |\n"
-    assert layout_rows(readme) == {"a/b.py", "a/"}
+def test_layout_rows_and_unlisted_modules():
+    readme = ("# x\n## Layout\n| path | role |\n|---|---|\n| `a/b.py` | B |\n| `a/c/` | C: `d.py` (D) |\n"
+              "## Next\n| `e.py` | no |\n")
+    rows = layout_rows(readme)
+    assert rows == {"a/b.py": " B ", "a/c/": " C: `d.py` (D) "}
+    assert unlisted_modules(rows, {"a/b.py", "a/c/d.py", "a/c/f.py", "e.py"}) == ["a/c/f.py", "e.py"]
 
 
 def test_find_cycle_reports_one():
