@@ -34,7 +34,7 @@ RUNS = [
 
 def _mc_file(cache: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     """One 5-option item per synthetic test clip (fixed options, answer i % 5: it exercises the schedule)."""
-    from data_pipelines.build.builder import split_index
+    from data_pipelines.build.built_splits import split_index
 
     folder = next(cache.glob("tfds/*/synthetic_*/*"))
     options = ["a red circle moves to the left", "two blue squares spin around", "a green cross stays in place",

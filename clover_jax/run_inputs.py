@@ -129,7 +129,7 @@ def train_mixture(data_cfg: ConfigDict, pixel_stats: str = "imagenet_rgb") -> Mi
 
 def captioned_clips(cfg: InputConfig) -> int:
     """The clips of `cfg.split` that have a caption: what one training epoch of that split visits."""
-    from data_pipelines.build.builder import split_index
+    from data_pipelines.build.built_splits import split_index
 
     return int(np.count_nonzero(split_index(cfg.dataset, cfg.split).num_captions > 0))
 

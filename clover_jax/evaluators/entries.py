@@ -146,7 +146,7 @@ class MultipleChoiceEvaluator(_Evaluator):
 
     def __init__(self, name, settings, config, model_config, batch_sharding, out_dir):
         super().__init__(name, settings, config, model_config, batch_sharding, out_dir)
-        from data_pipelines.build.builder import split_index
+        from data_pipelines.build.built_splits import split_index
         from data_pipelines.build.qa_readers import read_msrvtt_mc_jsonl
 
         if not settings.file:

@@ -139,7 +139,7 @@ def test_config_typo_and_bad_batch_fail_in_one_line(cli_env, tmp_path):
 
 def test_eval_cli_scores_msrvtt_style_multiple_choice(cli_env, reference, tmp_path):
     """The MSR-VTT MC format over the run's eval clips; an item whose clip is absent counts as wrong."""
-    from data_pipelines.build.builder import split_index
+    from data_pipelines.build.built_splits import split_index
 
     ref_dir, _ = reference
     config = json.loads((ref_dir / "config.json").read_text())
