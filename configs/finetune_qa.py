@@ -30,7 +30,8 @@ in every official QA config; head dropout as the official config of each task):
   lsmdc_mc         5-way multiple choice, " Options: ... Answer: option" (no question) <= 256 tokens, head
                    dropout 0.5, lr 1.2e-5, 20 epochs; training options in file order (`qa.option_order=
                    "file"`, official; "shuffled" permutes them, as the file lists the truth first). Paper: 83.7%.
-  lsmdc_fib        fill-in-the-blank: the head reads the fused state at the [MASK] that replaces the blank;
+  lsmdc_fib        fill-in-the-blank: the head reads the fused state at the [MASK] that replaces the blank, and
+                   a learned token sits between video and text in the fusion (official use_text_cls=False);
                    908 answers (the most frequent training answers), sentence <= 200 tokens, head dropout
                    0.5, lr 1.2e-5, 20 epochs. Paper: 54.1%. The annotation layout is UNCONFIRMED (see
                    read_lsmdc_fib).
@@ -102,6 +103,8 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         overrides["multiple_choice"] = True
     else:
         overrides["num_answers"] = answers
+    if name == "lsmdc_fib":  # the official FiB config leaves use_text_cls False: a learned token joins the fusion
+        overrides["fusion_cls_token"] = True
     c.model.overrides = overrides
     c.qa = dict(source=name, dataset="", eval_dataset="", train_file="", eval_file="", answer_vocab="",
                 msvd_mapping="", text_length=text_length, mc_format="full", option_order="file", seed=0)

@@ -174,11 +174,11 @@ def _temporal_pos(w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[1], w.shape[3])
 
 
-def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str) -> Plan:
+def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str, *, cls_token: bool = False) -> Plan:
     """`multimodal_backbone.*` onto our FusionEncoder (`bert_embedding.*` is unused: ignore it).
 
     The position parameters drop their singleton axes: vis_space_pos (1,1,S,H) -> spatial_pos (S,H),
-    vis_tempor_pos (1,T,1,H) -> temporal_pos (T,H).
+    vis_tempor_pos (1,T,1,H) -> temporal_pos (T,H); with `cls_token`, all_cls_token (1,1,H) -> (H,).
     """
     src = CLOVER_FUSION_SRC
     plan: Plan = {}
@@ -187,6 +187,8 @@ def clover_fusion_plan(config: BertConfig, video_dim: int, dst_prefix: str) -> P
     plan[_join(dst_prefix, "spatial_pos")] = (f"{src}vis_space_pos", _spatial_pos)
     plan[_join(dst_prefix, "temporal_pos")] = (f"{src}vis_tempor_pos", _temporal_pos)
     plan[_join(dst_prefix, "token_type_embeddings")] = (f"{src}token_type_embeddings.weight", identity)
+    if cls_token:
+        plan[_join(dst_prefix, "all_cls_token")] = (f"{src}all_cls_token", lambda w: w.reshape(w.shape[-1]))
     _norm(plan, _join(dst_prefix, "norm"), f"{src}norm")
     plan.update(bert_encoder_plan(config.num_layers, _join(dst_prefix, "encoder"), f"{src}bert_encoder."))
     return plan

@@ -30,7 +30,8 @@ def official_clover_plan(config: CloverConfig) -> Plan:
     plan: Plan = {}
     plan.update(_under("video_encoder", swin_convert.official_plan(config.video, prefix="backbone.")))
     plan.update(bert_convert.clover_text_encoder_plan(config.text, "text_encoder"))
-    plan.update(bert_convert.clover_fusion_plan(config.fusion_config, config.video.out_dim, "fusion"))
+    plan.update(bert_convert.clover_fusion_plan(config.fusion_config, config.video.out_dim, "fusion",
+                                                cls_token=config.fusion_cls_token))
     plan.update(bert_convert.clover_video_projector_plan("video_proj"))
     plan.update(bert_convert.clover_text_projector_plan("text_proj"))
     plan.update(bert_convert.clover_fused_video_head_plan("h_v"))

@@ -59,6 +59,7 @@ class CloverConfig:
     multiple_choice: bool = False  # adds the multiple-choice scorer head
     qa_dropout: float = 0.5
     mask_token_id: int = 103  # [MASK] in bert-base-uncased; fill-in-the-blank reads the fused state here
+    fusion_cls_token: bool = False  # a learned token between video and text in the fusion (official LSMDC-FiB)
     dtype: str = "float32"  # compute dtype; parameters are always float32
     remat: str = "none"  # `layers.REMAT_POLICIES` name for every Swin block and BERT layer (True = "full")
     video_batching: str = "batched"  # or "per_clip": see VIDEO_BATCHING
@@ -190,7 +191,7 @@ class Clover(nn.Module):
         self.text_encoder = BertModel(c.text, add_pooler=False, remat=c.remat, **kw)
         self.fusion = FusionEncoder(
             c.fusion_config, video_dim=c.video.out_dim, max_temporal_tokens=temporal,
-            spatial_tokens=spatial, remat=c.remat, **kw,
+            spatial_tokens=spatial, remat=c.remat, cls_token=c.fusion_cls_token, **kw,
         )
         self.video_proj = VideoProjector(c.embed_dim, **kw)
         self.text_proj = TextProjector(c.embed_dim, **kw)

@@ -5,6 +5,8 @@ Reference §1.3 (`CrossModalTransformerFromPretrained`, `use_text_cls=True`):
   text tokens  = text-encoder hidden states + token_type[1]          (no LayerNorm, no re-embedding)
   BertEncoder over [video ; text] with mask [ones ; text mask] (merged full self-attention).
 The fused vector is the output at the text [CLS] position, `text_states[:, 0]`.
+With `cls_token` (`use_text_cls=False`, the official LSMDC fill-in-the-blank recipe) a learned token sits
+between them: [video ; all_cls ; text], attended like a video token, with no position or type embedding.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class FusionEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool | str = "none"
+    cls_token: bool = False
 
     @nn.compact
     def __call__(
@@ -86,14 +89,19 @@ class FusionEncoder(nn.Module):
         video_tokens = layer_norm(name="norm", eps=self.video_norm_eps, param_dtype=self.param_dtype)(tokens)
         text_tokens = text_states.astype(jnp.float32) + token_types[TEXT_TOKEN_TYPE]
 
+        if self.cls_token:  # timm's trunc_normal_(std=.02) cuts at +-2 absolute: a plain N(0, 0.02^2)
+            all_cls = param_with_axes(self, "all_cls_token", NORMAL_02, (hidden,), ("embed",), self.param_dtype)
+            video_tokens = jnp.concatenate(
+                [video_tokens, jnp.broadcast_to(all_cls.astype(jnp.float32), (batch, 1, hidden))], axis=1)
+        num_before_text = video_tokens.shape[1]
         joint = jnp.concatenate([video_tokens, text_tokens], axis=1).astype(self.dtype)
         joint_mask = jnp.concatenate(
-            [jnp.ones((batch, num_video), jnp.int32), text_mask.astype(jnp.int32)], axis=1
+            [jnp.ones((batch, num_before_text), jnp.int32), text_mask.astype(jnp.int32)], axis=1
         )
         out = BertEncoder(self.config, self.dtype, self.param_dtype, remat=self.remat, name="encoder")(
             joint, joint_mask, deterministic=deterministic
         )
-        return out[:, :num_video], out[:, num_video:]
+        return out[:, :num_video], out[:, num_before_text:]
 
     def _check_inputs(self, video: jnp.ndarray, text_states: jnp.ndarray, text_mask: jnp.ndarray) -> None:
         if video.ndim != 5:

@@ -230,3 +230,34 @@ def test_heads_init_xavier_zero_bias_and_qa_shapes():
     assert nn.unbox(mc_params)["params"]["fc1"]["kernel"].shape == (64, 256)
     with pytest.raises(ValueError, match="input_kind"):
         FusedVideoHead(64, input_kind="cls").init(rng, x)
+
+
+def test_fusion_cls_token_of_the_official_fill_in_the_blank_recipe(converted, golden):
+    """use_text_cls=False (official LSMDC-FiB): a learned all_cls_token between video and text, converted from
+    its (1, 1, H) official tensor, attended by the text, and cut from both returned sequences."""
+    from configs import finetune_qa
+
+    state, g = golden
+    hidden = FUSION.hidden_size
+    token = np.random.default_rng(0).normal(0, 0.02, (1, 1, hidden)).astype(np.float32)
+    module = FusionEncoder(FUSION, video_dim=VIDEO_DIM, cls_token=True)
+    video = np.transpose(g["backbone_out"], (0, 2, 3, 4, 1))
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), video, g["text_states"], g["attention_mask"]))
+    fusion_state = {k: v for k, v in state.items() if k.startswith(conv.CLOVER_FUSION_SRC)}
+    params, _ = assemble({**fusion_state, f"{conv.CLOVER_FUSION_SRC}all_cls_token": token},
+                         conv.clover_fusion_plan(FUSION, VIDEO_DIM, "fusion", cls_token=True),
+                         {"fusion": shapes["params"]}, ignore_unexpected=conv.CLOVER_FUSION_UNUSED)
+    np.testing.assert_array_equal(params["fusion"]["all_cls_token"], token.reshape(hidden))
+    apply = jax.jit(lambda p: module.apply({"params": p}, video, g["text_states"], g["attention_mask"]))
+    video_states, text_states = apply(params["fusion"])
+    assert video_states.shape == (2, 4 * 49, hidden) and text_states.shape == g["text_states"].shape
+    _, moved = apply({**params["fusion"], "all_cls_token": params["fusion"]["all_cls_token"] + 1.0})
+    assert float(jnp.abs(moved - text_states).max()) > 1e-3  # the text attends to it
+    modules, plain_params, _ = converted
+    _, without = modules["fusion"].apply({"params": plain_params["fusion"]}, video, g["text_states"],
+                                         g["attention_mask"])
+    assert float(jnp.abs(without - text_states).max()) > 1e-3
+    fib = finetune_qa.get_config("lsmdc_fib,tiny").model.overrides
+    assert fib["fusion_cls_token"] is True
+    assert "fusion_cls_token" not in finetune_qa.get_config("lsmdc_mc,tiny").model.overrides
+
