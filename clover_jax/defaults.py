@@ -5,6 +5,9 @@ import ml_collections
 
 TERM_NAMES = ("mlm", "nce_video_anchor", "rank_video_anchor", "nce_text_anchor", "rank_text_anchor")
 TEMPERATURE = 0.05  # cosine-logit temperature of every contrastive loss (clover-reference.md §2)
+ALIGNMENTS = ("tri_modal", "pairwise")
+# The pre-training objective's ablation switches (`losses.objective_switches`); the paper's are the defaults.
+SWITCHES = ("alignment", "masked_candidates", "ranking", "mlm", "video_masking")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -17,6 +20,11 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "loss_weights": {name: 1.0 for name in TERM_NAMES},
             "contrastive_grad_scale": "global",  # or "official" / "reference": losses.contrastive_grad_factor
             "official_replicas": 32,  # the official pre-training run's GPUs (8 x 4 machines), for "official"
+            "alignment": "tri_modal",  # or "pairwise" (ablation switches: losses.objective_switches)
+            "masked_candidates": True,
+            "ranking": True,
+            "mlm": True,
+            "video_masking": True,
         }
     )
 
@@ -33,8 +41,13 @@ def default_optim_config() -> ml_collections.ConfigDict:
             "grad_clip": 15.0,  # global-norm clip; 0 or None disables
             "warmup_steps": 0,
             "warmup_epochs": 0.0,  # > 0: the warm-up in epochs of the training data (wins over warmup_steps)
-            "warmup_init_ratio": 1e-3,
+            "warmup_init_ratio": 1e-3,  # mmcv's warmup_ratio: the first step's lr / the regular lr
             "min_lr_ratio": 1e-3,
             "lr_multipliers": {},  # {param path prefix: factor}, e.g. {"qa_head": 10.0}
+            # "warmup_then_cosine" (ours: optax's warm-up to lr, then a cosine over the remaining steps) or
+            # "mmcv_cosine" (the official code's: cosine from step 0, the warm-up multiplying it; lr_schedules.py)
+            "schedule": "warmup_then_cosine",
+            "schedule_by_epoch": False,  # mmcv_cosine only: the cosine's value held within each epoch (mmcv by_epoch)
+            "decay_rules": "ours",  # which tensors decay: a rule set of clover_jax/weight_decay.py DECAY_RULES
         }
     )

@@ -1,52 +1,21 @@
-"""Clover's optimizer: AdamW with path-masked weight decay, global-norm clipping, warm-up + cosine lr.
+"""Clover's optimizer: AdamW with rule-masked weight decay, global-norm clipping, a named lr schedule.
 
-Reference (clover-reference.md §4): AdamW (0.9, 0.98), eps 1e-8, wd 0.005 with none on norms, biases,
-position embeddings and relative-position tables, grad clip 15, cosine per step to 1e-3 x lr after a
-linear warm-up from 1e-3 x lr. The reference's mmcv warm-up multiplies the already-decaying cosine curve
-(so it ends slightly below the peak); we use optax's form, which warms up to exactly `lr` and then
-starts the cosine (the two differ by < 3% of lr during the warm-up of a 4-of-40-epoch schedule).
+Reference (clover-reference.md §4): AdamW (0.9, 0.98), eps 1e-8, wd 0.005 with none on norms and biases
+(`weight_decay.DECAY_RULES` says which other tensors, per rule set), grad clip 15, cosine to 1e-3 x lr after a
+linear warm-up from 1e-3 x lr. `optim.schedule` picks ours (optax's warm-up then cosine) or the official
+code's mmcv formula (`lr_schedules`), which the `official` config variants select.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from clover_jax import lr_schedules, weight_decay
 from clover_jax.defaults import default_optim_config
 from clover_jax.param_paths import path_to_str
-
-# Path components that mark parameters excluded from weight decay (matched per component, lower case).
-_NO_DECAY_LEAVES = frozenset({"bias", "scale"})  # every bias; LayerNorm scale (and its bias)
-_NO_DECAY_COMPONENT = re.compile(
-    r"(norm|^ln\d*$"  # any normalisation module (LayerNorm, norm1, ln1, ...)
-    r"|position|(^|_)pos($|_)"  # position_embeddings, spatial_pos, temporal_pos, absolute_pos_embed
-    r"|token_type"  # BERT token-type embeddings
-    r"|relative_position|rel_pos"  # Swin relative-position bias tables
-    r"|mask_token)"  # Swin mask token
-)
-
-
-def decays(path: str) -> bool:
-    """Whether the parameter at 'a/b/leaf' gets weight decay.
-
-    False for: leaves named `bias` or `scale` (all biases, LayerNorm scale/bias), anything under a norm
-    module (`*norm*`, `ln`, `ln1`), position embeddings (`*position*`, `*_pos`, `pos_*`), token-type
-    embeddings, relative-position tables and the mask token. True otherwise (kernels, word embeddings).
-    """
-    components = [c.lower() for c in path.split("/") if c]
-    if not components:  # a bare array as the whole params tree (also optax's placeholder tree)
-        return True
-    if components[-1] in _NO_DECAY_LEAVES:
-        return False
-    return not any(_NO_DECAY_COMPONENT.search(c) for c in components)
-
-
-def decay_mask(params: Any) -> Any:
-    """Tree of bools (True = decayed) with the structure of `params`, from `decays` on each path."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: decays(path_to_str(p)), params)
 
 
 def _matching_prefix(path: str, prefixes: Mapping[str, float]) -> str | None:
@@ -107,38 +76,52 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
+# Filled in by `run_setup.optim_config` from the data, not set in configs: mmcv_cosine counts in iterations
+# of `steps_per_lr_iteration` optimizer steps (the official pre-training: 2, one batch of each source), and
+# `lr_iterations_per_epoch` of them make an epoch (0: unknown, as in compile-only paths: one epoch).
+_RESOLVED = {"steps_per_lr_iteration": 1, "lr_iterations_per_epoch": 0}
+
+
 def _get(cfg: Any, name: str) -> Any:
-    defaults = default_optim_config()
+    defaults = {**default_optim_config(), **_RESOLVED}
     if isinstance(cfg, Mapping):
         return cfg.get(name, defaults[name])
     return getattr(cfg, name, defaults[name])
 
 
 def make_schedule(cfg: Any, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Linear warm-up from warmup_init_ratio*lr to lr over warmup_steps, then cosine to min_lr_ratio*lr."""
+    """The lr schedule `optim.schedule` names (`lr_schedules.SCHEDULES`) over `total_steps` optimizer steps."""
     lr, warmup = float(_get(cfg, "lr")), int(_get(cfg, "warmup_steps"))
+    name, by_epoch = _get(cfg, "schedule"), bool(_get(cfg, "schedule_by_epoch"))
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup < total_steps:
         raise ValueError(f"warmup_steps={warmup} must be in [0, total_steps={total_steps})")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    return optax.warmup_cosine_decay_schedule(
-        init_value=float(_get(cfg, "warmup_init_ratio")) * lr,
-        peak_value=lr,
-        warmup_steps=warmup,
-        decay_steps=total_steps,
-        end_value=float(_get(cfg, "min_lr_ratio")) * lr,
-    )
+    if name not in lr_schedules.SCHEDULES:
+        raise ValueError(f"optim.schedule={name!r}; valid: {list(lr_schedules.SCHEDULES)}")
+    if by_epoch and name != "mmcv_cosine":
+        raise ValueError(f"optim.schedule_by_epoch=True needs optim.schedule='mmcv_cosine', got {name!r}")
+    warmup_ratio, min_lr_ratio = float(_get(cfg, "warmup_init_ratio")), float(_get(cfg, "min_lr_ratio"))
+    if name == "warmup_then_cosine":
+        return lr_schedules.warmup_then_cosine(lr, warmup, total_steps, warmup_ratio, min_lr_ratio)
+    per_iter = int(_get(cfg, "steps_per_lr_iteration"))
+    max_iters = max(1, total_steps // per_iter)
+    per_epoch = int(_get(cfg, "lr_iterations_per_epoch")) or max_iters
+    return lr_schedules.mmcv_cosine(lr, min_lr_ratio, warmup_ratio, warmup // per_iter, max_iters,
+                                    by_epoch=by_epoch, iters_per_epoch=per_epoch, steps_per_iter=per_iter)
 
 
 def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
-    """(clip -> AdamW with `decay_mask` -> per-path lr multipliers, lr schedule) from an optim config.
+    """(clip -> AdamW masked by the `optim.decay_rules` rule set -> per-path lr multipliers, lr schedule).
 
     `cfg` is a ConfigDict/dict/object with the fields of `default_optim_config()`; missing fields take
     those defaults. The schedule is returned too so the train step can log the learning rate.
     """
     schedule = make_schedule(cfg, total_steps)
+    rules = _get(cfg, "decay_rules")
+    weight_decay.rule_set(rules)  # a bad name fails here, not inside the first step
     clip = _get(cfg, "grad_clip")
     parts = []
     if clip:
@@ -152,7 +135,7 @@ def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransforma
             b2=float(_get(cfg, "b2")),
             eps=float(_get(cfg, "eps")),
             weight_decay=float(_get(cfg, "weight_decay")),
-            mask=decay_mask,
+            mask=lambda params: weight_decay.decay_mask(params, rules),
         )
     )
     multipliers = dict(_get(cfg, "lr_multipliers") or {})

@@ -70,7 +70,15 @@ def resolve_dataset(name_or_folder: str, data_cfg: ConfigDict) -> str:
 
 def _block_mask(data_cfg: ConfigDict) -> BlockMaskConfig:
     return BlockMaskConfig(grid=data_cfg.mask_grid, num_masked=data_cfg.mask_cells,
-                           min_block=data_cfg.mask_min_block)
+                           min_block=data_cfg.mask_min_block, fill=data_cfg.get("mask_fill", "exact"))
+
+
+def _train_switches(data_cfg: ConfigDict) -> dict:
+    """InputConfig fields of the issue-31 switches (`.get`: configs saved before them keep the defaults)."""
+    return dict(crop_sampler=data_cfg.get("crop_sampler", "mmaction"),
+                train_crop=data_cfg.get("train_crop", "random_resized"),
+                frame_sampling=data_cfg.get("frame_sampling", "segments"),
+                epoch_unit=data_cfg.get("epoch_unit", "clip"), epoch_order=data_cfg.get("epoch_order", "reshuffle"))
 
 
 def pixel_stats_name(config: ConfigDict) -> str:
@@ -82,14 +90,17 @@ def pixel_stats_name(config: ConfigDict) -> str:
 
 
 def train_input(data_cfg: ConfigDict, dataset: str, *, num_frames: int | None = None, seed_offset: int = 0,
-                pixel_stats: str = "imagenet_rgb") -> InputConfig:
+                pixel_stats: str = "imagenet_rgb", resize_method: str = "bilinear") -> InputConfig:
     """InputConfig of the training stream of `dataset` (a resolved folder), normalised as `pixel_stats`."""
+    text = TextMaskingConfig(max_length=data_cfg.text_length, mode=data_cfg.text_masking,
+                             word_budget=data_cfg.get("word_budget", "words"),
+                             random_ids=data_cfg.get("random_ids", "regular"))
     return InputConfig(
         dataset=dataset, split=data_cfg.split, batch_size=data_cfg.batch_size,
         num_frames=num_frames or data_cfg.num_frames, image_size=data_cfg.image_size,
-        crop_area=tuple(data_cfg.crop_area), flip_prob=data_cfg.flip_prob, mask=_block_mask(data_cfg),
-        text=TextMaskingConfig(max_length=data_cfg.text_length, mode=data_cfg.text_masking),
-        seed=data_cfg.seed + seed_offset, prefetch=data_cfg.prefetch, **pixel_fields(pixel_stats),
+        crop_area=tuple(data_cfg.crop_area), flip_prob=data_cfg.flip_prob, mask=_block_mask(data_cfg), text=text,
+        seed=data_cfg.seed + seed_offset, prefetch=data_cfg.prefetch, resize_method=resize_method,
+        **_train_switches(data_cfg), **pixel_fields(pixel_stats),
     )
 
 
@@ -120,7 +131,7 @@ def train_mixture(data_cfg: ConfigDict, pixel_stats: str = "imagenet_rgb") -> Mi
         src = data_cfg.sources[name]
         folder = resolve_dataset(src.dataset, data_cfg)
         stream = train_input(data_cfg, folder, num_frames=src.num_frames or None, seed_offset=names.index(name),
-                             pixel_stats=pixel_stats)
+                             pixel_stats=pixel_stats, resize_method=src.get("resize_method", "bilinear"))
         sources.append(MixtureSource(name, stream, src.weight))
     if not sources:
         raise ValueError("config.data.sources is empty: name at least one training dataset")
@@ -128,10 +139,12 @@ def train_mixture(data_cfg: ConfigDict, pixel_stats: str = "imagenet_rgb") -> Mi
 
 
 def captioned_clips(cfg: InputConfig) -> int:
-    """The clips of `cfg.split` that have a caption: what one training epoch of that split visits."""
+    """What one training epoch of `cfg.split` visits: the clips that have a caption, or with
+    `cfg.epoch_unit="caption"` every (clip, caption) pair."""
     from data_pipelines.build.built_splits import split_index
+    from data_pipelines.input.input_pipeline import train_items
 
-    return int(np.count_nonzero(split_index(cfg.dataset, cfg.split).num_captions > 0))
+    return int(train_items(split_index(cfg.dataset, cfg.split).num_captions, cfg.epoch_unit)[0].size)
 
 
 def qa_eval_input(config: ConfigDict) -> InputConfig:

@@ -292,6 +292,11 @@ def resolve_durations(config: ml_collections.ConfigDict, examples_per_epoch: int
     if examples_per_epoch < 1:
         raise ConfigError("the training split holds no example: prepare it, or check config.data.split")
     per_epoch = examples_per_epoch / config.data.batch_size
+    if config.optim.get("schedule", "warmup_then_cosine") == "mmcv_cosine":
+        # mmcv's epoch is a whole pass of its loader, the last batch partial (drop_last=False): ceil(examples /
+        # batch) iterations, of `lr_steps_per_iteration` optimizer steps each
+        per_iter = lr_steps_per_iteration(config)
+        per_epoch = per_iter * math.ceil(per_epoch / per_iter)
     durations = Durations(per_epoch, config.total_steps, config.optim.warmup_steps)
     if config.get("total_epochs", 0) > 0:
         durations = dataclasses.replace(durations, total_steps=durations.steps(config.total_epochs))
@@ -302,10 +307,21 @@ def resolve_durations(config: ml_collections.ConfigDict, examples_per_epoch: int
     return durations
 
 
+def lr_steps_per_iteration(config: ml_collections.ConfigDict) -> int:
+    """Optimizer steps per iteration of the official runner: under the official alternation its multi-loader
+    runner counts one batch of every source as one iteration (one lr); else 1."""
+    sources = config.data.get("sources", {}) or {}
+    return len(sources) if config.data.get("mixture_mode", "") == "alternate_official" and sources else 1
+
+
 def optim_config(config: ml_collections.ConfigDict, durations: Durations) -> ml_collections.ConfigDict:
-    """`config.optim` with the resolved warm-up steps (what `optim.make_optimizer` reads)."""
+    """`config.optim` with the resolved warm-up steps and, for `mmcv_cosine`, its iteration and epoch lengths
+    (what `optim.make_optimizer` reads)."""
     optim = ml_collections.ConfigDict(config.optim.to_dict())
     optim.warmup_steps = durations.warmup_steps
+    if optim.get("schedule", "warmup_then_cosine") == "mmcv_cosine":
+        optim.steps_per_lr_iteration = lr_steps_per_iteration(config)
+        optim.lr_iterations_per_epoch = round(durations.steps_per_epoch / optim.steps_per_lr_iteration)
     return optim
 
 

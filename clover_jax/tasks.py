@@ -1,6 +1,7 @@
 """Loss functions `(params, batch, rng) -> (loss, metrics)` binding the Clover model to each objective.
 
-`pretrain` is the paper's objective (tri-modal NCE + ranking + focal MLM, reference §2);
+`pretrain` is the paper's objective (tri-modal NCE + ranking + focal MLM, reference §2), or one of its
+ablations (`losses.objective_switches`; `pretrain_forward` then runs only the passes the active terms read);
 `retrieval` is the symmetric InfoNCE of retrieval fine-tuning on the dual encoder (§5.1);
 `qa_open_ended` / `qa_multiple_choice` are the VideoQA cross-entropies on the fused [CLS] heads (§5.2), and
 `qa_fill_in_blank` is open-ended QA read at the question's [MASK] token instead (LSMDC-FiB).
@@ -21,7 +22,8 @@ from ml_collections import ConfigDict
 
 from clover_jax import grad_cache, losses
 from clover_jax.defaults import TEMPERATURE
-from clover_jax.models.clover import Clover, CloverConfig
+from clover_jax.kernels import execution
+from clover_jax.models.clover import PRETRAIN_OUTPUTS, Clover, CloverConfig
 
 LossFn = grad_cache.LossFn
 
@@ -29,26 +31,87 @@ LossFn = grad_cache.LossFn
 def pretrain_objective(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,
                        *, deterministic: bool = False) -> grad_cache.EmbeddingLoss:
     """The pre-training loss (`losses.pretrain_objective`) in embedding form: `embed` runs the Clover forward
-    on rows of a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels and returns the six
-    (rows, E) embeddings and the focal-MLM sum over their masked positions; `normalizer` counts the masked
-    positions of the batch; `loss` is the contrastive terms plus the MLM mean. `deterministic` turns dropout
-    off (for exactness tests)."""
+    on rows of a batch with video, video_mask, text_ids(_masked), text_mask, mlm_labels and returns the
+    (rows, E) embeddings the active terms read (`losses.required_embeddings`) and the focal-MLM sum over their
+    masked positions; `normalizer` counts the masked positions of the batch; `loss` is the contrastive terms
+    plus the MLM mean. The ablation switches (`losses.objective_switches`, checked here) leave out the passes
+    no active term reads (`pretrain_forward`). `deterministic` turns dropout off (for exactness tests)."""
     model = Clover(model_config)
     gamma = loss_config.get("focal_gamma", 2.0) if hasattr(loss_config, "get") else 2.0
     losses.contrastive_grad_factor(loss_config, num_data_replicas)  # a bad scale fails here, not when traced
+    switches = losses.objective_switches(loss_config)  # so does a bad ablation switch
+    wanted = losses.required_embeddings(loss_config) + (("mlm_logits",) if switches["mlm"] else ())
+    whole = set(wanted) == set(PRETRAIN_OUTPUTS) and switches["video_masking"]
 
     def embed(params, batch, rng):
-        outputs = model.apply({"params": params}, batch, deterministic=deterministic, rngs={"dropout": rng})
-        mlm_sum, _ = losses.focal_mlm_sum(outputs["mlm_logits"], batch["mlm_labels"], gamma=gamma)
-        return {k: outputs[k] for k in losses.EMBEDDING_KEYS}, mlm_sum
+        kw = dict(deterministic=deterministic, rngs={"dropout": rng})
+        if whole:
+            outputs = model.apply({"params": params}, batch, **kw)
+        else:
+            outputs = model.apply({"params": params}, batch, wanted, switches["video_masking"], method=pretrain_forward,
+                                  **kw)
+        mlm_sum = jnp.zeros((), jnp.float32)
+        if switches["mlm"]:
+            mlm_sum, _ = losses.focal_mlm_sum(outputs["mlm_logits"], batch["mlm_labels"], gamma=gamma)
+        return {k: outputs[k] for k in wanted if k != "mlm_logits"}, mlm_sum
 
     def normalizer(batch):
+        if not switches["mlm"]:
+            return jnp.ones((), jnp.float32)
         return jnp.maximum(jnp.sum(batch["mlm_labels"] != -100), 1).astype(jnp.float32)
 
     def loss(embeddings, mlm):
         return losses.pretrain_objective_from_mlm(embeddings, mlm, loss_config, num_data_replicas=num_data_replicas)
 
     return grad_cache.EmbeddingLoss(embed, normalizer, loss)
+
+
+def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) x2 -> (2B, ...) rows a0, b0, a1, b1, ... (as `Clover.__call__`: shard-local on a mesh)."""
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def _unpair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    pairs = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])
+    return pairs[:, 0], pairs[:, 1]
+
+
+def pretrain_forward(module: Clover, batch: dict, wanted: tuple[str, ...], video_masking: bool,
+                     *, deterministic: bool = True) -> dict[str, jax.Array]:
+    """`Clover.__call__` computing only the `wanted` PRETRAIN_OUTPUTS (v and t always), for the ablations
+    (`model.apply(..., method=pretrain_forward)`): the masked-video Swin pass runs only for v_masked or z_V,
+    the masked-text BERT pass only for t_masked, z_T or the MLM logits, each fusion pass only for what
+    reads it. Without `video_masking` there is no masked video: V^m = V, so z_V = h_V(Fuse(V, T))."""
+    with execution.use(module.config.execution):
+        video, token_mask = batch["video"], batch["video_mask"]
+        ids, ids_masked, mask = batch["text_ids"], batch["text_ids_masked"], batch["text_mask"]
+        if video_masking and {"v_masked", "z_v"} & set(wanted):
+            features, v_both = module.encode_video(
+                video, jnp.stack([jnp.zeros_like(token_mask), token_mask], axis=1), deterministic=deterministic)
+            (feat_full, feat_masked), (v, v_masked) = _unpair(features), _unpair(v_both)
+        else:
+            feat_full, v = module.encode_video(video, deterministic=deterministic)
+            feat_masked, v_masked = feat_full, v
+        out = {"v": v, "v_masked": v_masked}
+        if {"t_masked", "z_t", "mlm_logits"} & set(wanted):
+            states, t_both = module.encode_text(_pairs(ids, ids_masked), _pairs(mask, mask),
+                                                deterministic=deterministic)
+            (states_full, states_masked), (out["t"], out["t_masked"]) = _unpair(states), _unpair(t_both)
+        else:
+            states_full, out["t"] = module.encode_text(ids, mask, deterministic=deterministic)
+        if "z_v" in wanted:  # tri-modal, so z_T too: Fuse(V^m, T) and Fuse(V, T^m) in one call
+            fused_video, fused_text = module.fuse(_pairs(feat_masked, feat_full), _pairs(states_full, states_masked),
+                                                  _pairs(mask, mask), deterministic=deterministic)
+            (video_tokens_vm, _), (text_vm, text_tm) = _unpair(fused_video), _unpair(fused_text)
+            h_v_in = text_vm[:, 0] if module.config.h_v_input == "text_cls" else video_tokens_vm
+            out["z_v"] = module.h_v(h_v_in, deterministic=deterministic)
+        elif "mlm_logits" in wanted:  # pair-wise alignment with MLM: Fuse(V, T^m) alone
+            text_tm = module.fuse(feat_full, states_masked, mask, deterministic=deterministic)[1]
+        if "z_t" in wanted:
+            out["z_t"] = module.h_t(text_tm[:, 0], deterministic=deterministic)
+        if "mlm_logits" in wanted:
+            out["mlm_logits"] = module.mlm_head(text_tm)
+        return {k: out[k].astype(jnp.float32) for k in wanted}
 
 
 def pretrain_loss_fn(model_config: CloverConfig, loss_config: ConfigDict, num_data_replicas: int,

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, host_allocator, partitioning, pixel_stats, run_setup, tasks
+from clover_jax import grad_cache, host_allocator, losses, partitioning, pixel_stats, run_setup, tasks, weight_decay
 from clover_jax.evaluators import entries
 from clover_jax.kernels import execution
 from clover_jax.launch import USER_ERRORS, exit_process, quiet_third_party_logs, report_user_error
@@ -115,6 +115,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     total = durations.total_steps
     print(f"clover_jax: {durations.describe(data.examples_per_epoch, config.data.batch_size)}", flush=True)
     tx, schedule = make_optimizer(run_setup.optim_config(config, durations), total)
+    decay_rules = config.optim.get("decay_rules", "ours")
+    print(f"clover_jax: {weight_decay.describe(nn.unbox(run.abstract_params), decay_rules)}", flush=True)
+    if config.task == "pretrain":
+        print(f"clover_jax: loss terms: {', '.join(losses.active_terms(config.loss))}", flush=True)
     state_shardings = train_state_shardings(tx, nn.unbox(run.abstract_params), run.param_shardings, run.mesh)
     manager = ckpt_lib.make_manager(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints)
     note = check_workdir_config(workdir, config.to_dict(), has_checkpoint=bool(manager.all_steps()))

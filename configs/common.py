@@ -51,10 +51,27 @@ def split_official(arg: str | None) -> tuple[str, bool]:
 def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The official code's behaviour on every switch where ours differs on purpose (README, "Official
     recipe"): BGR frames and statistics, the contrastive gradient divided by the official run's GPU count
-    (`loss.official_replicas`, set per recipe), and, with WebVid and CC3M, the official alternation."""
+    (`loss.official_replicas`, set per recipe), the official input pipeline (`_official_inputs`), and, with
+    WebVid and CC3M, the official alternation, a fixed sample order and bicubic CC3M crops."""
     c.pixel_stats = "official"
     c.loss.contrastive_grad_scale = "official"
+    # mmcv's lr formula (per iteration, as the pre-training config; recipes stepping per epoch add it) and the
+    # pre-training / retrieval configs' weight-decay rules (the QA recipes replace them with theirs)
+    c.optim.update(schedule="mmcv_cosine", decay_rules="official")
+    _official_inputs(c)
     if sorted(c.data.sources) == ["cc3m", "webvid"]:
         c.data.mixture_mode = "alternate_official"
         c.data.source_order = ("webvid", "cc3m")
+        c.data.epoch_order = "fixed"  # the official pre-training runner never calls the sampler's set_epoch
+        c.data.sources.cc3m.resize_method = "bicubic"  # CLSRandomResizedCrop(interpolation='bicubic')
     return c
+
+
+def _official_inputs(c: ml_collections.ConfigDict) -> None:
+    """The official data pipeline's choices (issue 31): mmaction's train frame sampling, one sample per
+    (clip, caption) pair, the official block-mask loop, random whole-word masking counted in tokens,
+    replacement ids over the whole vocabulary, and MSVD-QA training frames squashed without a crop."""
+    c.data.update(frame_sampling="mmaction", epoch_unit="caption", mask_fill="official", word_budget="tokens",
+                  random_ids="any", crop_sampler="mmaction")
+    if "qa" in c and c.qa.get("source", "") == "msvd_qa":
+        c.data.train_crop = "squash"

@@ -41,7 +41,9 @@ Our earlier choices stay available by name: `qa.mc_format="full_answer_kept"` (o
 text loses the end of its option list, never "Answer: option"), `qa.option_order="shuffled"`.
   tiny             with any of the above: the demo's tiny model (4 frames at 56², batch 8, a few steps),
                    for tests and CPU smoke runs on a handful of real clips.
-  official         with any of the above: BGR pixels as the official code (`common.apply_official`).
+  official         with any of the above: BGR pixels as the official code (`common.apply_official`), mmcv's
+                   lr formula (stepped per epoch for msrvtt_qa, tgif_action, tgif_transition; warm-up from
+                   1e-4) and the QA configs' weight-decay rules (`weight_decay.DECAY_RULES["official_qa"]`).
 As the reference: the QA accuracy after every epoch, and <workdir>/best keeps the best epoch by it
 (the reference's configs set no save_best: the hook's "auto" picks the first metric, `acc` / `overall_acc`).
 Epochs become steps at start, from the training questions whose clip is in the prepared split (printed).
@@ -82,7 +84,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
     arg, official = split_official(arg)
     c = _recipe(arg)
-    return apply_official(c) if official else c
+    return _official_optim(apply_official(c)) if official else c
+
+
+# Official QA lr_config: warmup_ratio=0.0001 in every config; by_epoch=True (the lr stepped once per epoch) in
+# these (tgif_count / activitynet_qa follow tgif_frame / msrvtt_qa)
+_BY_EPOCH = ("msrvtt_qa", "activitynet_qa", "tgif_action", "tgif_transition")
+
+
+def _official_optim(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The official QA configs' lr schedule and weight-decay rules (`weight_decay.DECAY_RULES["official_qa"]`)."""
+    c.optim.update(warmup_init_ratio=1e-4, schedule_by_epoch=c.qa.source in _BY_EPOCH, decay_rules="official_qa")
+    return c
 
 
 def _recipe(arg: str) -> ml_collections.ConfigDict:

@@ -23,7 +23,8 @@ used 8 GPUs (MSR-VTT, DiDeMo) and 16 (LSMDC), the `loss.official_replicas` of
   demo    the synthetic dataset and the demo's tiny model (CPU): fine-tunes `workdirs/demo`.
   tiny    with msrvtt, didemo, lsmdc or msrvtt_mc: the recipe's schedule and selection on the synthetic
           dataset and the tiny model from scratch (pretrain.py:tiny's 24 clips, an epoch = 3 steps, 6 steps).
-  official  with any of the above: BGR pixels and the official gradient scale (`common.apply_official`).
+  official  with any of the above: BGR pixels and the official gradient scale (`common.apply_official`),
+          mmcv's lr formula stepped once per epoch and the official weight-decay rules.
 As the reference: evaluation after every epoch, and <workdir>/best keeps the best epoch by the first
 metric the reference's evaluation returns (its configs set no save_best, so the hook's "auto" picks it):
 text->video R@1 (`retrieval/t2v_r1`), for msrvtt_mc the accuracy (`msrvtt_mc/mc_accuracy`).
@@ -65,7 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
     arg, official = split_official(arg)
     c = _recipe(arg)
-    return apply_official(c) if official else c
+    if official:  # every official retrieval config steps the lr once per epoch (lr_config by_epoch=True)
+        apply_official(c).optim.schedule_by_epoch = True
+    return c
 
 
 def _recipe(arg: str) -> ml_collections.ConfigDict:

@@ -11,7 +11,9 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
   base    The paper's recipe (reference §4): Swin3D-B + bert-base-uncased + 3 fusion layers, 8 frames at
           224², global batch 1024, AdamW lr 5e-5 wd 0.005 betas (0.9, 0.98), cosine with 4 warm-up
           epochs from 1e-3x to 1e-3x, grad clip 15, bf16 compute, WebVid-2M and CC3M alternating.
-          The Swin runs clip by clip, rematerialised (model.video_batching=per_clip, model.remat=full);
+          The Swin runs clip by clip, each clip rematerialised (model.video_batching=per_clip), the text
+          and fusion encoders without remat (model.remat=none): the TPU compile table's choice, 6.8 GiB per
+          v5p chip at 32 clips (benchmarks/results/2026-12-05-base-compile-table.md);
           `python -m clover_jax.compile --config=configs/pretrain.py:base --topology=v5p-32` reports its memory.
           Supply the prepared folders: --config.data.sources.webvid.dataset=… and
           --config.data.sources.cc3m.dataset=…, and the MSR-VTT 1k-A test folder as --config.eval.dataset.
@@ -29,7 +31,20 @@ Variants (the part after ':'; `--config.x=…` overrides any scalar):
           "Official recipe"): BGR pixels (pixel_stats=official), the contrastive gradient / the official
           run's 32 GPUs (loss.contrastive_grad_scale=official) and the official alternation (WebVid
           first; once the shorter source runs out every step draws from its fresh pass:
-          data.mixture_mode=alternate_official, data.source_order=('webvid','cc3m')).
+          data.mixture_mode=alternate_official, data.source_order=('webvid','cc3m')); mmcv's lr formula
+          (optim.schedule=mmcv_cosine) and weight-decay rules (optim.decay_rules=official).
+  Ablations (the paper's ablation rows, clover-reference §6), words composable with any variant above and
+  with each other (`:base,no_tma`, `:tiny,no_ranking,random_mask`); `ABLATIONS` lists the keys each sets:
+  no_tma         pair-wise alignment only: video-text NCE + MLM, no fused or masked candidates, no ranking.
+  pairwise       loss.alignment=pairwise alone: video-text NCE, the ranking terms kept.
+  no_masked      tri-modal alignment without masked samples: candidates (full, fused), no ranking (what
+                 the official use_Cmask=False meant; its code path crashes).
+  no_ranking     without the pair-wise ranking loss.
+  no_mlm         without MLM (no MLM head runs).
+  no_video_mask  no video block masking: no masked-video pass, z_V = h_V(Fuse(V, T)), the masked-video
+                 candidate and rank_text_anchor dropped; the pipeline draws no masks.
+  random_mask    random whole-word text masking (non-stop words) instead of semantic (nouns, verb phrases).
+  The loss's metrics hold only the terms a run computes (`losses.active_terms`).
 """
 from __future__ import annotations
 
@@ -41,13 +56,33 @@ from configs.common import apply_official, parse_arg, split_official
 
 
 def _source(dataset: str, num_frames: int = 0, weight: float = 1.0) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(dataset=dataset, num_frames=num_frames, weight=weight))
+    # resize_method: "bilinear" or "bicubic" (the official CC3M crop; `common.apply_official`).
+    return ml_collections.ConfigDict(dict(dataset=dataset, num_frames=num_frames, weight=weight,
+                                          resize_method="bilinear"))
+
+
+# The paper's ablations (clover-reference §6) as words after ':': {word: {dotted config key: value}}.
+ABLATIONS = {
+    "no_tma": {"loss.alignment": "pairwise", "loss.ranking": False},
+    "pairwise": {"loss.alignment": "pairwise"},
+    "no_masked": {"loss.masked_candidates": False, "loss.ranking": False},
+    "no_ranking": {"loss.ranking": False},
+    "no_mlm": {"loss.mlm": False},
+    "no_video_mask": {"loss.video_masking": False, "data.mask_cells": 0},
+    "random_mask": {"data.text_masking": "random_whole_word"},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)."""
+    """The recipe `arg` names; add `official` for the official code's behaviour (`common.apply_official`)
+    and any `ABLATIONS` words."""
     arg, official = split_official(arg)
-    c = _recipe(arg)
+    chosen = parse_arg(arg, demo=False, tiny=False, base=False, **dict.fromkeys(ABLATIONS, False))  # names all
+    c = _recipe(",".join(w for w in arg.split(",") if w.strip() not in ABLATIONS))
+    for word in (w for w in ABLATIONS if chosen[w]):
+        for key, value in ABLATIONS[word].items():
+            section, name = key.split(".")
+            c[section][name] = value
     return apply_official(c) if official else c
 
 
@@ -95,6 +130,12 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         batch_size=16, num_frames=4, image_size=56, crop_area=(0.6, 1.0), flip_prob=0.0,
         mask_grid=7, mask_cells=10, mask_min_block=4, text_length=16, text_masking="semantic",
         seed=0, prefetch=2,
+        # Issue 31 switches (data_pipelines/input; `,official` sets the official value, README "Official recipe"):
+        # crop_sampler "mmaction" | "tf_box"; train_crop "random_resized" | "squash"; frame_sampling "segments" |
+        # "mmaction"; epoch_unit "clip" | "caption"; epoch_order "reshuffle" | "fixed"; mask_fill "exact" |
+        # "official"; word_budget "words" | "tokens" (random_whole_word); random_ids "regular" | "any".
+        crop_sampler="mmaction", train_crop="random_resized", frame_sampling="segments", epoch_unit="clip",
+        epoch_order="reshuffle", mask_fill="exact", word_budget="words", random_ids="regular",
     )
     # text_masking (`text_masking.MASK_MODES`): "semantic" = the official rule; "semantic_dedup" = the previous
     # rule (k from distinct candidate words; with data prepared by `prepare --tag-rule cased_caption`).
@@ -125,7 +166,7 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         c.evals.retrieval.every_epochs = 1.0  # base's schedule and selection in miniature
         c.best_metric = "retrieval/recall_all"
     if a.base:
-        c.model = dict(preset="base", dtype="bfloat16", remat="full", video_batching="per_clip",
+        c.model = dict(preset="base", dtype="bfloat16", remat="none", video_batching="per_clip",
                        h_v_input="text_cls",
                        overrides={})
         c.data.sources = {"webvid": _source("", 8), "cc3m": _source("", 1)}

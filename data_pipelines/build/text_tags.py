@@ -6,12 +6,16 @@ match `VERB? ADV* AUX* VERB+`; 0 = not a candidate) and whether it is a stop wor
 space (the candidates of the random-whole-word baseline are the non-stop words). The run-time masker
 (`text_masking.encode_and_mask`) maps these words onto WordPiece tokens.
 
-Two tag rules (`TAG_RULES`): "wordpiece_lower" (the official one, default) tags the lower-cased
-WordPiece words re-joined with spaces, i.e. the caption as BERT-uncased sees it; "cased_caption" (the
-previous rule) tags the spaCy tokens of the raw caption, each candidate counted once.
+Tag rules (`TAG_RULES`): "wordpiece_lower" (default) tags the lower-cased WordPiece words re-joined with
+spaces, i.e. the caption as BERT-uncased sees it; "wordpiece_lower_max30" is the official rule exactly:
+the same over only the first 28 WordPiece tokens (text length 30 less [CLS] and [SEP]: the official
+masker runs spaCy on the truncated caption, so a cut word keeps its first pieces and the tail gives no
+context); "cased_caption" (the previous rule) tags the spaCy tokens of the raw caption, each candidate
+counted once.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -86,8 +90,10 @@ def tag_doc(doc: Any, matcher: Any, with_pos: bool = False) -> dict[str, np.ndar
     return tags
 
 
-def wordpiece_words(caption: str, tokenizer: Any = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(texts, char starts, char ends) of the caption's whole WordPiece words.
+def wordpiece_words(caption: str, tokenizer: Any = None,
+                    max_tokens: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(texts, char starts, char ends) of the caption's whole WordPiece words (of its first `max_tokens`
+    tokens when > 0).
 
     A word is a token plus the "##" tokens after it; its text is its lower-cased pieces with every "#"
     removed (as the official masker rebuilds words); offsets index `caption`.
@@ -98,7 +104,8 @@ def wordpiece_words(caption: str, tokenizer: Any = None) -> tuple[list[str], np.
     texts: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
-    for piece, (start, end) in zip(enc.tokens, enc.offsets):
+    keep = max_tokens if max_tokens > 0 else len(enc.tokens)
+    for piece, (start, end) in zip(enc.tokens[:keep], enc.offsets[:keep]):
         if piece.startswith("##") and texts:
             texts[-1] += piece.replace("#", "")
             ends[-1] = end
@@ -143,8 +150,8 @@ def tag_word_doc(doc: Any, matcher: Any, word_texts: Sequence[str], with_pos: bo
 
 
 def _tag_wordpiece_lower(captions: Sequence[str], nlp: Any, matcher: Any, batch_size: int,
-                         with_pos: bool) -> list[dict[str, np.ndarray]]:
-    words = [wordpiece_words(c) for c in captions]
+                         with_pos: bool, max_tokens: int = 0) -> list[dict[str, np.ndarray]]:
+    words = [wordpiece_words(c, max_tokens=max_tokens) for c in captions]
     docs = nlp.pipe((" ".join(texts) for texts, _, _ in words), batch_size=batch_size)
     return [{"word_start": starts, "word_end": ends, **tag_word_doc(doc, matcher, texts, with_pos)}
             for (texts, starts, ends), doc in zip(words, docs)]
@@ -155,7 +162,13 @@ def _tag_cased_caption(captions: Sequence[str], nlp: Any, matcher: Any, batch_si
     return [tag_doc(doc, matcher, with_pos) for doc in nlp.pipe(captions, batch_size=batch_size)]
 
 
-TAG_RULES = {"wordpiece_lower": _tag_wordpiece_lower, "cased_caption": _tag_cased_caption}
+# The official pre-training text length (30) less [CLS] and [SEP].
+OFFICIAL_TAGGED_TOKENS = 28
+TAG_RULES = {"wordpiece_lower": _tag_wordpiece_lower,
+             "wordpiece_lower_max30": functools.partial(_tag_wordpiece_lower, max_tokens=OFFICIAL_TAGGED_TOKENS),
+             "cased_caption": _tag_cased_caption}
+# Text length each truncating rule was tagged for (training with another length would mask other words).
+TAG_RULE_TEXT_LENGTH = {"wordpiece_lower_max30": OFFICIAL_TAGGED_TOKENS + 2}
 
 
 def tag_captions(

@@ -48,9 +48,10 @@ def train_positions(step: int, batch_size: int, process_index: int, process_coun
 
 
 def train_stream(num: int, seed: int, shuffle: bool, batch_size: int, start_step: int, process_index: int,
-                 process_count: int) -> Iterator[list[tuple[int, int]]]:
+                 process_count: int, fixed_order: bool = False) -> Iterator[list[tuple[int, int]]]:
     """Per global step from `start_step`, this process's reads as (epoch, example in [0, num)) pairs.
-    Starting at step k costs O(1): position k*B maps straight to (epoch, offset)."""
+    Starting at step k costs O(1): position k*B maps straight to (epoch, offset). `fixed_order`: every
+    epoch walks epoch 0's permutation (the epoch number still varies the per-read randomness)."""
     perms: dict[int, np.ndarray] = {}
     step = start_step
     while True:
@@ -59,7 +60,7 @@ def train_stream(num: int, seed: int, shuffle: bool, batch_size: int, start_step
             epoch, offset = divmod(pos, num)
             if epoch not in perms:
                 perms.clear()  # a local batch spans at most two epochs; keep memory at O(N)
-                perms[epoch] = epoch_permutation(num, seed, epoch, shuffle)
+                perms[epoch] = epoch_permutation(num, seed, 0 if fixed_order else epoch, shuffle)
             chosen.append((epoch, int(perms[epoch][offset])))
         yield chosen
         step += 1

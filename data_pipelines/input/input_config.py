@@ -31,6 +31,23 @@ PIXEL_STATS = {
 EVAL_CROPS = ("centre", "squash")
 # Eval-time views (num_views > 1): see `tf_ops.sample_view_indices`.
 VIEW_SAMPLINGS = ("interleaved", "tgif_clips")
+# Training crop box (`tf_ops.crop_window`): "mmaction" = RandomResizedCrop as mmaction/torchvision draw it (area
+# uniform, aspect log-uniform, 10 tries, centre-square fallback); "tf_box" = TF's distorted bounding box (aspect
+# and height uniform, whole-frame fallback: more small crops), the sampler before issue 31.
+CROP_SAMPLERS = ("mmaction", "tf_box")
+# Training spatial transform: "random_resized" = crop box then resize; "squash" = the whole frame resized to a
+# square, no crop (the official MSVD-QA training pipeline).
+TRAIN_CROPS = ("random_resized", "squash")
+RESIZE_METHODS = ("bilinear", "bicubic")
+# Training frame sampling (`tf_ops.train_frame_indices`): "segments" = a uniform point in each of T equal float
+# segments; "mmaction" = mmaction's SampleFrames train mode (integer segment length N // T: the tail never sampled).
+FRAME_SAMPLINGS = ("segments", "mmaction")
+# What one training epoch visits: every captioned clip once with a random caption ("clip"), or every
+# (clip, caption) pair once ("caption": the official MsrvttVideoDataset, one sample per caption).
+EPOCH_UNITS = ("clip", "caption")
+# "reshuffle": a new permutation every epoch; "fixed": epoch 0's order every epoch (the official pre-training
+# runner never calls the sampler's set_epoch).
+EPOCH_ORDERS = ("reshuffle", "fixed")
 
 
 def pixel_fields(name: str) -> dict:
@@ -48,7 +65,10 @@ class InputConfig:
     dataset: folder returned by `builder.build_dataset` (the TFDS version folder); split: its split.
     batch_size: global batch size (divisible by the process count).
     num_frames / image_size: output clip size (T, image_size, image_size, 3).
-    crop_area / crop_aspect: RandomResizedCrop ranges (training only).
+    crop_area / crop_aspect: RandomResizedCrop ranges (training only); crop_sampler: one of CROP_SAMPLERS;
+      train_crop: one of TRAIN_CROPS; resize_method: one of RESIZE_METHODS (official CC3M: bicubic).
+    frame_sampling: training frame sampling, one of FRAME_SAMPLINGS.
+    epoch_unit / epoch_order: what a training epoch visits and in which order (EPOCH_UNITS, EPOCH_ORDERS).
     eval_crop: eval resize, one of EVAL_CROPS ("centre": centre square crop; "squash": whole frame).
     flip_prob: horizontal flip probability (training only; reference pre-training: 0).
     mean / std: per-channel normalisation on the 0..255 scale, in `channel_order` ("rgb", or "bgr": frames
@@ -70,6 +90,12 @@ class InputConfig:
     image_size: int = 224
     crop_area: tuple[float, float] = (0.08, 1.0)
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_sampler: str = "mmaction"
+    train_crop: str = "random_resized"
+    resize_method: str = "bilinear"
+    frame_sampling: str = "segments"
+    epoch_unit: str = "clip"
+    epoch_order: str = "reshuffle"
     eval_crop: str = "centre"
     flip_prob: float = 0.0
     mean: tuple[float, float, float] = PIXEL_STATS["imagenet_rgb"].mean
@@ -97,7 +123,13 @@ class InputConfig:
             raise ValueError(f"InputConfig.flip_prob must be in [0, 1], got {self.flip_prob}")
         for name, value, valid in (("eval_crop", self.eval_crop, EVAL_CROPS),
                                    ("channel_order", self.channel_order, ("rgb", "bgr")),
-                                   ("view_sampling", self.view_sampling, VIEW_SAMPLINGS)):
+                                   ("view_sampling", self.view_sampling, VIEW_SAMPLINGS),
+                                   ("crop_sampler", self.crop_sampler, CROP_SAMPLERS),
+                                   ("train_crop", self.train_crop, TRAIN_CROPS),
+                                   ("resize_method", self.resize_method, RESIZE_METHODS),
+                                   ("frame_sampling", self.frame_sampling, FRAME_SAMPLINGS),
+                                   ("epoch_unit", self.epoch_unit, EPOCH_UNITS),
+                                   ("epoch_order", self.epoch_order, EPOCH_ORDERS)):
             if value not in valid:
                 raise ValueError(f"InputConfig.{name}={value!r}; valid: {', '.join(map(repr, valid))}")
         token_grid_size(self.image_size, self.mask)  # raises a clear error when the grid does not fit

@@ -99,24 +99,41 @@ def _element_signature(cfg: InputConfig) -> dict:
     }
 
 
+def train_items(num_captions: np.ndarray, epoch_unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """(clip, caption) of each item a training epoch visits: every captioned clip (caption -1: drawn per
+    read) for epoch_unit "clip", every (clip, caption) pair for "caption"."""
+    num_captions = np.asarray(num_captions, np.int64)
+    if epoch_unit == "clip":
+        clips = np.flatnonzero(num_captions > 0)
+        return clips, np.full(clips.size, -1, np.int64)
+    if epoch_unit == "caption":
+        clips = np.repeat(np.arange(num_captions.size), np.maximum(num_captions, 0))
+        firsts = np.cumsum(np.maximum(num_captions, 0)) - np.maximum(num_captions, 0)
+        return clips, np.arange(clips.size) - np.repeat(firsts, np.maximum(num_captions, 0))
+    raise ValueError(f"epoch_unit={epoch_unit!r}; valid: 'clip', 'caption'")
+
+
 def _train_elements(cfg: InputConfig, p: Pass, start_step: int) -> Iterator[dict]:
-    """Per-example elements of the training stream: epochs over the clips that have a caption."""
+    """Per-example elements of the training stream: epochs over the captioned clips (or caption pairs)."""
     source = p.source
-    usable = np.flatnonzero(source.index.num_captions > 0)
-    if usable.size == 0:
+    clips, captions = train_items(source.index.num_captions, cfg.epoch_unit)
+    if clips.size == 0:
         raise ValueError(f"{source.folder} split {cfg.split!r} has no clip with a caption to train on")
-    for chosen in train_stream(usable.size, cfg.seed, cfg.shuffle, cfg.batch_size, start_step, p.process_index,
-                               p.process_count):
-        chosen = [(epoch, int(usable[i])) for epoch, i in chosen]
-        raw = source.records.__getitems__([i for _, i in chosen])
-        for (epoch, index), serialized in zip(chosen, raw):
+    per_caption = cfg.epoch_unit == "caption"
+    for chosen in train_stream(clips.size, cfg.seed, cfg.shuffle, cfg.batch_size, start_step, p.process_index,
+                               p.process_count, fixed_order=cfg.epoch_order == "fixed"):
+        raw = source.records.__getitems__([int(clips[i]) for _, i in chosen])
+        for (epoch, item), serialized in zip(chosen, raw):
+            index = int(clips[item])
+            # Per-caption items draw their randomness from the item number, so two captions of a clip differ.
             caption, grid, text_seed, aug_seed = example_randomness(
-                cfg.seed, epoch, index, int(source.index.num_captions[index]), cfg.mask, with_mask=True
+                cfg.seed, epoch, item if per_caption else index,
+                1 if per_caption else int(source.index.num_captions[index]), cfg.mask, with_mask=True
             )
             yield {
                 "serialized": serialized,
                 "clip_index": index,
-                "caption_index": caption,
+                "caption_index": int(captions[item]) if per_caption else caption,
                 "valid": True,
                 "mask_grid": grid,
                 "text_seed": text_seed,
@@ -162,8 +179,16 @@ def _eval_elements(cfg: InputConfig, source: SplitSource, items: Sequence[tuple[
 
 def check_tag_rule(cfg: InputConfig) -> None:
     """Official semantic masking (text mode "semantic") refuses a build whose stored word tags follow the
-    previous rule (spaCy over the cased caption)."""
-    if cfg.text.mode == "semantic" and built_splits.stored_tag_rule(cfg.dataset) not in (None, "wordpiece_lower"):
+    previous rule (spaCy over the cased caption); tags of a truncated caption need the text length they
+    were tagged for."""
+    from data_pipelines.build.text_tags import TAG_RULE_TEXT_LENGTH
+
+    rule = built_splits.stored_tag_rule(cfg.dataset)
+    length = TAG_RULE_TEXT_LENGTH.get(rule or "")
+    if cfg.text.mode != "none" and length is not None and cfg.text.max_length != length:
+        raise ValueError(f"{cfg.dataset} was tagged with --tag-rule {rule} for text length {length}; set "
+                         f"data.text_length={length} or prepare it again with --tag-rule wordpiece_lower")
+    if cfg.text.mode == "semantic" and rule not in (None, "wordpiece_lower", "wordpiece_lower_max30"):
         raise ValueError(
             f"{cfg.dataset} stores word tags of the previous rule (spaCy over the cased caption); official "
             "semantic masking needs tags over the lower-cased WordPiece words: prepare it again with "

@@ -71,7 +71,7 @@ def _qa_element(cfg: InputConfig, items: QAItems, item: int, epoch: int, seriali
 def _qa_train_elements(cfg: InputConfig, p: Pass, items: QAItems, start_step: int) -> Iterator[dict]:
     """The training stream over items (the same epoch walk as the caption stream, over items not clips)."""
     for chosen in train_stream(len(items), cfg.seed, cfg.shuffle, cfg.batch_size, start_step, p.process_index,
-                               p.process_count):
+                               p.process_count, fixed_order=cfg.epoch_order == "fixed"):
         raw = p.source.records.__getitems__([int(items.clip_index[i]) for _, i in chosen])
         for (epoch, item), serialized in zip(chosen, raw):
             yield _qa_element(cfg, items, item, epoch, serialized, True)

@@ -9,6 +9,11 @@ Modes (`MASK_MODES`): "semantic" is the official rule: k = max(1, round(ratio x 
 entries, a word counted as often as it enters the candidate list)); the entries are shuffled and the
 first k distinct words taken. "semantic_dedup" is the previous rule: k from the distinct candidate words,
 drawn uniformly. "random_whole_word" draws among the non-stop words; "none" masks nothing.
+
+`word_budget` (random_whole_word only): "words" = k whole words; "tokens" (the official `_whole_word_mask`)
+= k counts WordPiece tokens: shuffled words are taken while the total stays <= k, a word that would exceed
+it is skipped. `random_ids`: "regular" draws replacement ids among regular tokens; "any" among the whole
+vocabulary, special and [unusedN] entries included (the official `torch.randint(len(tokenizer))`).
 """
 from __future__ import annotations
 
@@ -23,23 +28,31 @@ VOCAB_PATH = pathlib.Path(__file__).resolve().parents[1] / "assets" / "bert_base
 IGNORE_LABEL = -100
 OUTPUT_KEYS = ("text_ids", "text_mask", "text_ids_masked", "mlm_labels")
 MASK_MODES = ("semantic", "semantic_dedup", "random_whole_word", "none")
+WORD_BUDGETS = ("words", "tokens")
+RANDOM_IDS = ("regular", "any")
 
 
 @dataclasses.dataclass(frozen=True)
 class TextMaskingConfig:
     """max_length counts [CLS] and [SEP]; mode: see `MASK_MODES` in the module docstring; mask_ratio sets
     how many candidate whole words are masked; each masked token becomes [MASK] with mask_prob, a random
-    token with random_prob, else stays."""
+    token with random_prob, else stays; word_budget and random_ids: see the module docstring."""
 
     max_length: int = 30
     mode: str = "semantic"
     mask_ratio: float = 0.3
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    word_budget: str = "words"
+    random_ids: str = "regular"
 
     def __post_init__(self):
         if self.mode not in MASK_MODES:
             raise ValueError(f"TextMaskingConfig.mode must be one of {MASK_MODES}, got {self.mode!r}")
+        if self.word_budget not in WORD_BUDGETS:
+            raise ValueError(f"TextMaskingConfig.word_budget={self.word_budget!r}; valid: {WORD_BUDGETS}")
+        if self.random_ids not in RANDOM_IDS:
+            raise ValueError(f"TextMaskingConfig.random_ids={self.random_ids!r}; valid: {RANDOM_IDS}")
         if self.max_length < 3:
             raise ValueError(f"TextMaskingConfig.max_length must be >= 3 ([CLS] word [SEP]), got {self.max_length}")
         if not 0.0 < self.mask_ratio <= 1.0:
@@ -144,7 +157,8 @@ def choose_masked_words(
     their counts). "semantic" (official): k = max(1, round(mask_ratio * sum of the counts)); the
     candidate entries (word i repeated count_i times) are shuffled and walked, skipping a word whose
     tokens are already taken, until k words are taken. Other modes: k = max(1, round(mask_ratio *
-    #words)) words drawn uniformly. Mode "none" or no candidate: [].
+    #words)) words drawn uniformly ("random_whole_word" with word_budget "tokens": k tokens, see
+    `_take_within_token_budget`). Mode "none" or no candidate: [].
     """
     if cfg.mode == "none":
         return []
@@ -165,6 +179,8 @@ def choose_masked_words(
         return []
     if cfg.mode != "semantic":
         k = max(1, round(cfg.mask_ratio * len(words)))
+        if cfg.mode == "random_whole_word" and cfg.word_budget == "tokens":
+            return _take_within_token_budget(words, rng.permutation(len(words)), k)
         return [words[i] for i in rng.permutation(len(words))[:k]]
     counts = np.fromiter(groups.values(), np.int64, len(words))
     k = max(1, round(cfg.mask_ratio * int(counts.sum())))
@@ -178,6 +194,22 @@ def choose_masked_words(
         if taken.isdisjoint(tokens):
             taken.update(tokens)
             chosen.append(words[i])
+    return chosen
+
+
+def _take_within_token_budget(words: list[np.ndarray], order: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Words in `order` while their tokens total <= budget (a word that would exceed it, or that shares a
+    token with a taken word, is skipped); stops once the budget is reached."""
+    chosen: list[np.ndarray] = []
+    taken: set[int] = set()
+    for i in order:
+        if len(taken) >= budget:
+            break
+        tokens = words[i].tolist()
+        if len(taken) + len(tokens) > budget or not taken.isdisjoint(tokens):
+            continue
+        taken.update(tokens)
+        chosen.append(words[i])
     return chosen
 
 
@@ -216,8 +248,9 @@ def encode_and_mask(
         to_mask = u < cfg.mask_prob
         to_random = (u >= cfg.mask_prob) & (u < cfg.mask_prob + cfg.random_prob)
         text_ids_masked[positions[to_mask]] = tok.mask_id
-        text_ids_masked[positions[to_random]] = rng.integers(
-            tok.first_regular_id, tok.vocab_size, int(to_random.sum()), dtype=np.int64)
+        low = 0 if cfg.random_ids == "any" else tok.first_regular_id
+        text_ids_masked[positions[to_random]] = rng.integers(low, tok.vocab_size, int(to_random.sum()),
+                                                             dtype=np.int64)
     return {"text_ids": text_ids, "text_mask": text_mask,
             "text_ids_masked": text_ids_masked, "mlm_labels": mlm_labels}
 

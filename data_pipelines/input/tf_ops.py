@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from data_pipelines.input.input_config import NO_CAPTION_TEXT, InputConfig
 from data_pipelines.input.video_masking import token_grid_size
 
@@ -31,6 +33,31 @@ def sample_frame_indices(num_stored, num_frames: int, train: bool, seed):
         offsets = tf.fill([num_frames], 0.5) * segment
     indices = tf.cast(tf.floor(starts + offsets), tf.int32)
     return tf.clip_by_value(indices, 0, tf.maximum(tf.cast(num_stored, tf.int32) - 1, 0))
+
+
+def mmaction_train_frame_indices(num_stored, num_frames: int, seed):
+    """int32 (T,): mmaction's `SampleFrames(clip_len=1, num_clips=T)` train mode on N = `num_stored` frames.
+
+    avg = N // T (integer). avg > 0: frame i*avg + randint(avg), so the last N - T*avg frames are never
+    sampled; avg = 0 (N < T): frame round(i * N / T) (half to even), repeats included.
+    """
+    import tensorflow as tf
+
+    n = tf.cast(num_stored, tf.int32)
+    avg = n // num_frames
+    base = tf.range(num_frames, dtype=tf.int32)
+    jitter = tf.random.stateless_uniform([num_frames], seed=seed, minval=0, maxval=tf.maximum(avg, 1),
+                                         dtype=tf.int32)
+    spread = tf.cast(tf.round(tf.cast(base, tf.float64) * tf.cast(n, tf.float64) / num_frames), tf.int32)
+    indices = tf.where(avg > 0, base * avg + jitter, spread)
+    return tf.clip_by_value(indices, 0, tf.maximum(n - 1, 0))
+
+
+def train_frame_indices(num_stored, cfg: InputConfig, seed):
+    """int32 (T,) training frame indices as `cfg.frame_sampling` says (see FRAME_SAMPLINGS)."""
+    if cfg.frame_sampling == "mmaction":
+        return mmaction_train_frame_indices(num_stored, cfg.num_frames, seed)
+    return sample_frame_indices(num_stored, cfg.num_frames, True, seed)
 
 
 # TGIF test clips: frames `frame_interval` apart within a clip (official SampleFrames(frame_interval=3)).
@@ -75,11 +102,45 @@ def sample_view_indices(num_stored, num_frames: int, num_views: int, sampling: s
     return tf.transpose(tf.reshape(flat, [num_frames, num_views]))
 
 
-def crop_window(height, width, cfg: InputConfig, train: bool, seed):
-    """[y, x, h, w] int32: a RandomResizedCrop box (train); eval: the centre square, or the whole frame
-    for `eval_crop="squash"` (resized to a square without keeping the aspect ratio)."""
+def mmaction_crop_box(height, width, area_range, aspect_range, seed, attempts: int = 10):
+    """[y, x, h, w] int32: mmaction's RandomResizedCrop box. `attempts` candidates draw area uniformly in
+    area_range (fraction of the frame) and w/h log-uniformly in aspect_range; w = round(sqrt(area * aspect)),
+    h = round(sqrt(area / aspect)) (half to even, as numpy); the first that fits gets a uniform integer
+    offset, and when none fits the centre square of side min(height, width) is used."""
     import tensorflow as tf
 
+    s_aspect, s_area, s_y, s_x = tf.unstack(tf.random.experimental.stateless_split(seed, 4))
+    h_img, w_img = tf.cast(height, tf.int32), tf.cast(width, tf.int32)
+    log_lo, log_hi = float(np.log(aspect_range[0])), float(np.log(aspect_range[1]))
+    aspect = tf.exp(tf.random.stateless_uniform([attempts], s_aspect, log_lo, log_hi, tf.float64))
+    area = tf.random.stateless_uniform([attempts], s_area, area_range[0], area_range[1], tf.float64)
+    area = area * tf.cast(h_img * w_img, tf.float64)
+    crop_w = tf.cast(tf.round(tf.sqrt(area * aspect)), tf.int32)
+    crop_h = tf.cast(tf.round(tf.sqrt(area / aspect)), tf.int32)
+    fits = (crop_h <= h_img) & (crop_w <= w_img) & (crop_h > 0) & (crop_w > 0)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    side = tf.minimum(h_img, w_img)
+    found = tf.reduce_any(fits)
+    h = tf.where(found, crop_h[first], side)
+    w = tf.where(found, crop_w[first], side)
+    y_rand = tf.random.stateless_uniform([], s_y, 0, h_img - h + 1, tf.int32)
+    x_rand = tf.random.stateless_uniform([], s_x, 0, w_img - w + 1, tf.int32)
+    y = tf.where(found, y_rand, (h_img - side) // 2)
+    x = tf.where(found, x_rand, (w_img - side) // 2)
+    return tf.stack([y, x, h, w])
+
+
+def crop_window(height, width, cfg: InputConfig, train: bool, seed):
+    """[y, x, h, w] int32: a RandomResizedCrop box (train, drawn as `cfg.crop_sampler` says), or the whole
+    frame for `train_crop="squash"`; eval: the centre square, or the whole frame for `eval_crop="squash"`
+    (resized to a square without keeping the aspect ratio)."""
+    import tensorflow as tf
+
+    squash = cfg.train_crop == "squash" if train else cfg.eval_crop == "squash"
+    if squash:
+        return tf.stack([0, 0, tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
+    if train and cfg.crop_sampler == "mmaction":
+        return mmaction_crop_box(height, width, cfg.crop_area, cfg.crop_aspect, seed)
     if train:
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
             image_size=tf.stack([height, width, 3]),
@@ -92,8 +153,6 @@ def crop_window(height, width, cfg: InputConfig, train: bool, seed):
             use_image_if_no_bounding_boxes=True,
         )
         return tf.stack([begin[0], begin[1], size[0], size[1]])
-    if cfg.eval_crop == "squash":
-        return tf.stack([0, 0, tf.cast(height, tf.int32), tf.cast(width, tf.int32)])
     side = tf.minimum(height, width)
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
@@ -106,8 +165,10 @@ def decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
     views = 1 if train else cfg.num_views
     if views > 1:
         indices = tf.reshape(sample_view_indices(ex["num_frames"], cfg.num_frames, views, cfg.view_sampling), [-1])
+    elif train:
+        indices = train_frame_indices(ex["num_frames"], cfg, aug_seeds[0])
     else:
-        indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, train, aug_seeds[0])
+        indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, False, aug_seeds[0])
     jpegs = tf.gather(ex["frames"], indices)
     window = crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
     frames = tf.map_fn(
@@ -115,7 +176,7 @@ def decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
         jpegs,
         fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8),
     )
-    video = tf.image.resize(frames, [cfg.image_size, cfg.image_size], method="bilinear")
+    video = tf.image.resize(frames, [cfg.image_size, cfg.image_size], method=cfg.resize_method)
     if train and cfg.flip_prob > 0:
         flip = tf.random.stateless_uniform([], seed=aug_seeds[2]) < cfg.flip_prob
         video = tf.cond(flip, lambda: tf.reverse(video, axis=[2]), lambda: video)

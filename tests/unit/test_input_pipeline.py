@@ -239,6 +239,24 @@ def test_official_semantic_masking_refuses_tags_of_the_previous_rule(cfg, tmp_pa
         ip.check_tag_rule(cfg.replace(dataset=str(old), text=TextMaskingConfig(mode=mode)))
 
 
+def test_truncated_official_tags_need_their_text_length(cfg, tmp_path):
+    """`prepare --tag-rule wordpiece_lower_max30` (spaCy on the caption cut at length 30, as the official masker)."""
+    import json
+    import shutil
+
+    from data_pipelines.build import build_store
+    from data_pipelines.input.text_masking import TextMaskingConfig
+
+    cut = tmp_path / "cut_build"
+    shutil.copytree(cfg.dataset, cut)
+    key = json.loads((cut / build_store.KEY_FILE).read_text())
+    (cut / build_store.KEY_FILE).write_text(json.dumps({**key, "tag_rule": "wordpiece_lower_max30"}))
+    with pytest.raises(ValueError, match="for text length 30; set data.text_length=30"):
+        ip.check_tag_rule(cfg.replace(dataset=str(cut), text=TextMaskingConfig(max_length=16)))
+    ip.check_tag_rule(cfg.replace(dataset=str(cut), text=TextMaskingConfig(max_length=30)))
+    ip.check_tag_rule(cfg.replace(dataset=str(cut), text=TextMaskingConfig(max_length=16, mode="none")))
+
+
 def _reference_runner_epoch(batches_per_epoch):
     """`MyEpochBasedMultiDatasetRunner.train` of the reference, line for line, on lists of (source, batch)."""
     from itertools import zip_longest

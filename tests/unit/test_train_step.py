@@ -11,9 +11,10 @@ import numpy as np
 import optax
 import pytest
 
-from clover_jax import losses, optim, partitioning
+from clover_jax import losses, optim, partitioning, weight_decay
 from clover_jax import train_step as ts
 from clover_jax.models import layers
+from clover_jax.param_paths import path_to_str
 
 GLOBAL_BATCH, FEATURES, TEXT_LEN, VOCAB = 8, 8, 6, 32
 MESHES = {
@@ -224,8 +225,8 @@ def test_ten_steps_lower_the_loss():
 
 def test_weight_decay_mask_on_toy_params():
     params = jax.device_get(setup("single").state0.params)
-    mask = optim.decay_mask(params)
-    decayed = sorted(optim.path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m)
+    mask = weight_decay.decay_mask(params)
+    decayed = sorted(path_to_str(p) for p, m in jax.tree_util.tree_flatten_with_path(mask)[0] if m)
     assert decayed == [
         "text_attn/kernel",
         "text_proj/kernel",
@@ -255,7 +256,7 @@ def test_weight_decay_mask_on_toy_params():
     ],
 )
 def test_decay_predicate_on_clover_paths(path, expected):
-    assert optim.decays(path) is expected
+    assert weight_decay.decays(path) is expected
 
 
 def test_schedule_warmup_and_cosine():
