@@ -5,8 +5,9 @@
 #   benchmarks/compile_table.sh [CELL ...]     (default: every cell below, in order; each takes 5-15 min on 2 cores)
 #
 # v5p (95 GiB) at the paper's 32 clips per chip (v5p-8: 4 chips, batch 128): video batching x remat policy,
-# then microbatches 2 / 4 and FSDP over the 4 chips; v4 (32 GiB) and v5e (16 GiB) at 32 clips per chip and at
-# larger / smaller batches to bracket the largest that fits; `:base` as configured on v5p-32.
+# then microbatches 2 / 4 and FSDP over the 4 chips for the `:base` default (per_clip, remat none: the best of
+# the six); v4 (32 GiB) and v5e (16 GiB) at 32 clips per chip and at larger batches to bracket the largest
+# that fits; `:base` as configured on v5p-32. `*_full_32`: the earlier default (remat full) on v4 / v5e.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/tpu_compile
@@ -26,15 +27,17 @@ declare -A CELLS=(
   [v5p_best_fsdp]="$base --topology=v5p-8 $(b 128) --config.mesh.data=1 --config.mesh.fsdp=4"
   [v4_default_32]="$base --topology=v4-8 $(b 128)"
   [v5e_default_32]="$base --topology=v5e-4 $(b 128)"
+  [v4_full_32]="$base --topology=v4-8 $(b 128) --config.model.remat=full"
+  [v5e_full_32]="$base --topology=v5e-4 $(b 128) --config.model.remat=full"
   [v4_default_128]="$base --topology=v4-8 $(b 512)"
-  [v4_default_256]="$base --topology=v4-8 $(b 1024)"
+  [v4_default_512]="$base --topology=v4-8 $(b 2048)"
   [v5e_default_128]="$base --topology=v5e-4 $(b 512)"
-  [v5e_default_256]="$base --topology=v5e-4 $(b 1024)"
+  [v5e_default_512]="$base --topology=v5e-4 $(b 2048)"
   [base_v5p-32]="$base --topology=v5p-32"
 )
-ORDER=(base_v5p-32 v5p_per_clip_full v5p_batched_full v5p_per_clip_dots v5p_batched_dots v5p_per_clip_none
-       v5p_batched_none v5p_best_micro2 v5p_best_micro4 v5p_best_fsdp v4_default_32 v5e_default_32 v4_default_128
-       v5e_default_128 v4_default_256 v5e_default_256)
+ORDER=(v5p_per_clip_full v5p_batched_full v5p_per_clip_dots v5p_batched_dots v5p_per_clip_none v5p_batched_none
+       v4_default_32 v5e_default_32 v5p_best_micro2 v5p_best_fsdp v5p_best_micro4 v4_default_128 v5e_default_128
+       base_v5p-32 v4_full_32 v5e_full_32 v5e_default_512 v4_default_512)
 cells=("${@:-${ORDER[@]}}")
 for cell in "${cells[@]}"; do
   args=${CELLS[$cell]:-$cell}  # a cell name, or literal compile flags
