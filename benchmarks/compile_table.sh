@@ -34,6 +34,7 @@ declare -A CELLS=(
   [v5e_default_128]="$base --topology=v5e-4 $(b 512)"
   [v5e_default_512]="$base --topology=v5e-4 $(b 2048)"
   [base_v5p-32]="$base --topology=v5p-32"
+  [v5p-32_full]="$base --topology=v5p-32 --config.model.remat=full"
 )
 ORDER=(v5p_per_clip_full v5p_batched_full v5p_per_clip_dots v5p_batched_dots v5p_per_clip_none v5p_batched_none
        v4_default_32 v5e_default_32 v5p_best_micro2 v5p_best_fsdp v5p_best_micro4 v4_default_128 v5e_default_128

@@ -131,10 +131,10 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         mask_grid=7, mask_cells=10, mask_min_block=4, text_length=16, text_masking="semantic",
         seed=0, prefetch=2,
         # Issue 31 switches (data_pipelines/input; `,official` sets the official value, README "Official recipe"):
-        # crop_sampler "mmaction" | "tf_box"; train_crop "random_resized" | "squash"; frame_sampling "segments" |
+        # crop_sampler "tf_box" | "mmaction"; train_crop "random_resized" | "squash"; frame_sampling "segments" |
         # "mmaction"; epoch_unit "clip" | "caption"; epoch_order "reshuffle" | "fixed"; mask_fill "exact" |
         # "official"; word_budget "words" | "tokens" (random_whole_word); random_ids "regular" | "any".
-        crop_sampler="mmaction", train_crop="random_resized", frame_sampling="segments", epoch_unit="clip",
+        crop_sampler="tf_box", train_crop="random_resized", frame_sampling="segments", epoch_unit="clip",
         epoch_order="reshuffle", mask_fill="exact", word_budget="words", random_ids="regular",
     )
     # text_masking (`text_masking.MASK_MODES`): "semantic" = the official rule; "semantic_dedup" = the previous

@@ -20,8 +20,9 @@ import numpy as np
 
 from clover_jax import run_inputs
 from clover_jax.evaluators import qa_metrics
+from clover_jax.evaluators.mesh_retrieval import retrieval_metrics_on_mesh, shard_gallery, top_k
 from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
-from clover_jax.evaluators.retrieval import multiple_choice_accuracy, retrieval_metrics, top_k
+from clover_jax.evaluators.retrieval import multiple_choice_accuracy
 from clover_jax.evaluators.split_passes import SplitPasses
 from clover_jax.models.clover import CloverConfig
 
@@ -116,22 +117,26 @@ class RetrievalEvaluator(_Evaluator):
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
         cfg = self.cfg
         emb = self.passes.embed_split(params, cfg, with_thumbnails=self.out_dir is not None)
-        metrics = retrieval_metrics(emb["video_emb"], emb["text_emb"], emb["text_to_video"])
+        mesh = self.passes.batch_sharding.mesh
+        metrics = retrieval_metrics_on_mesh(emb["video_emb"], emb["text_emb"], emb["text_to_video"], mesh)
         metrics.update(step=step, split=cfg.split, dataset=cfg.dataset)
         title = (f"retrieval on {pathlib.Path(cfg.dataset).name}/{cfg.split}: {metrics['num_videos']} clips, "
                  f"{metrics['num_texts']} captions, step {step}")
         print(format_retrieval_table(metrics, title), flush=True)
         _write_json(self.out_dir, f"{self.name}_step{step}.json", metrics)
-        if self.out_dir is not None and jax.process_index() == 0:
-            self._report(emb, metrics, title, step)
+        if self.out_dir is not None:
+            # On every process: the top-5 search runs on the whole mesh; process 0 writes the page.
+            ranked = top_k(shard_gallery(emb["video_emb"], mesh), emb["text_emb"], min(5, len(emb["video_emb"])))[1]
+            if jax.process_index() == 0:
+                self._report(emb, ranked, metrics, title, step)
         return metrics
 
-    def _report(self, emb: dict[str, Any], metrics: dict[str, Any], title: str, step: int) -> None:
+    def _report(self, emb: dict[str, Any], ranked: np.ndarray, metrics: dict[str, Any], title: str,
+                step: int) -> None:
         from data_pipelines.input.text_masking import load_tokenizer
 
         queries = self.settings.report_queries
         captions = [load_tokenizer().decode(ids) for ids in emb["text_ids"]]
-        ranked = top_k(emb["video_emb"], emb["text_emb"], min(5, len(emb["video_emb"])))
         thumbs = {i: emb["thumbnails"][i] for i in videos_for_report(ranked, queries, 0) if i in emb["thumbnails"]}
         shown = {k: metrics[k] for k in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_median_rank")}
         write_retrieval_report(self.out_dir / f"{self.name}_step{step}.html", captions, emb["text_to_video"],

@@ -96,7 +96,7 @@ def _format_metric(value: object) -> str:
 
 
 def write_retrieval_report(path: Union[str, pathlib.Path], captions: Sequence[str],
-                           caption_to_video: np.ndarray, topk: np.ndarray,
+                           caption_to_video: Optional[np.ndarray], topk: np.ndarray,
                            thumbnails: Mapping[int, np.ndarray],
                            metrics: Optional[Mapping[str, object]] = None,
                            num_queries: int = 20, seed: int = 0,
@@ -107,7 +107,7 @@ def write_retrieval_report(path: Union[str, pathlib.Path], captions: Sequence[st
     Args:
       path: output .html file (parent folders are created).
       captions: (Nt,) caption strings.
-      caption_to_video: (Nt,) int, the correct video of each caption.
+      caption_to_video: (Nt,) int, the correct video of each caption; None marks none (search results).
       topk: (Nt, k) int retrieved video indices, best first (e.g. `retrieval.top_k`).
       thumbnails: video index -> uint8 (F, H, W, 3) frames, needed for every video in
         `videos_for_report(topk, num_queries, seed)`.
@@ -118,7 +118,7 @@ def write_retrieval_report(path: Union[str, pathlib.Path], captions: Sequence[st
     (class "clip correct") and the label "✓ correct". A query whose correct clip is not in the top-k says so.
     Returns the path written.
     """
-    caption_to_video = np.asarray(caption_to_video)
+    caption_to_video = np.full(len(captions), -1) if caption_to_video is None else np.asarray(caption_to_video)
     topk = np.asarray(topk)
     num_texts = len(captions)
     if caption_to_video.shape != (num_texts,):
@@ -156,7 +156,7 @@ def write_retrieval_report(path: Union[str, pathlib.Path], captions: Sequence[st
                          f'<img src="{uris[video]}" alt="{html.escape(name(video))}">'
                          f"<figcaption>{label}</figcaption></figure>")
         parts.append("</div>")
-        if truth not in topk[query]:
+        if truth >= 0 and truth not in topk[query]:
             parts.append(f'<p class="miss">✗ correct clip ({html.escape(name(truth))}) is not in the '
                          f"top {topk.shape[1]}</p>")
         parts.append("</div>")

@@ -14,7 +14,8 @@ Conventions (clover-reference.md §5.1, `recall_for_video_text_retrieval` in the
     with the highest similarity), as in big_vision's image_text_retrieval and Collaborative Experts.
 
 Memory: the similarity matrix is never materialised whole. Queries are processed `chunk_size` rows at a
-time, so peak memory is about chunk_size * num_candidates floats (no per-row argsort).
+time, so peak memory is about chunk_size * num_candidates floats (no per-row argsort). The evaluators rank with
+`mesh_retrieval.py` instead (the gallery sharded over the devices); these functions are its test reference.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def l2_normalize(x: np.ndarray, eps: float = _EPS) -> np.ndarray:
     return x / np.maximum(norm, eps)
 
 
-def _check_embeddings(name: str, emb: np.ndarray, ndim: int = 2) -> np.ndarray:
+def check_embeddings(name: str, emb: np.ndarray, ndim: int = 2) -> np.ndarray:
+    """`emb` as a numpy array; ValueError unless it is a non-empty, finite float array of `ndim` dims."""
     emb = np.asarray(emb)
     if emb.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {emb.shape}")
@@ -49,10 +51,11 @@ def _check_embeddings(name: str, emb: np.ndarray, ndim: int = 2) -> np.ndarray:
     return emb
 
 
-def _check_pairs(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    video_emb = _check_embeddings("video_emb", video_emb)
-    text_emb = _check_embeddings("text_emb", text_emb)
+def check_pairs(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(video_emb, text_emb, text_to_video as int64), after checking shapes, dims and index ranges."""
+    video_emb = check_embeddings("video_emb", video_emb)
+    text_emb = check_embeddings("text_emb", text_emb)
     if video_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"video_emb dim {video_emb.shape[1]} != text_emb dim {text_emb.shape[1]}: "
                          "both must come from the same projection size")
@@ -79,7 +82,7 @@ def _chunks(n: int, chunk_size: int) -> Iterator[slice]:
 def text_to_video_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray,
                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
     """(Nt,) int64 1-based rank of each caption's own video among all videos (ties: strictly greater)."""
-    video_emb, text_emb, text_to_video = _check_pairs(video_emb, text_emb, text_to_video)
+    video_emb, text_emb, text_to_video = check_pairs(video_emb, text_emb, text_to_video)
     videos = l2_normalize(video_emb)
     texts = l2_normalize(text_emb)
     ranks = np.empty(texts.shape[0], dtype=np.int64)
@@ -91,6 +94,17 @@ def text_to_video_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_vid
     return ranks
 
 
+def check_captions(text_to_video: np.ndarray, num_videos: int) -> np.ndarray:
+    """(num_videos,) captions per video; ValueError when a video has none (its video->text rank is undefined)."""
+    captions_per_video = np.bincount(text_to_video, minlength=num_videos)
+    if np.any(captions_per_video == 0):
+        missing = np.flatnonzero(captions_per_video == 0)
+        raise ValueError(f"{missing.size} videos have no caption in text_to_video (e.g. indices "
+                         f"{missing[:5].tolist()}): video->text rank is undefined for them; drop those "
+                         "videos from video_emb and re-index text_to_video")
+    return captions_per_video
+
+
 def video_to_text_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray,
                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
     """(Nv,) int64 1-based best rank, over all of a video's captions, among all captions.
@@ -98,14 +112,9 @@ def video_to_text_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_vid
     Equivalently 1 + the number of captions more similar to the video than its most similar own caption.
     Every video needs at least one caption; a video without one raises (drop it from video_emb).
     """
-    video_emb, text_emb, text_to_video = _check_pairs(video_emb, text_emb, text_to_video)
+    video_emb, text_emb, text_to_video = check_pairs(video_emb, text_emb, text_to_video)
     num_videos = video_emb.shape[0]
-    captions_per_video = np.bincount(text_to_video, minlength=num_videos)
-    if np.any(captions_per_video == 0):
-        missing = np.flatnonzero(captions_per_video == 0)
-        raise ValueError(f"{missing.size} videos have no caption in text_to_video (e.g. indices "
-                         f"{missing[:5].tolist()}): video->text rank is undefined for them; drop those "
-                         "videos from video_emb and re-index text_to_video")
+    captions_per_video = check_captions(text_to_video, num_videos)
     videos = l2_normalize(video_emb)
     texts = l2_normalize(text_emb)
     caption_order = np.argsort(text_to_video, kind="stable")  # captions grouped by video
@@ -148,11 +157,16 @@ def retrieval_metrics(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video
     """
     t2v = text_to_video_ranks(video_emb, text_emb, text_to_video, chunk_size)
     v2t = video_to_text_ranks(video_emb, text_emb, text_to_video, chunk_size)
-    metrics = {**rank_summary(t2v, "t2v"), **rank_summary(v2t, "v2t")}
+    return metrics_from_ranks(t2v, v2t)
+
+
+def metrics_from_ranks(t2v_ranks: np.ndarray, v2t_ranks: np.ndarray) -> Dict[str, float]:
+    """`retrieval_metrics`' dict from the (Nt,) text->video and (Nv,) video->text 1-based ranks."""
+    metrics = {**rank_summary(t2v_ranks, "t2v"), **rank_summary(v2t_ranks, "v2t")}
     metrics["sum_recall"] = metrics["t2v_r1"] + metrics["t2v_r5"] + metrics["t2v_r10"]
     metrics["recall_all"] = metrics["sum_recall"] - metrics["t2v_median_rank"]
-    metrics["num_videos"] = int(np.asarray(video_emb).shape[0])
-    metrics["num_texts"] = int(np.asarray(text_emb).shape[0])
+    metrics["num_videos"] = int(len(v2t_ranks))
+    metrics["num_texts"] = int(len(t2v_ranks))
     return metrics
 
 
@@ -165,8 +179,8 @@ def multiple_choice_accuracy(video_emb: np.ndarray, option_emb: np.ndarray, answ
     Note: the reference `acc_for_msrvtt_mc` (default use_sim=False) takes raw dot products and returns a
     fraction; this uses cosine (as the retrieval metrics do) and returns a percentage.
     """
-    video_emb = _check_embeddings("video_emb", video_emb)
-    option_emb = _check_embeddings("option_emb", option_emb, ndim=3)
+    video_emb = check_embeddings("video_emb", video_emb)
+    option_emb = check_embeddings("option_emb", option_emb, ndim=3)
     n, k, d = option_emb.shape
     if video_emb.shape != (n, d):
         raise ValueError(f"video_emb shape {video_emb.shape} does not match option_emb {option_emb.shape}: "
@@ -192,8 +206,8 @@ def top_k(video_emb: np.ndarray, text_emb: np.ndarray, k: int,
     Within the k, equal similarities are ordered by video index; which of several videos tied at the
     k-th place gets in is unspecified.
     """
-    video_emb = _check_embeddings("video_emb", video_emb)
-    text_emb = _check_embeddings("text_emb", text_emb)
+    video_emb = check_embeddings("video_emb", video_emb)
+    text_emb = check_embeddings("text_emb", text_emb)
     if video_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(f"video_emb dim {video_emb.shape[1]} != text_emb dim {text_emb.shape[1]}")
     num_videos = video_emb.shape[0]

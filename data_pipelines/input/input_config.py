@@ -90,7 +90,7 @@ class InputConfig:
     image_size: int = 224
     crop_area: tuple[float, float] = (0.08, 1.0)
     crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)
-    crop_sampler: str = "mmaction"
+    crop_sampler: str = "tf_box"
     train_crop: str = "random_resized"
     resize_method: str = "bilinear"
     frame_sampling: str = "segments"

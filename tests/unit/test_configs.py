@@ -182,7 +182,7 @@ def test_official_variant_selects_every_official_switch(spec):
         ("alternate_official", ("webvid", "cc3m")) if both else (ours.data.mixture_mode, ()))
     switched = {"pixel_stats", "loss.contrastive_grad_scale", "data.mixture_mode", "data.source_order"}
     switched |= {"data.frame_sampling", "data.epoch_unit", "data.mask_fill", "data.word_budget", "data.random_ids",
-                 "data.epoch_order", "data.sources.cc3m.resize_method", "data.train_crop"}  # issue 31 inputs
+                 "data.epoch_order", "data.sources.cc3m.resize_method", "data.train_crop", "data.crop_sampler"}
     switched |= {"optim.schedule", "optim.decay_rules", "optim.schedule_by_epoch", "optim.warmup_init_ratio"}
 
     def flat(c, prefix=""):

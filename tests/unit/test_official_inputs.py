@@ -59,7 +59,7 @@ def _stats(boxes: np.ndarray, height: int, width: int) -> dict:
 
 @pytest.mark.parametrize("height,width", [(256, 256), (256, 455), (60, 600)])
 def test_mmaction_crop_matches_the_official_distribution(height, width):
-    ours = _stats(_tf_boxes(height, width, 1500), height, width)
+    ours = _stats(_tf_boxes(height, width, 1500, crop_sampler="mmaction"), height, width)
     ref = _stats(_mmaction_boxes(np.random.default_rng(0), height, width, 20000), height, width)
     print(f"{height}x{width}: mean area ours {ours['area']:.3f} mmaction {ref['area']:.3f}; fallback ours "
           f"{ours['fallback']:.3f} mmaction {ref['fallback']:.3f}; log-aspect bins "
@@ -73,7 +73,7 @@ def test_crop_figures_pinned():
     """Measured: square frame mean area 0.474 (mmaction; uniform 0.54 less the rejected large crops) vs 0.411
     with TF's distorted-box sampler; the log-aspect is near uniform (4 bins of ~0.25); a 60x600 frame falls
     back to the centre square 77% of the time (mmaction: 78%)."""
-    square = _stats(_tf_boxes(256, 256, 1500), 256, 256)
+    square = _stats(_tf_boxes(256, 256, 1500, crop_sampler="mmaction"), 256, 256)
     assert abs(square["area"] - 0.474) < 0.02
     np.testing.assert_allclose(square["log_aspect_hist"], 0.25, atol=0.05)
     assert abs(_stats(_tf_boxes(256, 256, 1500, crop_sampler="tf_box"), 256, 256)["area"] - 0.411) < 0.02
@@ -225,13 +225,14 @@ def test_official_configs_select_the_switches():
     default = run_inputs.train_input(pretrain.get_config("base").data, "folder")
     assert (default.crop_sampler, default.train_crop, default.frame_sampling, default.epoch_unit,
             default.epoch_order, default.mask.fill, default.text.word_budget, default.text.random_ids,
-            default.resize_method) == ("mmaction", "random_resized", "segments", "clip", "reshuffle", "exact",
+            default.resize_method) == ("tf_box", "random_resized", "segments", "clip", "reshuffle", "exact",
                                        "words", "regular", "bilinear")
     c = pretrain.get_config("base,official")
     official = run_inputs.train_input(c.data, "folder", resize_method=c.data.sources.cc3m.resize_method)
     assert (official.frame_sampling, official.epoch_unit, official.epoch_order, official.mask.fill,
             official.text.word_budget, official.text.random_ids, official.resize_method) == (
         "mmaction", "caption", "fixed", "official", "tokens", "any", "bicubic")
+    assert official.crop_sampler == "mmaction"
     assert c.data.sources.webvid.resize_method == "bilinear"
     assert finetune_qa.get_config("msvd_qa,official").data.train_crop == "squash"
     assert finetune_qa.get_config("msrvtt_qa,official").data.train_crop == "random_resized"

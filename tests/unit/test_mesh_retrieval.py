@@ -1,0 +1,203 @@
+"""Retrieval on the mesh (`clover_jax/evaluators/mesh_retrieval.py`) equals the numpy reference exactly.
+
+The equality cases use "exact" embeddings: rows of ±1 and ±3 whose squared norm is exactly 64, so every unit
+row, product and partial sum is a small multiple of 1/64 and no float32 rounding happens in either path, in any
+summation order. Equality then tests the algorithm itself (ranking, the tie rule, the merge across devices,
+padding), not which BLAS kernel rounded last; and the ties are many (129 possible scores), on top of the
+planted ones (duplicate clips, duplicate captions across clips, zero rows).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clover_jax import partitioning
+from clover_jax.evaluators import mesh_retrieval, retrieval
+
+DIM = 64
+
+
+def exact_rows(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, DIM) float32 rows of 0, ±1, ±3 with squared norm exactly 64."""
+    out = np.zeros((n, DIM), np.float32)
+    threes = rng.integers(0, 8, n)
+    for row, n3 in enumerate(threes):
+        where = rng.permutation(DIM)[: n3 + 64 - 9 * n3]
+        out[row, where] = np.where(np.arange(where.size) < n3, 3.0, 1.0) * rng.choice([-1.0, 1.0], where.size)
+    return out
+
+
+def perturbed(rng: np.random.Generator, rows: np.ndarray) -> np.ndarray:
+    """Each row with a random share of its positions shuffled and re-signed (the squared norm is kept)."""
+    out = rows.copy()
+    for row in out:
+        where = rng.permutation(DIM)[: rng.integers(8, DIM + 1)]
+        row[where] = row[rng.permutation(where)] * rng.choice([-1.0, 1.0], where.size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tied_split():
+    """~20k captions of 5,003 clips (1-7 each, shuffled) with planted ties: 100 duplicated clips, 100 captions
+    copied onto other clips, a zero clip and a zero caption. Padding: 5,003 and ~20k rows are not multiples of 8."""
+    rng = np.random.default_rng(0)
+    num_videos = 5003
+    videos = exact_rows(rng, num_videos)
+    src, dst = rng.choice(num_videos, (2, 100), replace=False)
+    videos[dst] = videos[src]
+    videos[7] = 0.0
+    text_to_video = np.repeat(np.arange(num_videos), rng.integers(1, 8, num_videos))
+    text_to_video = text_to_video[rng.permutation(text_to_video.size)]
+    texts = perturbed(rng, videos[text_to_video])
+    a, b = rng.choice(texts.shape[0], (2, 100), replace=False)
+    texts[b] = texts[a]
+    texts[11] = 0.0
+    return videos, texts, text_to_video
+
+
+def mesh_of(devices: int) -> jax.sharding.Mesh:
+    axes = {"data": 4, "model": 2} if devices == 8 else {"data": devices}  # 8: the evaluators' kind of mesh
+    return partitioning.make_mesh(axes, jax.devices()[:devices])
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+def test_metrics_equal_the_numpy_reference_with_planted_ties(tied_split, devices):
+    videos, texts, text_to_video = tied_split
+    assert 19_000 < texts.shape[0] < 21_000 and videos.shape[0] % 8 and texts.shape[0] % 8
+    reference = retrieval.retrieval_metrics(videos, texts, text_to_video)
+    on_mesh = mesh_retrieval.retrieval_metrics_on_mesh(videos, texts, text_to_video, mesh_of(devices))
+    assert on_mesh == reference  # every key, exact floats
+    assert 1 < reference["t2v_median_rank"] < 100 and 0 < reference["t2v_r1"] < 100  # ranks are spread out
+
+
+def test_ranks_equal_the_reference_ranks_for_any_query_block(tied_split):
+    videos, texts, text_to_video = tied_split
+    mesh = mesh_of(8)
+    t2v = mesh_retrieval.ranks(mesh_retrieval.shard_gallery(videos, mesh), texts, text_to_video, query_block=24)
+    np.testing.assert_array_equal(t2v, retrieval.text_to_video_ranks(videos, texts, text_to_video))
+    v2t = mesh_retrieval.ranks(mesh_retrieval.shard_gallery(texts, mesh), videos, np.arange(len(videos)),
+                               text_to_video, query_block=1000)
+    np.testing.assert_array_equal(v2t, retrieval.video_to_text_ranks(videos, texts, text_to_video))
+
+
+def reference_top_k(gallery: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = retrieval.l2_normalize(queries) @ retrieval.l2_normalize(gallery).T
+    rows = np.arange(gallery.shape[0])
+    order = np.stack([np.lexsort((rows, -s))[:k] for s in sims])  # score descending, then row ascending
+    return np.take_along_axis(sims, order, axis=1), order
+
+
+@pytest.fixture(scope="module")
+def tied_gallery():
+    rng = np.random.default_rng(1)
+    gallery = exact_rows(rng, 3001)
+    gallery[rng.choice(3001, 300)] = gallery[rng.choice(3001, 300)]
+    gallery[5] = 0.0
+    queries = perturbed(rng, gallery[rng.choice(3001, 150)])
+    queries[0] = 0.0  # every score 0: the top k are rows 0..k-1
+    return gallery, queries
+
+
+@pytest.mark.parametrize("devices", [8, 1])
+@pytest.mark.parametrize("k", [1, 10, 500, 3001])
+def test_top_k_equals_a_stable_sort_with_ties(tied_gallery, devices, k):
+    gallery, queries = tied_gallery
+    sharded = mesh_retrieval.shard_gallery(gallery, mesh_of(devices))
+    scores, indices = mesh_retrieval.top_k(sharded, queries, k)  # k=500, 3001 > the 376 rows of one of 8 devices
+    want_scores, want_indices = reference_top_k(gallery, queries, k)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+    assert indices.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(indices[0], np.arange(k))
+
+
+def test_a_device_array_gallery_gives_the_same_results(tied_gallery):
+    gallery, queries = tied_gallery
+    mesh = mesh_of(8)
+    from_host = mesh_retrieval.top_k(mesh_retrieval.shard_gallery(gallery, mesh), queries, 20)
+    from_device = mesh_retrieval.top_k(mesh_retrieval.shard_gallery(jnp.asarray(gallery), mesh), queries, 20)
+    np.testing.assert_array_equal(from_host[1], from_device[1])
+    np.testing.assert_array_equal(from_host[0], from_device[0])
+
+
+def test_the_gallery_is_split_over_every_device_and_one_block_stays_small(tied_gallery):
+    gallery, queries = tied_gallery
+    sharded = mesh_retrieval.shard_gallery(gallery, mesh_of(8))
+    assert sharded.num_valid == 3001 and sharded.rows_per_device == 376
+    assert {s.data.shape for s in sharded.embeddings.addressable_shards} == {(376, DIM)}
+    assert len({s.device for s in sharded.embeddings.addressable_shards}) == 8
+    ids = np.asarray(sharded.ids)
+    np.testing.assert_array_equal(ids, np.r_[np.arange(3001), [-1] * 7])
+    memory = mesh_retrieval.block_memory(sharded, len(queries))  # the ranks program of one query block
+    assert memory["argument"] < gallery.nbytes / 4  # one eighth of the gallery and the block
+    # Two (block, 376) matrices (scores, and the masked scores or the counts), less than one (block, 3001) matrix.
+    assert memory["temp"] <= 2.1 * memory["block"] * 376 * 4 < memory["block"] * 3001 * 4
+
+
+def test_query_block_sizes():
+    assert mesh_retrieval.query_block_size(1, 1000) == 8
+    assert mesh_retrieval.query_block_size(100, 1000) == 128
+    assert mesh_retrieval.query_block_size(10_000, 1000) == 1024
+    assert mesh_retrieval.query_block_size(10_000, 125_000) == 2**25 // 125_000  # the per-device score budget
+    assert mesh_retrieval.query_block_size(10_000, 10**8) == 8
+    assert mesh_retrieval.query_block_size(10_000, 1000, query_block=5) == 5
+
+
+def test_empty_queries_give_empty_results(tied_gallery):
+    sharded = mesh_retrieval.shard_gallery(tied_gallery[0], mesh_of(8))
+    scores, indices = mesh_retrieval.top_k(sharded, np.zeros((0, DIM), np.float32), 3)
+    assert scores.shape == indices.shape == (0, 3)
+
+
+def test_bad_input_stops_with_one_line():
+    mesh = mesh_of(8)
+    gallery = mesh_retrieval.shard_gallery(np.eye(4, 8, dtype=np.float32), mesh)
+    cases = [
+        (lambda: mesh_retrieval.top_k(gallery, np.ones((2, 8), np.float32), 5), r"k must be in \[1, 4\]"),
+        (lambda: mesh_retrieval.top_k(gallery, np.ones((2, 8), np.float32), 0), r"k must be in \[1, 4\]"),
+        (lambda: mesh_retrieval.top_k(gallery, np.ones((2, 7), np.float32), 1), r"queries must be \(Q, 8\)"),
+        (lambda: mesh_retrieval.top_k(gallery, np.full((1, 8), np.nan, np.float32), 1), "NaN"),
+        (lambda: mesh_retrieval.shard_gallery(np.zeros((0, 8), np.float32), mesh), "empty"),
+        (lambda: mesh_retrieval.shard_gallery(np.zeros(8, np.float32), mesh), "2 dims"),
+        (lambda: mesh_retrieval.shard_gallery(np.full((3, 8), np.inf, np.float32), mesh), "NaN or inf"),
+        (lambda: mesh_retrieval.shard_gallery(jnp.zeros((0, 8)), mesh), "non-empty"),
+        (lambda: mesh_retrieval.ranks(gallery, np.ones((2, 8), np.float32), np.arange(3)), "positives must be"),
+        (lambda: mesh_retrieval.retrieval_metrics_on_mesh(np.eye(3), np.eye(3), np.array([0, 0, 1]), mesh),
+         "no caption"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_the_retrieval_evaluator_ranks_on_its_mesh(tied_split, tmp_path, monkeypatch):
+    """`entries.RetrievalEvaluator.run` (model passes stubbed) reports the reference's metrics and a page."""
+    import types
+
+    from clover_jax.evaluators import entries
+
+    videos, texts, text_to_video = tied_split[0][:100], tied_split[1][:400], np.arange(400) % 100
+    mesh = mesh_of(8)
+    emb = dict(clip_ids=np.arange(100), video_emb=videos, text_emb=texts, text_to_video=text_to_video,
+               text_ids=np.tile([101, 1037, 2158, 102], (400, 1)),
+               thumbnails={i: np.zeros((2, 4, 4, 3), np.uint8) for i in range(100)})
+    calls = []
+    monkeypatch.setattr(mesh_retrieval, "_ranks_fn", _counting(mesh_retrieval._ranks_fn, calls))
+    evaluator = object.__new__(entries.RetrievalEvaluator)
+    evaluator.name, evaluator.out_dir = "retrieval", tmp_path
+    evaluator.settings = types.SimpleNamespace(report_queries=5)
+    evaluator.cfg = types.SimpleNamespace(split="test", dataset="/data/synthetic/1.0.0")
+    evaluator.passes = types.SimpleNamespace(batch_sharding=partitioning.batch_sharding(mesh),
+                                             embed_split=lambda params, cfg, **kw: emb)
+    metrics = evaluator.run(params=None, step=3)
+    reference = retrieval.retrieval_metrics(videos, texts, text_to_video)
+    assert {k: metrics[k] for k in reference} == reference and calls == [mesh, mesh]
+    assert (tmp_path / "retrieval_step3.html").exists() and (tmp_path / "retrieval_step3.json").exists()
+
+
+def _counting(builder, calls):
+    def wrapped(mesh):
+        calls.append(mesh)
+        return builder(mesh)
+    return wrapped
