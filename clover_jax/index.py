@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from clover_jax import video_index as vi
+from clover_jax import video_index
 from clover_jax.launch import (
     USER_ERRORS,
     OneLineArgumentParser,
@@ -78,29 +78,29 @@ def build(args: Any) -> int:
     index = pathlib.Path(args.out).absolute()
     if index.exists() and not index.is_dir():
         raise NotADirectoryError(f"--out={args.out} is a file, not an index folder")
-    manifest = vi.read_manifest(index)  # a broken manifest stops before the model loads
+    manifest = video_index.read_manifest(index)  # a broken manifest stops before the model loads
     if manifest is not None and manifest["videos_root"] != str(videos):
         raise ValueError(f"--out={index} indexes {manifest['videos_root']}, not {videos}: pass that folder as "
                          "--videos, or another --out")
     index.mkdir(parents=True, exist_ok=True)
     quiet_third_party_logs(index, "index")
-    model = vi.load_model(args.workdir, args.checkpoint, args.batch_size)
+    model = video_index.load_model(args.workdir, args.checkpoint, args.batch_size)
     decode = DecodeConfig(fps=args.fps or None, short_side=args.short_side)
-    settings = dict(model=vi.model_settings(model), clips=clip_settings(model.input_cfg, decode, args.clip_seconds,
-                                                                        JPEG_QUALITY))
-    identity = dict(config_hash=vi.settings_hash(settings), weights_hash=model.weights)
+    clips = clip_settings(model.input_cfg, decode, args.clip_seconds, JPEG_QUALITY)
+    settings = dict(model=video_index.model_settings(model), clips=clips)
+    identity = dict(config_hash=video_index.settings_hash(settings), weights_hash=model.weights)
     if manifest is not None:
-        vi.check_identity(manifest["identity"], identity, f"--out={index}")
-    journal = index / vi.JOURNAL
+        video_index.check_identity(manifest["identity"], identity, f"--out={index}")
+    journal = index / video_index.JOURNAL
     if (journal / "identity.json").exists():
-        vi.check_identity(json.loads((journal / "identity.json").read_text()), identity,
+        video_index.check_identity(json.loads((journal / "identity.json").read_text()), identity,
                           f"--out={index} (an unfinished build in {journal})")
     else:
         journal.mkdir(exist_ok=True)
-        vi.write_atomic(journal / "identity.json", json.dumps(identity).encode())
+        video_index.write_atomic(journal / "identity.json", json.dumps(identity).encode())
     scan = scan_videos(videos)
     reader = ClipReader(model.input_cfg, decode, args.clip_seconds, JPEG_QUALITY)
-    plan = _plan(scan, manifest, vi.journal_shards(index))
+    plan = _plan(scan, manifest, video_index.journal_shards(index))
     start_seq = len(list(journal.glob("*.npz")))
     print(f"clover_jax: {len(scan.files)} video files under {videos}: {len(plan['kept'])} unchanged, "
           f"{len(plan['resumed'])} resumed from an interrupted build, {len(plan['todo'])} to embed, "
@@ -187,8 +187,8 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-def _embed(model: vi.Model, reader: ClipReader, videos: pathlib.Path, index: pathlib.Path, todo: list[VideoFile],
-           seq: int, workers: int) -> dict[str, tuple[dict, np.ndarray]]:
+def _embed(model: video_index.Model, reader: ClipReader, videos: pathlib.Path, index: pathlib.Path,
+           todo: list[VideoFile], seq: int, workers: int) -> dict[str, tuple[dict, np.ndarray]]:
     """Embeds the clips of `todo` in batches; after each batch, the files whose clips are all embedded go to
     a journal shard. Returns path -> (entry, embeddings)."""
     done: dict[str, tuple[dict, np.ndarray]] = {}
@@ -212,7 +212,7 @@ def _embed(model: vi.Model, reader: ClipReader, videos: pathlib.Path, index: pat
         if count == 0:
             return
         emb = np.stack(rows[:used]) if used else np.zeros((0, 0), np.float32)
-        vi.write_journal_shard(index, seq, waiting[:count], emb)
+        video_index.write_journal_shard(index, seq, waiting[:count], emb)
         row = 0
         for entry in waiting[:count]:
             done[entry["path"]] = (entry, emb[row:row + len(entry["clips"])])
@@ -230,7 +230,7 @@ def _embed(model: vi.Model, reader: ClipReader, videos: pathlib.Path, index: pat
     return done
 
 
-def _finalise(index: pathlib.Path, manifest: dict[str, Any] | None, model: vi.Model, settings: dict[str, Any],
+def _finalise(index: pathlib.Path, manifest: dict[str, Any] | None, model: video_index.Model, settings: dict[str, Any],
               identity: dict[str, str], scan: Scan, kept: list[str], new: dict[str, tuple[dict, np.ndarray]],
               args: Any) -> dict[str, Any]:
     """Writes the next generation of the embeddings and then the manifest (the commit point), and removes the
@@ -241,7 +241,7 @@ def _finalise(index: pathlib.Path, manifest: dict[str, Any] | None, model: vi.Mo
         old_entries = {v["path"]: dict(v, skip=None) for v in manifest["videos"]}
         old_entries.update({s["path"]: dict(s, clips=[], skip=s["reason"]) for s in manifest["skipped"]})
         if any(p in old_entries and old_entries[p]["clips"] for p in kept):
-            old_emb = vi.read_embeddings(index / manifest["array"])
+            old_emb = video_index.read_embeddings(index / manifest["array"])
     videos_out, skipped_out, parts, rows = [], [], [], 0
     for f in scan.files:
         if f.path in new:
@@ -261,21 +261,21 @@ def _finalise(index: pathlib.Path, manifest: dict[str, Any] | None, model: vi.Mo
     embeddings = np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
     generation = (manifest["generation"] + 1) if manifest is not None else 1
     array = f"embeddings-{generation:06d}"
-    vi.write_embeddings(index / array, embeddings)
-    written = dict(format=vi.FORMAT, version=vi.VERSION, generation=generation, array=array,
+    video_index.write_embeddings(index / array, embeddings)
+    written = dict(format=video_index.FORMAT, version=video_index.VERSION, generation=generation, array=array,
                    videos_root=str(pathlib.Path(os.path.realpath(args.videos))),
                    model=dict(workdir=str(model.workdir), checkpoint=model.checkpoint, step=model.step),
                    identity=identity, settings=settings, embedding_dim=dim, num_clips=int(embeddings.shape[0]),
                    videos=videos_out, skipped=skipped_out, refused=dict(sorted(scan.refused.items())))
-    vi.write_atomic(index / vi.MANIFEST, json.dumps(written, indent=1, sort_keys=True).encode())
-    shutil.rmtree(index / vi.JOURNAL, ignore_errors=True)
+    video_index.write_atomic(index / video_index.MANIFEST, json.dumps(written, indent=1, sort_keys=True).encode())
+    shutil.rmtree(index / video_index.JOURNAL, ignore_errors=True)
     for stale in index.glob("embeddings-*"):
         if stale.name != array:
             shutil.rmtree(stale, ignore_errors=True)
     return written
 
 
-def _embedding_dim(model: vi.Model) -> int:
+def _embedding_dim(model: video_index.Model) -> int:
     """E of the model's video embeddings (traced, not run)."""
     import jax
 

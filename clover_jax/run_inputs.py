@@ -184,31 +184,31 @@ def qa_items(config: ConfigDict, split: str, num_answers: int = 0) -> tuple[QAIt
 
 
 def _synthetic_qa_items(config: ConfigDict, split: str, num_answers: int) -> tuple[QAItems, dict[str, Any]]:
-    from data_pipelines.build import synthetic_qa as sqa
+    from data_pipelines.build import synthetic_qa
 
     if config.task == "qa_fill_in_blank":
         raise ValueError("qa.source='synthetic' has no fill-in-the-blank questions; use qa_open_ended or "
                          "qa_multiple_choice, or qa.source='lsmdc_fib'")
     qa = config.qa
     folder = resolve_dataset(qa.dataset, config.data)
-    attributes = sqa.clip_attributes(folder, split)
+    attributes = synthetic_qa.clip_attributes(folder, split)
     if config.task == "qa_open_ended":
         if num_answers < 1:
             raise ValueError("open-ended QA needs model.overrides.num_answers >= 1 (the answer-vocabulary size)")
-        train = sqa.open_ended_questions(sqa.clip_attributes(folder, config.data.split), qa.seed)
+        train = synthetic_qa.open_ended_questions(synthetic_qa.clip_attributes(folder, config.data.split), qa.seed)
         vocab = qa_tasks.rank_answers([q.answer for q in train], num_answers)
-        questions = sqa.open_ended_questions(attributes, qa.seed)
-        ids, mask = sqa.encode_texts([q.question for q in questions], qa.text_length)
+        questions = synthetic_qa.open_ended_questions(attributes, qa.seed)
+        ids, mask = synthetic_qa.encode_texts([q.question for q in questions], qa.text_length)
         answers = [q.answer for q in questions]
         items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids, mask,
-                        sqa.answer_indices(answers, vocab))
+                        synthetic_qa.answer_indices(answers, vocab))
         return items, dict(answers=answers, kinds=[q.kind for q in questions], vocab=vocab,
                            train_answers=[q.answer for q in train], missing_kinds=[])
     per_clip = qa.get("mc_per_clip", 1) if split == config.data.split else 1
-    questions = sqa.multiple_choice_questions(attributes, qa.seed, per_clip)
-    k = sqa.NUM_OPTIONS
-    texts = [sqa.mc_option_text(q.question, q.options, o, qa.mc_format) for q in questions for o in q.options]
-    ids, mask = sqa.encode_texts(texts, qa.text_length)
+    questions = synthetic_qa.multiple_choice_questions(attributes, qa.seed, per_clip)
+    k = synthetic_qa.NUM_OPTIONS
+    texts = [synthetic_qa.mc_option_text(q.question, q.options, o, qa.mc_format) for q in questions for o in q.options]
+    ids, mask = synthetic_qa.encode_texts(texts, qa.text_length)
     items = QAItems(np.asarray([q.clip_index for q in questions], np.int32), ids.reshape(len(questions), k, -1),
                     mask.reshape(len(questions), k, -1), np.asarray([q.answer_index for q in questions], np.int32))
     return items, dict(answers=[q.options[q.answer_index] for q in questions], kinds=["mc"] * len(questions),
