@@ -28,6 +28,11 @@ status 2 when the skipped fraction of a split exceeds --max-bad-fraction, when a
 on bad arguments or annotation files (one `error:` line). A finished build with the same inputs and
 settings (its build key) is reused and says so; with other ones the run refuses, naming what differs,
 unless --overwrite, which replaces the old build only after the new one succeeded.
+
+  python -m clover_jax.prepare --verify ~/clover_data/webvid/1.0.0 [--runner direct]
+
+reads every record of every split with its checksums and decodes every feature: per split the record
+count and any damaged ranges (shard, bytes, record ids); exit status 0 when clean, 1 when damaged.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 from clover_jax.launch import (
@@ -105,6 +111,9 @@ def _check_qa_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--verify" or a.startswith("--verify=") for a in argv):
+        return verify_main(argv)
     p = OneLineArgumentParser(prog="python -m clover_jax.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--annotations", help="annotation file (not needed for --format synthetic)")
@@ -153,6 +162,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _prepare(p, args)
     except USER_ERRORS as err:
         return report_user_error(err)
+
+
+def verify_main(argv: Sequence[str]) -> int:
+    """`--verify DIR`: reads every record of every split of a finished build with its checksums and decodes
+    every feature; prints per split the record count and any damaged ranges. Exit 0 clean, 1 damaged."""
+    from data_pipelines.build import verify_build
+
+    p = OneLineArgumentParser(prog="python -m clover_jax.prepare --verify",
+                              description="check every record of a finished build")
+    p.add_argument("--verify", required=True, metavar="DIR", help="the build's folder (the one prepare printed)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="shards read at once")
+    p.add_argument("--runner", help="verify as an Apache Beam pipeline on this runner (one element per shard)")
+    p.add_argument("--beam-option", action="append", default=[], metavar="FLAG")
+    p.add_argument("--no-decode", action="store_true", help="check the checksums only (no feature decoding)")
+    args = p.parse_args(argv)
+    try:
+        folder = pathlib.Path(args.verify).expanduser()
+        if not (folder / "dataset_info.json").is_file():
+            raise FileNotFoundError(f"--verify {args.verify}: not a finished build (no dataset_info.json); pass the "
+                                    "folder `python -m clover_jax.prepare` printed")
+        quiet_third_party_logs(pathlib.Path(tempfile.gettempdir()) / "clover_jax", "verify")  # the build may be read-only
+        beam = builder.BeamConfig(runner=args.runner, workers=args.workers,
+                                  pipeline_options=tuple(args.beam_option)) if args.runner else None
+        reports = verify_build.verify_build(folder, args.workers, not args.no_decode, beam=beam)
+    except USER_ERRORS as err:
+        return report_user_error(err)
+    for line in verify_build.summary_lines(reports):
+        print(line)
+    clean = verify_build.is_clean(reports)
+    print(f"{folder}: " + ("clean" if clean else "DAMAGED: rebuild it with the `python -m clover_jax.prepare` "
+                           "command that made it plus --overwrite (training can skip damaged chunks with "
+                           "--config.data.skip_damaged_records=true)"))
+    return 0 if clean else 1
 
 
 def _prepare(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -74,11 +74,14 @@ def _block_mask(data_cfg: ConfigDict) -> BlockMaskConfig:
 
 
 def _train_switches(data_cfg: ConfigDict) -> dict:
-    """InputConfig fields of the issue-31 switches (`.get`: configs saved before them keep the defaults)."""
+    """InputConfig fields of the issue-31 switches and the damaged-record policy (`.get`: configs saved before
+    them keep the defaults)."""
     return dict(crop_sampler=data_cfg.get("crop_sampler", "tf_box"),
                 train_crop=data_cfg.get("train_crop", "random_resized"),
                 frame_sampling=data_cfg.get("frame_sampling", "segments"),
-                epoch_unit=data_cfg.get("epoch_unit", "clip"), epoch_order=data_cfg.get("epoch_order", "reshuffle"))
+                epoch_unit=data_cfg.get("epoch_unit", "clip"), epoch_order=data_cfg.get("epoch_order", "reshuffle"),
+                skip_damaged_records=data_cfg.get("skip_damaged_records", False),
+                max_damaged_fraction=data_cfg.get("max_damaged_fraction", 0.01))
 
 
 def pixel_stats_name(config: ConfigDict) -> str:

@@ -136,6 +136,9 @@ def _recipe(arg: str) -> ml_collections.ConfigDict:
         # "official"; word_budget "words" | "tokens" (random_whole_word); random_ids "regular" | "any".
         crop_sampler="tf_box", train_crop="random_resized", frame_sampling="segments", epoch_unit="clip",
         epoch_order="reshuffle", mask_fill="exact", word_budget="words", random_ids="regular",
+        # A record whose chunk fails its checksum stops training in one line (`prepare --verify` lists them all);
+        # skip_damaged_records=True reads past it (counted as damaged_records), up to max_damaged_fraction.
+        skip_damaged_records=False, max_damaged_fraction=0.01,
     )
     # text_masking (`text_masking.MASK_MODES`): "semantic" = the official rule; "semantic_dedup" = the previous
     # rule (k from distinct candidate words; with data prepared by `prepare --tag-rule cased_caption`).

@@ -9,6 +9,8 @@ import pathlib
 
 import numpy as np
 
+from data_pipelines.build.damaged_records import is_damage
+
 
 def load_builder(dataset_folder: str | os.PathLike):
     """A read-only TFDS builder for a folder made by build_dataset (the version folder)."""
@@ -48,18 +50,47 @@ def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
         "num_frames": tf.io.FixedLenFeature([], tf.int64),
     }
     ids, caps, frames = [], [], []
+    damaged = 0
     for start in range(0, len(source), 512):
-        raw = source.__getitems__(list(range(start, min(start + 512, len(source)))))
-        parsed = tf.io.parse_example(tf.constant(raw), spec)
-        ids += [v.decode("utf-8") for v in parsed["video_id"].numpy()]
-        caps += parsed["num_captions"].numpy().tolist()
-        frames += parsed["num_frames"].numpy().tolist()
+        keys = list(range(start, min(start + 512, len(source))))
+        try:
+            raw = source.__getitems__(keys)
+        except Exception as err:  # noqa: BLE001 - damaged chunks: see below; anything else re-raises
+            if not is_damage(err):
+                raise
+            raw = [_read_or_none(source, k) for k in keys]
+        good = [r for r in raw if r is not None]
+        parsed = {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(good, tf.string), spec).items()} if good else {}
+        n = 0
+        for record in raw:
+            if record is None:  # damaged: a captioned stand-in, so the pass that reads it reports (or skips) it
+                damaged += 1
+                ids.append("")
+                caps.append(1)
+                frames.append(0)
+                continue
+            ids.append(parsed["video_id"][n].decode("utf-8"))
+            caps.append(int(parsed["num_captions"][n]))
+            frames.append(int(parsed["num_frames"][n]))
+            n += 1
     index = SplitIndex(ids, np.asarray(caps, np.int32), np.asarray(frames, np.int32))
+    if damaged:  # never cache an index that holds stand-ins
+        return index
     try:
         cache.write_text(json.dumps({"video_id": ids, "num_captions": caps, "num_frames": frames}))
     except OSError:  # read-only dataset folder: keep it in memory only
         pass
     return index
+
+
+def _read_or_none(source, key: int) -> bytes | None:
+    """Record `key`, or None when its chunk is damaged."""
+    try:
+        return source[key]
+    except Exception as err:  # noqa: BLE001
+        if is_damage(err):
+            return None
+        raise
 
 
 def stored_tag_rule(dataset_folder: str | os.PathLike) -> str | None:

@@ -78,6 +78,9 @@ class InputConfig:
     num_views: eval only: V > 1 gives (V, T, S, S, 3) clips, sampled as `view_sampling` says (one of
       VIEW_SAMPLINGS, `tf_ops.sample_view_indices`); TGIF multi-view testing (reference §5.2).
     seed: fixes the whole stream. shuffle: False walks examples in storage order every epoch.
+    skip_damaged_records: training reads past records whose chunk fails its checksum (each replaced by the next
+      readable item, counted), stopping when more than max_damaged_fraction of the split is lost; otherwise
+      a damaged record stops the pass (`damaged_records.DamagedRecordsError`). Evaluation never skips.
     prefetch: batches prepared ahead by tf.data and, separately, put on device ahead.
     num_parallel_calls: tf.data map parallelism (-1 = AUTOTUNE). threads: private tf.data threadpool
     size (0 = TF default).
@@ -108,6 +111,8 @@ class InputConfig:
     text: TextMaskingConfig = TextMaskingConfig()
     seed: int = 0
     shuffle: bool = True
+    skip_damaged_records: bool = False
+    max_damaged_fraction: float = 0.01
     prefetch: int = 2
     num_parallel_calls: int = -1
     threads: int = 0
@@ -119,6 +124,8 @@ class InputConfig:
             raise ValueError(f"InputConfig.num_frames must be >= 1, got {self.num_frames}")
         if self.num_views < 1:
             raise ValueError(f"InputConfig.num_views must be >= 1, got {self.num_views}")
+        if not 0.0 <= self.max_damaged_fraction < 1.0:
+            raise ValueError(f"data.max_damaged_fraction must be in [0, 1), got {self.max_damaged_fraction}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"InputConfig.flip_prob must be in [0, 1], got {self.flip_prob}")
         for name, value, valid in (("eval_crop", self.eval_crop, EVAL_CROPS),

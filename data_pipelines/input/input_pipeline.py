@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import numpy as np
 
 from data_pipelines.build import built_splits
+from data_pipelines.build.damaged_records import CheckedRecords
 from data_pipelines.input import tf_ops
 from data_pipelines.input.device_transfer import device_iterator, numpy_batches
 from data_pipelines.input.index_stream import eval_chunk, example_randomness, padded_rows, process_layout, train_stream
@@ -50,11 +51,13 @@ TEXT_KEYS = ("text_ids", "text_mask", "text_ids_masked", "mlm_labels")
 class SplitSource:
     """A built split: random access to its records, its per-example index and its TFDS features."""
 
-    def __init__(self, folder: str | os.PathLike, split: str):
+    def __init__(self, folder: str | os.PathLike, split: str, skip_damaged: bool = False,
+                 max_damaged_fraction: float = 0.0):
         if not folder:
             raise ValueError("InputConfig.dataset is empty: pass the folder returned by builder.build_dataset")
         self.folder = folder
-        self.records = built_splits.open_source(folder, split)
+        self.records = CheckedRecords(built_splits.open_source(folder, split), str(folder), split, skip_damaged,
+                                      max_damaged_fraction)
         self.index = built_splits.split_index(folder, split)
         self.features = built_splits.load_builder(folder).info.features
 
@@ -72,7 +75,8 @@ class Pass:
 def open_pass(cfg: InputConfig, process_index: int | None, process_count: int | None) -> Pass:
     """The set-up every dataset of this package starts from (defaults: jax's process layout)."""
     process_index, process_count, local_batch = process_layout(cfg.batch_size, process_index, process_count)
-    return Pass(SplitSource(cfg.dataset, cfg.split), process_index, process_count, local_batch)
+    source = SplitSource(cfg.dataset, cfg.split, cfg.skip_damaged_records, cfg.max_damaged_fraction)
+    return Pass(source, process_index, process_count, local_batch)
 
 
 def batched_dataset(cfg: InputConfig, local_batch: int, elements: Callable[[], Iterator[dict]], signature: Any,
@@ -122,8 +126,10 @@ def _train_elements(cfg: InputConfig, p: Pass, start_step: int) -> Iterator[dict
     per_caption = cfg.epoch_unit == "caption"
     for chosen in train_stream(clips.size, cfg.seed, cfg.shuffle, cfg.batch_size, start_step, p.process_index,
                                p.process_count, fixed_order=cfg.epoch_order == "fixed"):
-        raw = source.records.__getitems__([int(clips[i]) for _, i in chosen])
+        raw = source.records.read([int(clips[i]) for _, i in chosen])
         for (epoch, item), serialized in zip(chosen, raw):
+            if serialized is None:  # damaged and skipped (data.skip_damaged_records): read the next item instead
+                item, serialized = readable_item(source.records, clips, item)
             index = int(clips[item])
             # Per-caption items draw their randomness from the item number, so two captions of a clip differ.
             caption, grid, text_seed, aug_seed = example_randomness(
@@ -139,6 +145,17 @@ def _train_elements(cfg: InputConfig, p: Pass, start_step: int) -> Iterator[dict
                 "text_seed": text_seed,
                 "aug_seed": aug_seed,
             }
+
+
+def readable_item(records: CheckedRecords, clips: np.ndarray, item: int) -> tuple[int, bytes]:
+    """(item, record) of the first item after `item` (cyclically) whose record is not damaged: the stand-in
+    for a skipped record, the same on every replay of the stream."""
+    for offset in range(1, clips.size + 1):
+        candidate = (item + offset) % clips.size
+        record = records.read([int(clips[candidate])])[0]
+        if record is not None:
+            return candidate, record
+    raise AssertionError("unreachable: CheckedRecords stops before every record is lost")
 
 
 def eval_items(

@@ -14,7 +14,7 @@ import numpy as np
 from data_pipelines.input import tf_ops
 from data_pipelines.input.index_stream import eval_chunk, example_randomness, padded_rows, train_stream
 from data_pipelines.input.input_config import InputConfig
-from data_pipelines.input.input_pipeline import EvalData, Pass, SplitSource, batched_dataset, open_pass
+from data_pipelines.input.input_pipeline import EvalData, Pass, SplitSource, batched_dataset, open_pass, readable_item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,10 @@ def _qa_train_elements(cfg: InputConfig, p: Pass, items: QAItems, start_step: in
     """The training stream over items (the same epoch walk as the caption stream, over items not clips)."""
     for chosen in train_stream(len(items), cfg.seed, cfg.shuffle, cfg.batch_size, start_step, p.process_index,
                                p.process_count, fixed_order=cfg.epoch_order == "fixed"):
-        raw = p.source.records.__getitems__([int(items.clip_index[i]) for _, i in chosen])
+        raw = p.source.records.read([int(items.clip_index[i]) for _, i in chosen])
         for (epoch, item), serialized in zip(chosen, raw):
+            if serialized is None:  # damaged and skipped (data.skip_damaged_records): the next readable item
+                item, serialized = readable_item(p.source.records, items.clip_index, item)
             yield _qa_element(cfg, items, item, epoch, serialized, True)
 
 
