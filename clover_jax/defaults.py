@@ -20,6 +20,9 @@ def default_loss_config() -> ml_collections.ConfigDict:
             "loss_weights": {name: 1.0 for name in TERM_NAMES},
             "contrastive_grad_scale": "global",  # or "official" / "reference": losses.contrastive_grad_factor
             "official_replicas": 32,  # the official pre-training run's GPUs (8 x 4 machines), for "official"
+            # "global": one mean over every masked token of the global batch; "per_replica": each official GPU's
+            # mean over its own masked tokens, averaged over official_replicas GPUs (losses.mlm_row_weights)
+            "mlm_mean": "global",
             "alignment": "tri_modal",  # or "pairwise" (ablation switches: losses.objective_switches)
             "masked_candidates": True,
             "ranking": True,

@@ -36,17 +36,21 @@ class EmbeddingLoss(NamedTuple):
     normalizer(batch) -> the positive scalar the per-example sum is divided by (e.g. the number of
       labelled positions of the whole batch), computed from the global batch.
     loss(embeddings, per_example_mean) -> (loss, metrics) on global-batch embeddings.
+    prepare(batch) -> the batch with per-row inputs that depend on the whole global batch (e.g. per-row loss
+      weights), added before it is split into chunks; the identity by default.
     """
 
     embed: Callable[[Any, Any, jax.Array], tuple[Embeddings, jax.Array]]
     normalizer: Callable[[Any], jax.Array]
     loss: Callable[[Embeddings, jax.Array], tuple[jax.Array, Metrics]]
+    prepare: Callable[[Any], Any] = lambda batch: batch
 
 
 def plain_loss_fn(objective: EmbeddingLoss) -> LossFn:
     """`(params, batch, rng) -> (loss, metrics)` on the whole batch at once (k = 1)."""
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        batch = objective.prepare(batch)
         embeddings, per_example_sum = objective.embed(params, batch, rng)
         return objective.loss(embeddings, per_example_sum / objective.normalizer(batch))
 
@@ -88,6 +92,7 @@ def chunked_loss_fn(objective: EmbeddingLoss, microbatches: int) -> Callable[[An
     chunk j embedded with rng `fold_in(rng, j)`. Keeps every chunk's activations (a reference for tests)."""
 
     def loss_fn(params: Any, batch: Any, rng: jax.Array) -> tuple[jax.Array, Metrics]:
+        batch = objective.prepare(batch)
         chunks = jax.tree.map(lambda x: to_chunks(x, microbatches), batch)
         embed = lambda xs: objective.embed(params, xs[0], jax.random.fold_in(rng, xs[1]))  # noqa: E731
         embeddings, sums = jax.lax.map(embed, (chunks, jnp.arange(microbatches)))
@@ -112,6 +117,7 @@ def value_and_grad(objective: EmbeddingLoss, microbatches: int) -> ValueAndGradF
 
     def value_and_grad_fn(params: Any, batch: Any, rng: jax.Array) -> tuple[tuple[jax.Array, Metrics], Any]:
         k = microbatches
+        batch = objective.prepare(batch)
         chunks = jax.tree.map(lambda x: to_chunks(x, k), batch)
         chunk_ids = jnp.arange(k)
 

@@ -22,6 +22,7 @@ _EXCLUSION_OFFSET = 1e4
 
 CONTRASTIVE_TERMS = TERM_NAMES[1:]
 GRAD_SCALES = ("global", "reference", "official")
+MLM_MEANS = ("global", "per_replica")  # `mlm_groups`: one mean over the batch, or the official per-GPU means
 EMBEDDING_KEYS = PRETRAIN_OUTPUTS[:-1]  # the (B, D) outputs the contrastive terms read
 
 
@@ -111,10 +112,8 @@ def symmetric_infonce(video: Array, text: Array, temperature: float = TEMPERATUR
     return -jnp.mean(_diag_log_softmax(logits, axis=1)) - jnp.mean(_diag_log_softmax(logits, axis=0))
 
 
-def focal_mlm_sum(
-    logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100
-) -> tuple[Array, Array]:
-    """(sum over labelled positions of (1 - p_k)^gamma * CE_k, number of labelled positions).
+def focal_mlm_terms(logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100) -> Array:
+    """(1 - p_k)^gamma * CE_k at every labelled position, 0 elsewhere: the shape of `labels`.
 
     `logits` is (..., V) and `labels` the matching (...) integer ids; a position is labelled when its
     label != ignore_index. p_k = exp(-CE_k) keeps its gradient, as in the reference.
@@ -128,7 +127,43 @@ def focal_mlm_sum(
     safe_labels = jnp.where(valid, labels, 0)
     log_p = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), safe_labels[..., None], axis=-1)[..., 0]
     focal = (1.0 - jnp.exp(log_p)) ** gamma * (-log_p)
-    return jnp.sum(jnp.where(valid, focal, 0.0)), jnp.sum(valid)
+    return jnp.where(valid, focal, 0.0)
+
+
+def focal_mlm_sum(
+    logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100
+) -> tuple[Array, Array]:
+    """(sum over labelled positions of (1 - p_k)^gamma * CE_k, number of labelled positions)."""
+    return jnp.sum(focal_mlm_terms(logits, labels, gamma, ignore_index)), jnp.sum(labels != ignore_index)
+
+
+def mlm_row_weights(labels: Array, groups: int, ignore_index: int = -100) -> Array:
+    """(B,) weight of each row's focal sum for the official MLM mean (issue 31, D10): rows split into `groups`
+    contiguous groups (the official GPUs' local batches), each group's mean over its own labelled tokens,
+    then the mean over groups, so a row of group g weighs 1 / (groups * labelled tokens of g). A group with
+    no labelled token adds 0 (the official code's mean of nothing would be NaN)."""
+    rows = labels.shape[0]
+    if rows % groups:
+        raise ValueError(f"loss.mlm_mean='per_replica' splits the batch of {rows} rows over loss.official_replicas="
+                         f"{groups} GPUs: make the batch size a multiple of {groups}, or use mlm_mean='global'")
+    counts = jnp.sum((labels != ignore_index).reshape(groups, -1), axis=1)
+    per_group = 1.0 / (groups * jnp.maximum(counts, 1).astype(jnp.float32))
+    return jnp.repeat(per_group, rows // groups)
+
+
+def mlm_groups(cfg: Any) -> int:
+    """How many groups the MLM mean averages over: 1 ("global"), or the official run's GPU count
+    ("per_replica", `loss.official_replicas`)."""
+    mean = _cfg_value(cfg, "mlm_mean", "global")
+    if mean not in MLM_MEANS:
+        raise ValueError(f"loss.mlm_mean={mean!r}; valid: {', '.join(map(repr, MLM_MEANS))}")
+    return int(_cfg_value(cfg, "official_replicas", default_loss_config().official_replicas)) if mean == "per_replica" else 1
+
+
+def official_mlm_loss(logits: Array, labels: Array, groups: int, gamma: float = 2.0) -> Array:
+    """The focal MLM loss as `groups` GPUs each average their own rows' labelled tokens, then DDP averages."""
+    terms = focal_mlm_terms(logits, labels, gamma)
+    return jnp.sum(terms.reshape(terms.shape[0], -1).sum(axis=1) * mlm_row_weights(labels, groups))
 
 
 def focal_mlm_loss(logits: Array, labels: Array, gamma: float = 2.0, ignore_index: int = -100) -> Array:
@@ -182,10 +217,11 @@ def contrastive_grad_factor(cfg: Any, num_data_replicas: int = 1) -> float:
       "reference"  1 / `num_data_replicas`: the same mechanism at our data-replica count (the official code
                    run on as many GPUs as we have replicas); equals "official" only when the counts agree.
     The MLM and QA cross-entropies are never scaled: neither goes through the gather, so both already
-    have gradient scale 1. The MLM mean differs, though (issue 31, D10): ours is one mean over every
-    labelled token of the global batch; the official MLM is each GPU's mean over its own masked tokens,
-    then DDP's average over GPUs, so a token weighs 1 / (GPUs x its GPU's masked-token count), not
-    1 / (global count). The two agree only when every GPU holds equally many masked tokens.
+    have gradient scale 1. The MLM mean differs, though (issue 31, D10): by default ("mlm_mean" "global")
+    ours is one mean over every labelled token of the global batch; the official MLM is each GPU's mean
+    over its own masked tokens, then DDP's average over GPUs, so a token weighs 1 / (GPUs x its GPU's
+    masked-token count), not 1 / (global count). The two agree only when every GPU holds equally many
+    masked tokens; `mlm_mean="per_replica"` computes the official one (`mlm_row_weights`).
     """
     grad_scale = _cfg_value(cfg, "contrastive_grad_scale", "global")
     if grad_scale not in GRAD_SCALES:
@@ -309,7 +345,11 @@ def pretrain_objective(
     missing = [k for k in wanted if k not in outputs]
     if missing:
         raise KeyError(f"pretrain_objective: outputs lack {missing}; expected keys {list(wanted)}")
-    mlm = focal_mlm_loss(outputs["mlm_logits"], mlm_labels, gamma=settings["gamma"]) if "mlm_logits" in wanted else None
+    mlm = None
+    if "mlm_logits" in wanted:
+        groups = mlm_groups(cfg)
+        mlm = (official_mlm_loss(outputs["mlm_logits"], mlm_labels, groups, settings["gamma"]) if groups > 1
+               else focal_mlm_loss(outputs["mlm_logits"], mlm_labels, gamma=settings["gamma"]))
     return pretrain_objective_from_mlm(outputs, mlm, cfg, num_data_replicas=num_data_replicas)
 
 

@@ -40,6 +40,7 @@ def pretrain_objective(model_config: CloverConfig, loss_config: ConfigDict, num_
     gamma = loss_config.get("focal_gamma", 2.0) if hasattr(loss_config, "get") else 2.0
     losses.contrastive_grad_factor(loss_config, num_data_replicas)  # a bad scale fails here, not when traced
     switches = losses.objective_switches(loss_config)  # so does a bad ablation switch
+    groups = losses.mlm_groups(loss_config)  # and a bad mlm_mean
     wanted = losses.required_embeddings(loss_config) + (("mlm_logits",) if switches["mlm"] else ())
     whole = set(wanted) == set(PRETRAIN_OUTPUTS) and switches["video_masking"]
 
@@ -51,19 +52,27 @@ def pretrain_objective(model_config: CloverConfig, loss_config: ConfigDict, num_
             outputs = model.apply({"params": params}, batch, wanted, switches["video_masking"], method=pretrain_forward,
                                   **kw)
         mlm_sum = jnp.zeros((), jnp.float32)
-        if switches["mlm"]:
+        if switches["mlm"] and groups > 1:  # official per-GPU means: each row's sum weighted (see `prepare`)
+            terms = losses.focal_mlm_terms(outputs["mlm_logits"], batch["mlm_labels"], gamma=gamma)
+            mlm_sum = jnp.sum(terms.reshape(terms.shape[0], -1).sum(axis=1) * batch["mlm_row_weight"])
+        elif switches["mlm"]:
             mlm_sum, _ = losses.focal_mlm_sum(outputs["mlm_logits"], batch["mlm_labels"], gamma=gamma)
         return {k: outputs[k] for k in wanted if k != "mlm_logits"}, mlm_sum
 
     def normalizer(batch):
-        if not switches["mlm"]:
+        if not switches["mlm"] or groups > 1:
             return jnp.ones((), jnp.float32)
         return jnp.maximum(jnp.sum(batch["mlm_labels"] != -100), 1).astype(jnp.float32)
+
+    def prepare(batch):
+        if not switches["mlm"] or groups == 1:
+            return batch
+        return {**batch, "mlm_row_weight": losses.mlm_row_weights(batch["mlm_labels"], groups)}
 
     def loss(embeddings, mlm):
         return losses.pretrain_objective_from_mlm(embeddings, mlm, loss_config, num_data_replicas=num_data_replicas)
 
-    return grad_cache.EmbeddingLoss(embed, normalizer, loss)
+    return grad_cache.EmbeddingLoss(embed, normalizer, loss, prepare)
 
 
 def _pairs(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -51,10 +51,13 @@ def split_official(arg: str | None) -> tuple[str, bool]:
 def apply_official(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The official code's behaviour on every switch where ours differs on purpose (README, "Official
     recipe"): BGR frames and statistics, the contrastive gradient divided by the official run's GPU count
-    (`loss.official_replicas`, set per recipe), the official input pipeline (`_official_inputs`), and, with
+    (`loss.official_replicas`, set per recipe) and, where the batch splits over them, their per-GPU MLM mean,
+    the official input pipeline (`_official_inputs`), and, with
     WebVid and CC3M, the official alternation, a fixed sample order and bicubic CC3M crops."""
     c.pixel_stats = "official"
     c.loss.contrastive_grad_scale = "official"
+    if c.data.batch_size % c.loss.official_replicas == 0:  # each official GPU's own MLM mean (D10) where it splits
+        c.loss.mlm_mean = "per_replica"
     # mmcv's lr formula (per iteration, as the pre-training config; recipes stepping per epoch add it) and the
     # pre-training / retrieval configs' weight-decay rules (the QA recipes replace them with theirs)
     c.optim.update(schedule="mmcv_cosine", decay_rules="official")

@@ -142,6 +142,23 @@ def test_reference_grad_scale_is_unchanged_by_microbatching():
     assert float(optax.global_norm(got[1])) < 0.6 * float(whole["grad_norm"])
 
 
+def test_official_mlm_mean_is_unchanged_by_microbatching():
+    """mlm_mean="per_replica" (issue 31, D10): each of 4 official GPUs' mean over its own masked tokens, then
+    their average; the per-row weights come from the whole batch, so chunking changes nothing."""
+    cfg = loss_config(mlm_mean="per_replica", official_replicas=4)
+    plain = tasks.pretrain_loss_fn(MODEL, cfg, REPLICAS, deterministic=True)
+    cached = grad_cache.value_and_grad(tasks.pretrain_objective(MODEL, cfg, REPLICAS, deterministic=True), 2)
+    batch = dict(batch16())
+    labels = batch["mlm_labels"].copy()
+    first = np.flatnonzero(labels[0] != -100)
+    labels[0, first[: len(first) // 2]] = -100  # group 0 (rows 0-3) now holds fewer masked tokens than the others
+    batch["mlm_labels"] = labels
+    counts = (labels != -100).reshape(4, -1).sum(axis=1)
+    assert len(set(counts.tolist())) > 1
+    got, ref = _value_and_grads(MESH, (cached, jax.value_and_grad(plain, has_aux=True)), batch, STEP_RNG_SEED)
+    _assert_same_value_and_grad(got, ref, "per-replica MLM mean, k=2 vs k=1")
+
+
 def test_dropout_recomputation_is_exact():
     """With dropout on, chunk j uses fold_in(rng, j) in both forward passes, so the cached gradient is the
     gradient of the chunked loss (whose dropout masks differ from the whole-batch ones). One device."""

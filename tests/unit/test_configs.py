@@ -180,7 +180,7 @@ def test_official_variant_selects_every_official_switch(spec):
     both = sorted(ours.data.sources) == ["cc3m", "webvid"]
     assert (official.data.mixture_mode, tuple(official.data.source_order)) == (
         ("alternate_official", ("webvid", "cc3m")) if both else (ours.data.mixture_mode, ()))
-    switched = {"pixel_stats", "loss.contrastive_grad_scale", "data.mixture_mode", "data.source_order"}
+    switched = {"pixel_stats", "loss.contrastive_grad_scale", "loss.mlm_mean", "data.mixture_mode", "data.source_order"}
     switched |= {"data.frame_sampling", "data.epoch_unit", "data.mask_fill", "data.word_budget", "data.random_ids",
                  "data.epoch_order", "data.sources.cc3m.resize_method", "data.train_crop", "data.crop_sampler"}
     switched |= {"optim.schedule", "optim.decay_rules", "optim.schedule_by_epoch", "optim.warmup_init_ratio"}
@@ -191,5 +191,7 @@ def test_official_variant_selects_every_official_switch(spec):
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else {f"{prefix}{k}": v})
         return out
 
+    splits = official.data.batch_size % official.loss.official_replicas == 0
+    assert official.loss.mlm_mean == ("per_replica" if splits else "global") and ours.loss.mlm_mean == "global"
     a, b = flat(ours), flat(official)
     assert {k for k in a if a[k] != b[k]} <= switched and set(a) == set(b)

@@ -271,3 +271,25 @@ def test_tri_nce_on_batch_sharded_inputs_is_the_global_loss(golden_dir):
     nce, rank = jax.jit(losses.tri_modal_exclusive_nce)(*xs)
     _assert_close(nce, g["nce_loss"], 1e-5, "sharded nce")
     _assert_close(rank, g["rank_loss"], 1e-5, "sharded rank")
+
+
+def test_official_mlm_mean_averages_each_gpus_own_mean():
+    """Issue 31, D10: the official MLM is each GPU's focal mean over its own masked tokens, then DDP's mean."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 5, 13)).astype(np.float32)
+    labels = np.full((8, 5), -100, np.int32)
+    labels[0, :4] = [1, 2, 3, 4]  # group 0 (rows 0-1): 4 tokens; group 1: 1; group 2: 0; group 3: 2
+    labels[3, 0] = 5
+    labels[6, 1], labels[7, 2] = 6, 7
+    terms = np.asarray(losses.focal_mlm_terms(jnp.asarray(logits), jnp.asarray(labels)))
+    per_gpu = [terms[2 * g:2 * g + 2].sum() / max((labels[2 * g:2 * g + 2] != -100).sum(), 1) for g in range(4)]
+    got = float(losses.official_mlm_loss(jnp.asarray(logits), jnp.asarray(labels), groups=4))
+    assert got == pytest.approx(np.mean(per_gpu), rel=1e-6)
+    assert abs(got - float(losses.focal_mlm_loss(jnp.asarray(logits), jnp.asarray(labels)))) > 1e-3
+    assert float(losses.official_mlm_loss(jnp.asarray(logits), jnp.asarray(labels), groups=1)) == pytest.approx(
+        float(losses.focal_mlm_loss(jnp.asarray(logits), jnp.asarray(labels))), rel=1e-6)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        losses.mlm_row_weights(jnp.asarray(labels), 3)
+    with pytest.raises(ValueError, match="mlm_mean"):
+        losses.mlm_groups({"mlm_mean": "per_gpu"})
+    assert losses.mlm_groups({"mlm_mean": "per_replica", "official_replicas": 32}) == 32
