@@ -78,6 +78,34 @@ def test_chunked_with_several_chunks_per_clip(inputs, chunk_rows, unroll):
     assert max(errors) < 1e-5, errors
 
 
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
+def test_chunked_steps_over_batch_shards_without_gathering(inputs, unroll):
+    """On a batch-sharded mesh each step of the chunk loop takes one chunk of every shard, so no device gathers
+    another's rows (the loop over the global chunk order all-gathered qkv); values and gradients as einsum."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    qkv, g, bias, mask = inputs
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    sharded, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    cpu = dict(chunk_rows=4, max_unrolled_chunks=16 if unroll else 0, min_unrolled_scores=0)
+
+    def compiled(batch_shards):
+        def loss(qkv, bias, g):
+            return jnp.sum(ops.window_attention(qkv, bias, mask, 0.25) * g)
+        with use(policy_for("cpu", 2, {"window_attention": "chunked", "cpu": cpu}, batch_shards=batch_shards)):
+            fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), in_shardings=(sharded, replicated, sharded))
+            return fn, fn.lower(qkv, bias, g).compile().as_text()
+
+    fn, text = compiled(2)
+    assert "all-gather" not in text
+    if not unroll:  # what the test guards against: the loop over the global chunk order gathers
+        assert "all-gather" in compiled(1)[1]
+    ref_value, ref_grads = _value_and_grads("einsum", qkv, g, bias, mask)
+    value, grads = fn(jax.device_put(qkv, sharded), jax.device_put(bias, replicated), jax.device_put(g, sharded))
+    errors = [_rel_err(value, ref_value), _rel_err(grads[0], ref_grads[0]), _rel_err(grads[1], ref_grads[1])]
+    assert max(errors) < 1e-5, errors
+
+
 def test_chunked_groups_single_window_clips():
     """One window per clip (the late stages): a chunk takes several whole clips; values and gradients as einsum."""
     rng = np.random.default_rng(4)

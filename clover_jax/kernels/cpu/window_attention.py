@@ -5,6 +5,7 @@ instead of streaming the whole batch's through memory between the products and t
 `max_unrolled_chunks` large chunks are independent ops that XLA:CPU runs concurrently; otherwise they run
 as a map (forward) and a scan (backward). The chunks are sliced from qkv as it arrives and the qkv gradient
 is written in that layout, so the per-head relayouts happen chunk by chunk in cache, not over the whole batch.
+On a batch-sharded mesh (`policy.batch_shards`) each loop step takes one chunk of every shard (`_shard_steps`).
 
 Sizes, measured on the Intel host of `benchmarks/` (2 cores, 2 MiB L2 each; benchmarks/window_attention.py):
 - chunk_rows 64 against 16 took stage 1 of the `tiny` step (16 x 64 windows, 1 head) from 280 to 241 ms
@@ -70,6 +71,26 @@ def _scan_chunks(fn: Callable, init: Array, xs: tuple[Array, ...], unroll: bool)
     return carry, jnp.stack(ys)
 
 
+def _shard_steps(m: int, b: int, nw: int, c: int, policy: ExecutionPolicy) -> int:
+    """Batch shards the chunk loop steps over together: step i runs chunk i of every shard's contiguous block
+    (vmapped), so on a batch-sharded mesh each device works on its own rows; a loop over the global chunk order
+    would gather every chunk to every device. 1 where the shards do not split into whole chunks."""
+    shards = policy.batch_shards
+    if shards > 1 and b % shards == 0 and (b // shards * nw) % c == 0 and m % shards == 0:
+        return shards
+    return 1
+
+
+def _by_step(x: Array, shards: int) -> Array:
+    """(m, ...) chunks -> (m / shards, shards, ...): step i holds chunk i of every shard's block."""
+    return jnp.swapaxes(x.reshape(shards, x.shape[0] // shards, *x.shape[1:]), 0, 1)
+
+
+def _from_steps(x: Array) -> Array:
+    """Inverse of `_by_step`: (m / shards, shards, ...) -> (m, ...) in the global chunk order."""
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
 def _chunk_qkv(x: Array, scale: float) -> tuple[Array, Array, Array]:
     """One chunk's (c, N, 3, H, D) projections -> q (scaled), k, v as (c*H, N, D). The transpose touches one
     chunk only, so it stays in cache instead of relaying out the whole batch's qkv in memory."""
@@ -102,9 +123,14 @@ def _chunked_forward_ops(qkv, bias, mask, scale, policy):
         out = jnp.einsum("xqk,xkd->xqd", _chunk_probs(q, k, bias, mask, index, c).astype(v.dtype), v)
         return jnp.transpose(out.reshape(c, h, n, d), (0, 2, 1, 3))  # (c, N, H, D)
 
-    chunks = qkv.reshape(b * nw // c, c, n, 3, h, d)  # windows are major, so chunking is a free reshape
-    unroll = unrolled(chunks.shape[0], c * h, n, policy)
-    return _map_chunks(chunk, (jnp.arange(chunks.shape[0]), chunks), unroll).reshape(b, nw, n, h, d)
+    m = b * nw // c
+    chunks = qkv.reshape(m, c, n, 3, h, d)  # windows are major, so chunking is a free reshape
+    shards = _shard_steps(m, b, nw, c, policy)
+    unroll = unrolled(m // shards, c * h, n, policy)  # per device, a step is one chunk
+    if shards == 1:
+        return _map_chunks(chunk, (jnp.arange(m), chunks), unroll).reshape(b, nw, n, h, d)
+    out = _map_chunks(jax.vmap(chunk), (_by_step(jnp.arange(m), shards), _by_step(chunks, shards)), unroll)
+    return _from_steps(out).reshape(b, nw, n, h, d)
 
 
 def _chunked_bwd(scale, policy, residuals, g_out):
@@ -118,20 +144,33 @@ def _chunked_bwd_ops(scale, policy, residuals, g_out):
     c = chunk_windows(nw, h, b, n, policy)
     m = b * nw // c
 
-    def chunk(g_bias, args):
+    def chunk_grads(args):
         index, x, g_o, o = args
         q, k, v = _chunk_qkv(x, scale)
         g, delta = grad_rows(g_o[None], o[None])  # this chunk as a batch of one clip, in cache
         probs = _chunk_probs(q, k, bias, mask, index, c)
         g_q, g_k, g_v, g_scores = probs_backward(probs, q, k, v, g.reshape(c * h, n, d), delta.reshape(c * h, n, 1),
                                                  scale)
-        g_bias = g_bias + jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
+        g_bias = jnp.ones((c,), jnp.float32) @ g_scores.reshape(c, -1)  # window sum as a matmul
         g_x = jnp.stack([y.reshape(c, h, n, d) for y in (g_q, g_k, g_v)], axis=1)  # (c, 3, H, N, D)
         return g_bias, jnp.transpose(g_x, (0, 3, 1, 2, 4))  # (c, N, 3, H, D): the layout qkv came in
 
-    g_bias, g_qkv = _scan_chunks(chunk, jnp.zeros((h * n * n,), jnp.float32),
-                                 (jnp.arange(m), qkv.reshape(m, c, n, 3, h, d), g_out.reshape(m, c, n, h, d),
-                                  out.reshape(m, c, n, h, d)), unrolled(m, c * h, n, policy))
+    shards = _shard_steps(m, b, nw, c, policy)
+    xs = (jnp.arange(m), qkv.reshape(m, c, n, 3, h, d), g_out.reshape(m, c, n, h, d), out.reshape(m, c, n, h, d))
+    if shards == 1:
+        def chunk(g_bias, args):
+            d_bias, g_x = chunk_grads(args)
+            return g_bias + d_bias, g_x
+    else:
+        xs = tuple(_by_step(x, shards) for x in xs)
+
+        def chunk(g_bias, args):
+            d_bias, g_x = jax.vmap(chunk_grads)(args)
+            return g_bias + jnp.sum(d_bias, axis=0), g_x
+
+    g_bias, g_qkv = _scan_chunks(chunk, jnp.zeros((h * n * n,), jnp.float32), xs,
+                                 unrolled(m // shards, c * h, n, policy))
+    g_qkv = g_qkv if shards == 1 else _from_steps(g_qkv)
     return g_qkv.reshape(qkv.shape), g_bias.reshape(bias.shape).astype(bias.dtype), jnp.zeros_like(mask)
 
 
