@@ -22,10 +22,17 @@ def row(name: str, r: dict) -> list[str]:
     """The table cells of one result."""
     mesh = "x".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
     return [name, f"{r['topology']}", f"{r['clips_per_chip']:g}", r["model"]["video_batching"], r["model"]["remat"],
-            str(r["model"]["microbatches"]), mesh, f"{r['arguments'] / GIB:.2f}", f"{r['temporaries'] / GIB:.2f}",
-            f"**{r['peak'] / GIB:.2f}** / {r['hbm'] / GIB:.0f}" + ("" if r["fits"] else " (does not fit)"),
-            f"{r['xla_flops'] / 1e12:.2f}", f"{r['analytic_flops'] / 1e12:.2f}", f"{r['bytes_accessed'] / 1e9:.0f}",
-            f"{r['roofline_s'] * 1e3:.0f}", f"{r['compile_s']:.0f}"]
+            str(r["model"]["microbatches"]), mesh, _number(r["arguments"], GIB, 2), f"{r['temporaries'] / GIB:.2f}",
+            (f"**> {r['peak'] / GIB:.2f}** / {r['hbm'] / GIB:.0f} (refused by the compiler)" if r.get("refused")
+             else f"**{r['peak'] / GIB:.2f}** / {r['hbm'] / GIB:.0f}" + ("" if r["fits"] else " (does not fit)")),
+            *(_number(r[k], scale, digits) for k, scale, digits in (("xla_flops", 1e12, 2), ("analytic_flops", 1e12, 2),
+                                                                     ("bytes_accessed", 1e9, 0), ("roofline_s", 1e-3, 0))),
+            f"{r['compile_s']:.0f}"]
+
+
+def _number(value, scale: float, digits: int) -> str:
+    """value / scale, or "—" where the report has none (JSON null: a refused compile)."""
+    return "—" if value is None else f"{value / scale:.{digits}f}"
 
 
 def main() -> None:

@@ -172,12 +172,34 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class CompilerOutOfMemory(RuntimeError):
+    """The accelerator's compiler refused the program: it needs more memory per chip than the chip has.
+    `buffers` are the largest values of the program before partitioning (global shapes: the compiled,
+    per-chip program does not exist)."""
+
+    def __init__(self, message: str, run: Any, seconds: float, buffers: list[tuple[int, str, str]]):
+        super().__init__(message)
+        self.run, self.seconds, self.buffers = run, seconds, buffers
+
+
+def _compile(lowered: Any, run: Any, start: float) -> Any:
+    """`lowered.compile()`; the compiler's own out-of-memory refusal becomes `CompilerOutOfMemory`."""
+    try:
+        return lowered.compile()
+    except Exception as err:  # noqa: BLE001 - only RESOURCE_EXHAUSTED is turned into a report; the rest re-raises
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        raise CompilerOutOfMemory(" ".join(str(err).split()), run, time.perf_counter() - start,
+                                  largest_buffers(lowered.as_text(dialect="hlo"))) from None
+
+
 def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None
                        ) -> tuple[Any, Any, float]:
-    """(compiled step, Run, lower + compile seconds) of `lower_train_step`."""
+    """(compiled step, Run, lower + compile seconds) of `lower_train_step`; `CompilerOutOfMemory` where the
+    compiler refuses it for memory."""
     start = time.perf_counter()
     lowered, run = lower_train_step(config, devices)
-    return lowered.compile(), run, time.perf_counter() - start
+    return _compile(lowered, run, start), run, time.perf_counter() - start
 
 
 def lower_train_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> tuple[Any, Any]:
@@ -230,7 +252,7 @@ def compile_embedding_step(config: ml_collections.ConfigDict, devices: list[Any]
     replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
     fn = jax.jit(tasks.video_embedding_fn(run.model_config), out_shardings=replicated)
     start = time.perf_counter()
-    compiled = fn.lower(params, video).compile()
+    compiled = _compile(fn.lower(params, video), run, start)
     return compiled, run, time.perf_counter() - start
 
 

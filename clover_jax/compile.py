@@ -26,6 +26,7 @@ if __name__ == "__main__":  # a CPU host compiling for accelerators: no accelera
 import json
 import math
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -52,8 +53,11 @@ def compile_report(config: ml_collections.ConfigDict, topology_name: str, num_sl
         raise ConfigError(f"--step={step!r}; valid: {', '.join(STEPS)}")
     topology = aot.parse_topology(topology_name)
     devices = aot.compile_devices(topology, num_slices)
-    compiled, run, seconds = (aot.compile_train_step if step == "train" else aot.compile_embedding_step)(
-        config, devices)
+    try:
+        compiled, run, seconds = (aot.compile_train_step if step == "train" else aot.compile_embedding_step)(
+            config, devices)
+    except aot.CompilerOutOfMemory as refused:
+        return _refused_report(config, topology, num_slices, step, len(devices), refused)
     memory = compiled.memory_analysis()
     arguments, outputs = int(memory.argument_size_in_bytes), int(memory.output_size_in_bytes)
     aliased, temporaries = int(memory.alias_size_in_bytes), int(memory.temp_size_in_bytes)
@@ -84,9 +88,43 @@ def compile_report(config: ml_collections.ConfigDict, topology_name: str, num_sl
     )
 
 
+def _refused_report(config: ml_collections.ConfigDict, topology: Any, num_slices: int, step: str, chips: int,
+                    refused: "aot.CompilerOutOfMemory") -> dict[str, Any]:
+    """The report of a step the compiler refused for memory: what it needed (its message), nothing compiled."""
+    needed = re.search(r"temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(refused))
+    temporaries, available = (float(needed.group(1)) * aot.GIB, float(needed.group(2)) * aot.GIB) if needed else (
+        math.nan, topology.chip.hbm_gib * aot.GIB)
+    run, nan = refused.run, math.nan
+    batch = config.data.batch_size if step == "train" else config.eval.batch_size
+    return dict(
+        topology=topology.name, chip=topology.chip_name, shape=topology.shape, num_slices=num_slices, chips=chips,
+        step=step, config_batch=batch, clips_per_chip=batch / chips, mesh=dict(run.mesh.shape),
+        policy=execution.describe(run.execution),
+        model=dict(remat=run.model_config.remat, video_batching=run.model_config.video_batching,
+                   dtype=run.model_config.dtype, microbatches=config.get("microbatches", 1)),
+        compile_s=round(refused.seconds, 1), arguments=nan, outputs=nan, aliased=nan, temporaries=temporaries,
+        peak=temporaries, hbm=int(topology.chip.hbm_gib * aot.GIB), available=available, fits=False,
+        refused=str(refused), xla_flops=nan, analytic_flops=nan, bytes_accessed=nan, roofline_s=nan, compute_s=nan,
+        memory_s=nan, collectives={}, largest_buffers=refused.buffers,
+    )
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The report as the lines `main` prints."""
     slices = f" x {r['num_slices']} slices" if r["num_slices"] > 1 else ""
+    if r.get("refused"):
+        return "\n".join([
+            f"{r['step']} step for {r['topology']} ({r['chips']} {r['chip']} chips, {r['shape']}{slices}): the "
+            f"compiler refused it after {r['compile_s']} s; mesh {r['mesh']}; {r['clips_per_chip']:g} clips per chip "
+            f"(batch {r['config_batch']})",
+            f"model: remat {r['model']['remat']}, video batching {r['model']['video_batching']}, "
+            f"{r['model']['dtype']}, microbatches {r['model']['microbatches']}",
+            r["policy"],
+            f"per chip: DOES NOT FIT: temporaries alone {_gib(r['temporaries'])} of {_gib(r['available'])} available "
+            f"HBM ({r['refused'][:300]})",
+            "largest values before partitioning (global shapes): " + "; ".join(
+                f"{b / aot.GIB:.2f} GiB {shape} ({name})" for b, shape, name in r["largest_buffers"]),
+        ])
     lines = [
         f"compiled {r['step']} step for {r['topology']} ({r['chips']} {r['chip']} chips, {r['shape']}{slices}) "
         f"in {r['compile_s']} s; "

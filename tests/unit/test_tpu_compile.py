@@ -10,6 +10,7 @@ import importlib.util
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from clover_jax import aot
@@ -89,6 +90,28 @@ def test_a_step_that_does_not_fit_names_its_largest_buffers():
     text = format_report(report)
     assert "peak 23.00 GiB of 16.00 GiB HBM (DOES NOT FIT)" in text
     assert "largest buffers: 6.00 GiB bf16[64,8,56,56,128] (video_encoder/layers_0/attn)" in text
+
+
+def test_a_step_the_compiler_refuses_for_memory_is_reported_not_raised():
+    """libtpu itself refuses a program whose temporaries exceed HBM (v4-8 at 512 clips per chip did): the report
+    says so in the same form, with the largest values of the program, instead of a traceback."""
+    from types import SimpleNamespace
+
+    from clover_jax import compile as compile_cli
+    from clover_jax.kernels.execution import policy_for
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(35.98G) exceeds available HBM (30.75G).")
+    run = SimpleNamespace(mesh=SimpleNamespace(shape={"data": 4}), execution=policy_for("tpu", 4),
+                          model_config=SimpleNamespace(remat="none", video_batching="per_clip", dtype="bfloat16"))
+    refused = aot.CompilerOutOfMemory(message, run, 243.6, [(8 * aot.GIB, "bf16[2048,768]", "fusion/x")])
+    config = ml_collections.ConfigDict(dict(data=dict(batch_size=2048), eval=dict(batch_size=32)))
+    report = compile_cli._refused_report(config, aot.parse_topology("v4-8"), 1, "train", 4, refused)
+    assert not report["fits"] and report["temporaries"] == pytest.approx(35.98 * aot.GIB)
+    text = format_report(report)
+    assert "the compiler refused it after 243.6 s" in text and "512 clips per chip" in text
+    assert "DOES NOT FIT: temporaries alone 35.98 GiB of 30.75 GiB available HBM" in text
+    assert "8.00 GiB bf16[2048,768] (fusion/x)" in text
 
 
 def test_cpu_lowering_carries_every_cpu_kernel():
