@@ -30,7 +30,9 @@ declare -A CELLS=(
   [v4_full_32]="$base --topology=v4-8 $(b 128) --config.model.remat=full"
   [v5e_full_32]="$base --topology=v5e-4 $(b 128) --config.model.remat=full"
   [v4_default_128]="$base --topology=v4-8 $(b 512)"
+  [v4_default_384]="$base --topology=v4-8 $(b 1536)"
   [v4_default_512]="$base --topology=v4-8 $(b 2048)"
+  [v5e_default_192]="$base --topology=v5e-4 $(b 768)"
   [v5e_default_128]="$base --topology=v5e-4 $(b 512)"
   [v5e_default_512]="$base --topology=v5e-4 $(b 2048)"
   [base_v5p-32]="$base --topology=v5p-32"
@@ -38,7 +40,7 @@ declare -A CELLS=(
 )
 ORDER=(v5p_per_clip_full v5p_batched_full v5p_per_clip_dots v5p_batched_dots v5p_per_clip_none v5p_batched_none
        v4_default_32 v5e_default_32 v5p_best_micro2 v5p_best_fsdp v5p_best_micro4 v4_default_128 v5e_default_128
-       base_v5p-32 v4_full_32 v5e_full_32 v5e_default_512 v4_default_512)
+       base_v5p-32 v4_full_32 v5e_full_32 v5e_default_512 v4_default_512 v4_default_384 v5e_default_192)
 cells=("${@:-${ORDER[@]}}")
 for cell in "${cells[@]}"; do
   args=${CELLS[$cell]:-$cell}  # a cell name, or literal compile flags
