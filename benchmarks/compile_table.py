@@ -17,6 +17,9 @@ GIB = 2**30
 COLUMNS = ("cell", "chip", "clips/chip", "video batching", "remat", "microbatches", "mesh", "args GiB", "temps GiB",
            "peak GiB / HBM", "XLA TFLOP", "model TFLOP", "GB accessed", "roofline ms", "compile s")
 
+# (report key, divisor, decimals) of the numeric columns after the peak
+NUMBERS = (("xla_flops", 1e12, 2), ("analytic_flops", 1e12, 2), ("bytes_accessed", 1e9, 0), ("roofline_s", 1e-3, 0))
+
 
 def row(name: str, r: dict) -> list[str]:
     """The table cells of one result."""
@@ -25,8 +28,7 @@ def row(name: str, r: dict) -> list[str]:
             str(r["model"]["microbatches"]), mesh, _number(r["arguments"], GIB, 2), f"{r['temporaries'] / GIB:.2f}",
             (f"**> {r['peak'] / GIB:.2f}** / {r['hbm'] / GIB:.0f} (refused by the compiler)" if r.get("refused")
              else f"**{r['peak'] / GIB:.2f}** / {r['hbm'] / GIB:.0f}" + ("" if r["fits"] else " (does not fit)")),
-            *(_number(r[k], scale, digits) for k, scale, digits in (("xla_flops", 1e12, 2), ("analytic_flops", 1e12, 2),
-                                                                     ("bytes_accessed", 1e9, 0), ("roofline_s", 1e-3, 0))),
+            *(_number(r[k], scale, digits) for k, scale, digits in NUMBERS),
             f"{r['compile_s']:.0f}"]
 
 

@@ -157,7 +157,9 @@ def mlm_groups(cfg: Any) -> int:
     mean = _cfg_value(cfg, "mlm_mean", "global")
     if mean not in MLM_MEANS:
         raise ValueError(f"loss.mlm_mean={mean!r}; valid: {', '.join(map(repr, MLM_MEANS))}")
-    return int(_cfg_value(cfg, "official_replicas", default_loss_config().official_replicas)) if mean == "per_replica" else 1
+    if mean == "global":
+        return 1
+    return int(_cfg_value(cfg, "official_replicas", default_loss_config().official_replicas))
 
 
 def official_mlm_loss(logits: Array, labels: Array, groups: int, gamma: float = 2.0) -> Array:

@@ -35,7 +35,13 @@ reads every record of every split with its checksums and decodes every feature: 
 count and any damaged ranges (shard, bytes, record ids); exit status 0 when clean, 1 when damaged.
 """
 
+# ruff: noqa: E402  (what C++ libraries print goes to the log file from here on, before TF is imported)
 from __future__ import annotations
+
+if __name__ == "__main__":  # C++ libraries' lines (TF's oneDNN notice) go to <out>/logs/prepare.log
+    from clover_jax import launch
+
+    launch.capture_native_output()
 
 import argparse
 import collections
@@ -182,7 +188,8 @@ def verify_main(argv: Sequence[str]) -> int:
         if not (folder / "dataset_info.json").is_file():
             raise FileNotFoundError(f"--verify {args.verify}: not a finished build (no dataset_info.json); pass the "
                                     "folder `python -m clover_jax.prepare` printed")
-        quiet_third_party_logs(pathlib.Path(tempfile.gettempdir()) / "clover_jax", "verify")  # the build may be read-only
+        # the build may be read-only: the library log goes to the temporary folder
+        quiet_third_party_logs(pathlib.Path(tempfile.gettempdir()) / "clover_jax", "verify")
         beam = builder.BeamConfig(runner=args.runner, workers=args.workers,
                                   pipeline_options=tuple(args.beam_option)) if args.runner else None
         reports = verify_build.verify_build(folder, args.workers, not args.no_decode, beam=beam)

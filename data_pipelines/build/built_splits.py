@@ -60,7 +60,8 @@ def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
                 raise
             raw = [_read_or_none(source, k) for k in keys]
         good = [r for r in raw if r is not None]
-        parsed = {k: v.numpy() for k, v in tf.io.parse_example(tf.constant(good, tf.string), spec).items()} if good else {}
+        parsed = ({k: v.numpy() for k, v in tf.io.parse_example(tf.constant(good, tf.string), spec).items()}
+                  if good else {})
         n = 0
         for record in raw:
             if record is None:  # damaged: a captioned stand-in, so the pass that reads it reports (or skips) it

@@ -157,8 +157,8 @@ def _verify_on_beam(tasks: list[ShardTask], decode: bool, beam_cfg) -> list[Shar
         out = pathlib.Path(tmp) / "reports"
         worker_log = pathlib.Path(tempfile.gettempdir()) / "clover_jax" / "logs" / "verify_beam_workers.log"
         with beam_build.stderr_to(worker_log), beam.Pipeline(options=beam_build.pipeline_options(beam_cfg)) as pipeline:
-            _ = (pipeline | beam.Create(tasks) | beam.Reshuffle() | beam.Map(lambda t: _to_json(verify_shard(t, decode)))
-                 | beam.io.WriteToText(str(out)))
+            _ = (pipeline | beam.Create(tasks) | beam.Reshuffle()
+                 | beam.Map(lambda t: _to_json(verify_shard(t, decode))) | beam.io.WriteToText(str(out)))
         lines = [line for f in sorted(pathlib.Path(tmp).glob("reports*")) for line in f.read_text().splitlines()]
     order = {(t.split, t.path): i for i, t in enumerate(tasks)}
     return sorted((_from_json(line) for line in lines), key=lambda r: order[(r.task.split, r.task.path)])
