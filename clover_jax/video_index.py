@@ -2,10 +2,10 @@
 the model that fills it, and the Python API `Index.open(path).search(texts, k)`.
 
 INDEX/ holds
-  manifest.json      the videos (path relative to the videos folder, size, mtime, clip time ranges, first
-                     row), skipped files, the model (workdir, checkpoint, step) and the identity: a hash of
-                     the model config + preprocessing and a hash of the weights. Written last, through a
-                     temp file and a rename: the commit point of every build.
+  manifest.json      the videos (path relative to the videos folder, size, mtime, blake2b digest of the
+                     bytes, clip time ranges, first row), skipped files, the model (workdir, checkpoint,
+                     step) and the identity: a hash of the model config + preprocessing and a hash of the
+                     weights. Written last, through a temp file and a rename: the commit point of every build.
   embeddings-<gen>/  float32 (N, E) L2-normalised clip embeddings, a zarr array in chunks of rows
                      (tensorstore), rows in manifest order (videos by path, clips by time).
   journal/           only while a build runs: identity.json and one .npz per embedded batch of whole
@@ -99,13 +99,24 @@ def write_embeddings(path: pathlib.Path, emb: np.ndarray) -> None:
         array.write(np.ascontiguousarray(emb, np.float32)).result()
 
 
-def read_embeddings(path: pathlib.Path) -> np.ndarray:
+def open_embeddings(path: pathlib.Path) -> Any:
+    """The (N, E) tensorstore array at `path`, opened, nothing read."""
     import tensorstore as ts
 
     if not path.is_dir():
         raise FileNotFoundError(f"the index's embeddings {path} are missing")
-    array = ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
-    return np.asarray(array.read().result(), np.float32)
+    return ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}, open=True).result()
+
+
+def read_rows(array: Any, start: int, stop: int) -> np.ndarray:
+    """float32 rows [start, stop) of an opened embeddings array."""
+    return np.asarray(array[start:stop].read().result(), np.float32)
+
+
+def read_embeddings(path: pathlib.Path) -> np.ndarray:
+    """The whole (N, E) array (the indexer's rewrite; search reads per device shard instead)."""
+    array = open_embeddings(path)
+    return read_rows(array, 0, array.shape[0])
 
 
 def journal_shards(index: pathlib.Path) -> list[tuple[list[dict[str, Any]], np.ndarray]]:
@@ -214,10 +225,11 @@ class Hit:
     row: int
 
 
-def rank(embeddings: np.ndarray, queries: np.ndarray, k: int, mesh: Any = None,
+def rank(embeddings: Any, queries: np.ndarray, k: int, mesh: Any = None,
          gallery: Any = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """(scores (Q, k), rows (Q, k), the sharded gallery for reuse) of the `k` rows most similar to each query,
-    through the mesh retrieval (`evaluators.mesh_retrieval`)."""
+    through the mesh retrieval (`evaluators.mesh_retrieval`). `embeddings`: an opened tensorstore array (each
+    process reads only the row ranges of its own devices) or a numpy array."""
     from clover_jax.evaluators import mesh_retrieval
 
     if gallery is None:
@@ -225,7 +237,11 @@ def rank(embeddings: np.ndarray, queries: np.ndarray, k: int, mesh: Any = None,
             from clover_jax.partitioning import make_mesh
 
             mesh = make_mesh({"data": -1})
-        gallery = mesh_retrieval.shard_gallery(embeddings, mesh)
+        if isinstance(embeddings, np.ndarray):
+            gallery = mesh_retrieval.shard_gallery(embeddings, mesh)
+        else:
+            gallery = mesh_retrieval.shard_gallery_from_reader(lambda a, b: read_rows(embeddings, a, b),
+                                                               tuple(embeddings.shape), mesh)
     scores, rows = mesh_retrieval.top_k(gallery, np.asarray(queries, np.float32), k)
     return np.asarray(scores), np.asarray(rows), gallery
 
@@ -233,7 +249,7 @@ def rank(embeddings: np.ndarray, queries: np.ndarray, k: int, mesh: Any = None,
 class Index:
     """A built index, opened read-only. `search(texts, k)` loads the manifest's model on first use."""
 
-    def __init__(self, path: pathlib.Path, manifest: dict[str, Any], embeddings: np.ndarray):
+    def __init__(self, path: pathlib.Path, manifest: dict[str, Any], embeddings: Any):
         self.path, self.manifest, self.embeddings = path, manifest, embeddings
         self.videos_root = pathlib.Path(manifest["videos_root"])
         rows = [(v["path"], s, e) for v in manifest["videos"] for s, e in v["clips"]]
@@ -250,10 +266,11 @@ class Index:
         manifest = read_manifest(path)
         if manifest is None:
             raise FileNotFoundError(f"--index={path} holds no {MANIFEST}: build it with python -m clover_jax.index")
-        return cls(path, manifest, read_embeddings(path / manifest["array"]))
+        # Opened, not read: the first search reads each device's rows onto it (`rank`).
+        return cls(path, manifest, open_embeddings(path / manifest["array"]))
 
     def __len__(self) -> int:
-        return self.embeddings.shape[0]
+        return int(self.embeddings.shape[0])
 
     @property
     def model(self) -> Model:

@@ -20,7 +20,7 @@ import numpy as np
 
 from clover_jax import run_inputs
 from clover_jax.evaluators import qa_metrics
-from clover_jax.evaluators.mesh_retrieval import retrieval_metrics_on_mesh, shard_gallery, top_k
+from clover_jax.evaluators.mesh_retrieval import retrieval_metrics_of_galleries, top_k
 from clover_jax.evaluators.report import videos_for_report, write_retrieval_report
 from clover_jax.evaluators.retrieval import multiple_choice_accuracy
 from clover_jax.evaluators.split_passes import SplitPasses
@@ -116,9 +116,9 @@ class RetrievalEvaluator(_Evaluator):
 
     def run(self, params: Any, step: int = 0) -> dict[str, Any]:
         cfg = self.cfg
-        emb = self.passes.embed_split(params, cfg, with_thumbnails=self.out_dir is not None)
-        mesh = self.passes.batch_sharding.mesh
-        metrics = retrieval_metrics_on_mesh(emb["video_emb"], emb["text_emb"], emb["text_to_video"], mesh)
+        # Each process keeps only the embeddings of its own devices: no process holds a whole gallery.
+        emb = self.passes.embed_split_on_mesh(params, cfg, with_thumbnails=self.out_dir is not None)
+        metrics = retrieval_metrics_of_galleries(emb["videos"], emb["texts"], emb["text_to_video"])
         metrics.update(step=step, split=cfg.split, dataset=cfg.dataset)
         title = (f"retrieval on {pathlib.Path(cfg.dataset).name}/{cfg.split}: {metrics['num_videos']} clips, "
                  f"{metrics['num_texts']} captions, step {step}")
@@ -126,7 +126,7 @@ class RetrievalEvaluator(_Evaluator):
         _write_json(self.out_dir, f"{self.name}_step{step}.json", metrics)
         if self.out_dir is not None:
             # On every process: the top-5 search runs on the whole mesh; process 0 writes the page.
-            ranked = top_k(shard_gallery(emb["video_emb"], mesh), emb["text_emb"], min(5, len(emb["video_emb"])))[1]
+            ranked = top_k(emb["videos"], emb["texts"], min(5, emb["videos"].num_valid))[1]
             if jax.process_index() == 0:
                 self._report(emb, ranked, metrics, title, step)
         return metrics

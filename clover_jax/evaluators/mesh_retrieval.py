@@ -10,11 +10,12 @@ padded to a multiple of the device count; padding rows have id -1 and never coun
     rows scoring STRICTLY above it and the counts are summed (psum). 1 + that sum is the reference's rank,
     with its tie rule (a tie with the positive never pushes it down).
 A device holds its shard and one (block, shard rows) score matrix, never the whole gallery or similarity
-matrix; the host receives (block, k) lists and (block,) ranks. Scores are float32 cosines.
+matrix; the host receives (block, k) lists and (block,) ranks. Scores are float32 cosines. The queries may
+be host rows or a sharded gallery themselves (the evaluator's captions and clips): then each block of its rows
+is copied onto every device in turn, and no process ever holds either side whole (`mesh_gallery.py`).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -25,114 +26,21 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clover_jax.evaluators import retrieval
+from clover_jax.evaluators.mesh_gallery import (  # noqa: F401  (the gallery builders are this module's API too)
+    ShardedGallery,
+    _axes,
+    _normalize_f32,
+    gallery_from_local,
+    row_values,
+    shard_gallery,
+    shard_gallery_from_reader,
+)
 
 DEFAULT_QUERY_BLOCK = 1024
 # One block's per-device (queries, shard rows) float32 score matrix stays under 2**25 floats (128 MiB): the query
 # block shrinks (down to 8 rows) as the shard grows.
 SCORE_BUDGET = 1 << 25
 _IN_FLIGHT = 2  # query blocks dispatched ahead of the one read back (bounds the replicated query copies)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardedGallery:
-    """Unit-norm gallery rows split over every device of `mesh` (row i of the padded array lives on device
-    i // rows_per_device, in mesh order)."""
-    embeddings: jax.Array  # (num_devices * rows_per_device, E) float32; padding rows are zero
-    ids: jax.Array  # (same rows,) int32: the row's index in the caller's gallery, -1 on padding rows
-    num_valid: int
-    mesh: Mesh
-
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    @property
-    def rows_per_device(self) -> int:
-        return int(self.embeddings.shape[0]) // self.mesh.size
-
-
-def _axes(mesh: Mesh) -> tuple[str, ...]:
-    return tuple(mesh.axis_names)
-
-
-def _row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, P(_axes(mesh), *([None] * (ndim - 1))))
-
-
-def _padded_rows(n: int, mesh: Mesh) -> int:
-    return -(-n // mesh.size) * mesh.size
-
-
-def _put_rows(host: np.ndarray, mesh: Mesh, pad_value: Any, transform: Callable[[np.ndarray], np.ndarray]
-              = lambda x: x) -> jax.Array:
-    """Rows of a host array split over the mesh, padded with `pad_value`; `transform` runs per shard (so a
-    memory-mapped gallery is read, and normalised, one shard at a time)."""
-    n, padded = host.shape[0], _padded_rows(host.shape[0], mesh)
-
-    def shard(index: tuple[slice, ...]) -> np.ndarray:
-        start, stop, _ = index[0].indices(padded)
-        rows = transform(np.asarray(host[start:min(stop, n)]))
-        out = np.full((stop - start,) + rows.shape[1:], pad_value, rows.dtype)
-        out[:len(rows)] = rows
-        return out
-
-    dtype = transform(np.asarray(host[:1])).dtype
-    return jax.make_array_from_callback((padded,) + host.shape[1:], _row_sharding(mesh, host.ndim), shard, dtype)
-
-
-def _ids(n: int, mesh: Mesh) -> jax.Array:
-    return _put_rows(np.arange(n, dtype=np.int32), mesh, -1)
-
-
-def _normalize_f32(x: np.ndarray) -> np.ndarray:
-    return retrieval.l2_normalize(x).astype(np.float32, copy=False)
-
-
-def _device_gallery(x: jax.Array, mesh: Mesh) -> tuple[jax.Array, jax.Array, bool]:
-    """(normalised padded rows, ids, all finite) of a device array, computed on the devices."""
-    n, padded = x.shape[0], _padded_rows(x.shape[0], mesh)
-
-    def build(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        x = jnp.pad(x.astype(jnp.float32), ((0, padded - n), (0, 0)))
-        norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-        ids = jnp.arange(padded, dtype=jnp.int32)
-        return x / jnp.maximum(norm, 1e-8), jnp.where(ids < n, ids, -1), jnp.all(jnp.isfinite(x))
-
-    out = (_row_sharding(mesh, 2), _row_sharding(mesh, 1), NamedSharding(mesh, P()))
-    emb, ids, finite = jax.jit(build, out_shardings=out)(x)
-    return emb, ids, bool(np.asarray(finite.addressable_data(0)))
-
-
-def shard_gallery(embeddings: np.ndarray | jax.Array, mesh: Mesh) -> ShardedGallery:
-    """(N, E) embeddings (any scale; rows are L2-normalised) split by rows over every device of `mesh`.
-
-    A numpy array (or np.memmap) is normalised on the host one shard at a time, with the very function the
-    reference uses; a jax.Array is normalised on its devices (one committed to other devices than the mesh's goes
-    through the host). Every process passes the same gallery.
-    """
-    if (isinstance(embeddings, jax.Array) and getattr(embeddings, "committed", False)
-            and set(embeddings.devices()) != set(mesh.devices.flat)):
-        embeddings = np.asarray(embeddings)
-    if isinstance(embeddings, jax.Array):
-        if embeddings.ndim != 2 or embeddings.shape[0] == 0 or not jnp.issubdtype(embeddings.dtype, jnp.floating):
-            raise ValueError(f"gallery must be a non-empty (N, E) float array, got {embeddings.dtype} "
-                             f"{embeddings.shape}")
-        emb, ids, finite = _device_gallery(embeddings, mesh)
-        if not finite:
-            raise ValueError("gallery contains NaN or inf: fix the embedding step before searching it")
-        return ShardedGallery(emb, ids, int(embeddings.shape[0]), mesh)
-    if not isinstance(embeddings, np.memmap):  # a memmap is checked shard by shard as it is read
-        embeddings = retrieval.check_embeddings("gallery", embeddings)
-    elif embeddings.ndim != 2 or embeddings.shape[0] == 0:
-        raise ValueError(f"gallery must be a non-empty (N, E) array, got shape {embeddings.shape}")
-
-    def normalize(rows: np.ndarray) -> np.ndarray:
-        if not np.all(np.isfinite(rows)):
-            raise ValueError("gallery contains NaN or inf: fix the embedding step before searching it")
-        return _normalize_f32(rows)
-
-    emb = _put_rows(embeddings, mesh, 0.0, normalize)
-    return ShardedGallery(emb, _ids(embeddings.shape[0], mesh), int(embeddings.shape[0]), mesh)
 
 
 # ---- per-device programs (inside shard_map: q is the replicated block, g / ids / labels the local shard) ----
@@ -193,7 +101,12 @@ def query_block_size(num_queries: int, rows_per_device: int, query_block: int | 
     return min(block, cap)
 
 
-def _check_queries(gallery: ShardedGallery, queries: np.ndarray | jax.Array) -> np.ndarray:
+def _check_queries(gallery: ShardedGallery, queries: np.ndarray | jax.Array | ShardedGallery
+                   ) -> np.ndarray | ShardedGallery:
+    if isinstance(queries, ShardedGallery):
+        if queries.dim != gallery.dim or queries.mesh != gallery.mesh:
+            raise ValueError(f"query rows must be {gallery.dim}-dim on the gallery's mesh, got {queries.dim}-dim")
+        return queries
     queries = np.asarray(queries)
     if queries.ndim != 2 or queries.shape[1] != gallery.dim:
         raise ValueError(f"queries must be (Q, {gallery.dim}) to match the gallery, got shape {queries.shape}")
@@ -204,6 +117,10 @@ def _check_queries(gallery: ShardedGallery, queries: np.ndarray | jax.Array) -> 
     return queries
 
 
+def _num_queries(queries: np.ndarray | ShardedGallery) -> int:
+    return queries.num_valid if isinstance(queries, ShardedGallery) else int(queries.shape[0])
+
+
 def _replicated(host: np.ndarray, mesh: Mesh) -> jax.Array:
     return jax.make_array_from_callback(host.shape, NamedSharding(mesh, P()), lambda index: host[index])
 
@@ -212,69 +129,105 @@ def _padded(x: np.ndarray, rows: int, value: Any) -> np.ndarray:
     return np.concatenate([x, np.full((rows - len(x),) + x.shape[1:], value, x.dtype)]) if len(x) < rows else x
 
 
-def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.ndarray,
-                labels: np.ndarray | None = None) -> list[tuple[np.ndarray, ...]]:
-    """`run(query block[, label block])` over the queries in blocks, a few blocks in flight; host results."""
-    pending: list[tuple[int, Any]] = []
+@functools.lru_cache(maxsize=64)
+def _take_fn(mesh: Mesh, block: int) -> Callable:
+    """(start, *row arrays) -> rows [start, start + block) of each, replicated on every device."""
+    take = lambda start, *xs: tuple(jax.lax.dynamic_slice_in_dim(x, start, block) for x in xs)  # noqa: E731
+    return jax.jit(take, out_shardings=NamedSharding(mesh, P()))
+
+
+def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.ndarray | ShardedGallery,
+                labels: np.ndarray | jax.Array | None = None) -> list[tuple[np.ndarray, ...]]:
+    """`run(query block[, label block])` over the queries in blocks, a few blocks in flight; host results, each
+    led by the block's query ids. Host queries are normalised here; rows of a sharded query gallery (already
+    normalised) are copied block by block onto every device, `labels` then laid out as its rows."""
+    pending: list[tuple[Any, int, Any]] = []
     results: list[tuple[np.ndarray, ...]] = []
 
-    def read(n: int, out: Any) -> tuple[np.ndarray, ...]:
-        return tuple(np.asarray(x.addressable_data(0))[:n] for x in jax.tree.leaves(out))
+    def read(ids: Any, skip: int, out: Any) -> tuple[np.ndarray, ...]:
+        ids = np.asarray(ids.addressable_data(0)) if isinstance(ids, jax.Array) else ids
+        keep = (ids >= 0) & (np.arange(len(ids)) >= skip)
+        return (ids[keep],) + tuple(np.asarray(x.addressable_data(0))[keep] for x in jax.tree.leaves(out))
 
-    for start in range(0, len(queries), block):
-        q = _padded(_normalize_f32(queries[start:start + block]), block, 0.0)
-        args = [_replicated(q, mesh)]
-        if labels is not None:  # padding queries own no row (-2 is neither a label nor the padding id)
-            args.append(_replicated(_padded(labels[start:start + block], block, -2), mesh))
-        pending.append((min(block, len(queries) - start), run(*args)))
+    sharded = isinstance(queries, ShardedGallery)
+    total = queries.embeddings.shape[0] if sharded else len(queries)
+    block = min(block, total) if sharded else block
+    for start in range(0, total, block):
+        if sharded:
+            # The last block is taken flush with the end; rows it repeats are dropped by their ids.
+            first = min(start, total - block)
+            rows = [queries.embeddings, queries.ids] + ([labels] if labels is not None else [])
+            q, ids, *y = _take_fn(mesh, block)(np.int32(first), *rows)
+            args, skip = [q, *y], start - first
+        else:
+            q = _padded(_normalize_f32(queries[start:start + block]), block, 0.0)
+            ids, skip = _padded(np.arange(start, min(start + block, total)), block, -1), 0
+            args = [_replicated(q, mesh)]
+            if labels is not None:  # padding queries own no row (-2 is neither a label nor the padding id)
+                args.append(_replicated(_padded(labels[start:start + block], block, -2), mesh))
+        pending.append((ids, skip, run(*args)))
         if len(pending) > _IN_FLIGHT:
             results.append(read(*pending.pop(0)))
     results += [read(*p) for p in pending]
     return results
 
 
-def top_k(gallery: ShardedGallery, queries: np.ndarray | jax.Array, k: int, *, query_block: int | None = None
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _in_query_order(parts: list[tuple[np.ndarray, ...]], num_queries: int, column: int) -> np.ndarray:
+    first = parts[0][column]
+    out = np.zeros((num_queries,) + first.shape[1:], first.dtype)
+    for part in parts:
+        out[part[0]] = part[column]
+    return out
+
+
+def top_k(gallery: ShardedGallery, queries: np.ndarray | jax.Array | ShardedGallery, k: int, *,
+          query_block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores (Q, k) float32 cosines, indices (Q, k) int64 gallery rows) of each query's k most similar rows,
-    most similar first; equal scores in ascending row order (so also which of a tie at place k gets in)."""
+    most similar first; equal scores in ascending row order (so also which of a tie at place k gets in).
+    `queries` may be a sharded gallery itself (results in the order of its ids)."""
     queries = _check_queries(gallery, queries)
     if not 1 <= k <= gallery.num_valid:
         raise ValueError(f"k must be in [1, {gallery.num_valid}] (the gallery's size), got {k}")
-    if queries.shape[0] == 0:
+    num = _num_queries(queries)
+    if num == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
     fn = _top_k_fn(gallery.mesh, k, min(k, gallery.rows_per_device))
-    block = query_block_size(queries.shape[0], gallery.rows_per_device, query_block)
+    block = query_block_size(num, gallery.rows_per_device, query_block)
     parts = _map_blocks(lambda q: fn(q, gallery.embeddings, gallery.ids), gallery.mesh, block, queries)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.int64)
+    return _in_query_order(parts, num, 1), _in_query_order(parts, num, 2).astype(np.int64)
 
 
-def ranks(gallery: ShardedGallery, queries: np.ndarray | jax.Array, positives: np.ndarray,
+def _check_labels(values: np.ndarray, size: int, name: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.shape != (size,) or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name} must be ({size},) ints, got {values.dtype} {values.shape}")
+    return values
+
+
+def ranks(gallery: ShardedGallery, queries: np.ndarray | jax.Array | ShardedGallery, positives: np.ndarray,
           gallery_labels: np.ndarray | None = None, *, query_block: int | None = None) -> np.ndarray:
     """(Q,) int64 1-based rank of each query's best positive: 1 + the number of gallery rows scoring strictly
-    above the highest-scoring row whose label is `positives[i]`. `gallery_labels` (N,) int, default the row
-    index (one positive per query). A query whose label no row has gets rank 1 + N."""
+    above the highest-scoring row whose label is `positives[i]`. `gallery_labels` (N,) int by gallery id,
+    default the id (one positive per query); `positives` by query id. A query whose label no row has gets
+    rank 1 + N. `queries` may be a sharded gallery itself."""
     queries = _check_queries(gallery, queries)
-    positives = np.asarray(positives)
-    if positives.shape != (queries.shape[0],) or not np.issubdtype(positives.dtype, np.integer):
-        raise ValueError(f"positives must be ({queries.shape[0]},) ints, one per query, got {positives.dtype} "
-                         f"{positives.shape}")
+    num = _num_queries(queries)
+    positives = _check_labels(positives, num, "positives").astype(np.int32)
     if gallery_labels is None:
         labels = gallery.ids
     else:
-        gallery_labels = np.asarray(gallery_labels)
-        if gallery_labels.shape != (gallery.num_valid,) or not np.issubdtype(gallery_labels.dtype, np.integer):
-            raise ValueError(f"gallery_labels must be ({gallery.num_valid},) ints, got {gallery_labels.dtype} "
-                             f"{gallery_labels.shape}")
+        gallery_labels = _check_labels(gallery_labels, gallery.num_valid, "gallery_labels")
         if gallery_labels.min() < 0:
             raise ValueError("gallery_labels must be >= 0 (negative labels mark padding rows)")
-        labels = _put_rows(gallery_labels.astype(np.int32), gallery.mesh, -1)
-    if queries.shape[0] == 0:
+        labels = row_values(gallery, gallery_labels)
+    if num == 0:
         return np.zeros(0, np.int64)
+    if isinstance(queries, ShardedGallery):
+        positives = row_values(queries, positives, pad=-2)
     fn = _ranks_fn(gallery.mesh)
-    block = query_block_size(queries.shape[0], gallery.rows_per_device, query_block)
-    parts = _map_blocks(lambda q, y: fn(q, y, gallery.embeddings, labels), gallery.mesh, block, queries,
-                        positives.astype(np.int32))
-    return np.concatenate([p[0] for p in parts]).astype(np.int64)
+    block = query_block_size(num, gallery.rows_per_device, query_block)
+    parts = _map_blocks(lambda q, y: fn(q, y, gallery.embeddings, labels), gallery.mesh, block, queries, positives)
+    return _in_query_order(parts, num, 1).astype(np.int64)
 
 
 def retrieval_metrics_on_mesh(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray, mesh: Mesh,
@@ -288,6 +241,19 @@ def retrieval_metrics_on_mesh(video_emb: np.ndarray, text_emb: np.ndarray, text_
     del videos  # frees its device buffers before the caption gallery is placed
     texts = shard_gallery(text_emb, mesh)
     v2t = ranks(texts, video_emb, np.arange(video_emb.shape[0]), text_to_video, query_block=query_block)
+    return retrieval.metrics_from_ranks(t2v, v2t)
+
+
+def retrieval_metrics_of_galleries(videos: ShardedGallery, texts: ShardedGallery, text_to_video: np.ndarray, *,
+                                   query_block: int | None = None) -> dict[str, float]:
+    """`retrieval_metrics_on_mesh` of two sharded galleries (e.g. `gallery_from_local`'s), each the other's
+    queries: no process holds either whole, only `text_to_video` (by caption id) and the ranks."""
+    text_to_video = _check_labels(text_to_video, texts.num_valid, "text_to_video")
+    if text_to_video.size and (text_to_video.min() < 0 or text_to_video.max() >= videos.num_valid):
+        raise ValueError(f"text_to_video has indices outside [0, {videos.num_valid})")
+    retrieval.check_captions(text_to_video, videos.num_valid)
+    t2v = ranks(videos, texts, text_to_video, query_block=query_block)
+    v2t = ranks(texts, videos, np.arange(videos.num_valid), text_to_video, query_block=query_block)
     return retrieval.metrics_from_ranks(t2v, v2t)
 
 

@@ -1,8 +1,9 @@
 """Model passes over a whole eval split: embeddings of every clip and caption, scores of every QA item.
 
 Each pass runs on every process with the batch sharded over the mesh; the last batch is padded with
-`valid=False` rows, never dropped, and results come back in split order on every process. The jitted
-functions are built once per `SplitPasses` and reused by every evaluation of a run.
+`valid=False` rows, never dropped, and results come back in split order on every process, except for
+retrieval's embeddings (`embed_split_on_mesh`), which stay on the devices of the process that embedded them.
+The jitted functions are built once per `SplitPasses` and reused by every evaluation of a run.
 """
 from __future__ import annotations
 
@@ -83,6 +84,71 @@ class SplitPasses:
             text_ids=np.stack([t[3] for t in texts]) if texts else None,
             thumbnails={position[c]: v for c, v in thumbs.items()},
         )
+
+    def _own_rows(self, batch: dict[str, np.ndarray], out: Any, keys: tuple[str, ...]
+                  ) -> list[tuple[tuple[int, ...], np.ndarray]]:
+        """(key, output row) of this process's valid rows of a batch whose global outputs are replicated."""
+        mine = {tuple(int(batch[k][n]) for k in keys) for n in np.flatnonzero(batch["valid"])}
+        keys_all = np.stack([self.gather(batch[k]) for k in keys], axis=1)
+        valid = self.gather(batch["valid"])
+        rows = np.flatnonzero(valid)
+        out = np.asarray(out.addressable_data(0))  # replicated: the global batch's rows (one batch, not the split)
+        return [(key, out[n]) for n in rows if (key := tuple(int(x) for x in keys_all[n])) in mine]
+
+    def embed_split_on_mesh(self, params: Any, cfg: InputConfig, *, with_thumbnails: bool = False
+                            ) -> dict[str, Any]:
+        """`embed_split` for retrieval with the embeddings left sharded: `videos` and `texts` are
+        `mesh_gallery.ShardedGallery`s built from each process's own rows (the eval pass's contiguous chunk of
+        the split), so no process holds either whole. On every process: clip_ids, text_to_video (metadata,
+        O(N) ints), and with `with_thumbnails` the report's text_ids and thumbnail strips (gathered)."""
+        from clover_jax.evaluators.mesh_gallery import gallery_from_local
+
+        clips: dict[int, np.ndarray] = {}
+        all_clips: list[int] = []
+        thumbs: dict[int, np.ndarray] = {}
+        for batch in make_eval_dataset(cfg, mode="clips", include_video=True):
+            video = to_global({"v": batch["video"]}, self.batch_sharding)["v"]
+            clips.update((key[0], e) for key, e in self._own_rows(batch, self.video_fn(params, video),
+                                                                  ("clip_index",)))
+            index, valid = self.gather(batch["clip_index"]), self.gather(batch["valid"])
+            all_clips += [int(i) for i in index[valid.astype(bool)]]
+            if with_thumbnails:
+                strips = self.gather(thumbnails(batch["video"], cfg))
+                thumbs.update((int(i), t) for i, ok, t in zip(index, valid, strips) if ok)
+        texts: dict[tuple[int, int], np.ndarray] = {}
+        all_texts: list[tuple[int, int]] = []
+        text_ids: dict[tuple[int, int], np.ndarray] = {}
+        for batch in make_eval_dataset(cfg, mode="pairs", include_video=False):
+            g = to_global({"i": batch["text_ids"], "m": batch["text_mask"]}, self.batch_sharding)
+            texts.update(self._own_rows(batch, self.text_fn(params, g["i"], g["m"]), ("clip_index", "caption_index")))
+            clip, cap, valid = (self.gather(batch[k]) for k in ("clip_index", "caption_index", "valid"))
+            all_texts += [(int(c), int(k)) for c, k, ok in zip(clip, cap, valid) if ok]
+            if with_thumbnails:
+                ids = self.gather(batch["text_ids"])
+                text_ids.update(((int(c), int(k)), t) for c, k, ok, t in zip(clip, cap, valid, ids) if ok)
+        order, text_order = sorted(all_clips), sorted(all_texts)
+        position = {c: n for n, c in enumerate(order)}
+        text_position = {t: n for n, t in enumerate(text_order)}
+        mesh = self.batch_sharding.mesh
+
+        def gallery(rows: dict[Any, np.ndarray], place: dict[Any, int]) -> Any:
+            keys = sorted(rows)
+            emb = np.stack([rows[k] for k in keys]) if keys else np.zeros((0, self._dim(params, cfg)), np.float32)
+            return gallery_from_local(emb, np.asarray([place[k] for k in keys], np.int64), mesh)
+
+        return dict(
+            clip_ids=np.asarray(order),
+            videos=gallery(clips, position),
+            texts=gallery(texts, text_position),
+            text_to_video=np.asarray([position[t[0]] for t in text_order]),
+            text_ids=np.stack([text_ids[t] for t in text_order]) if text_ids else None,
+            thumbnails={position[c]: v for c, v in thumbs.items()},
+        )
+
+    def _dim(self, params: Any, cfg: InputConfig) -> int:
+        """E of the text embeddings (traced, not run): a process with no rows still shapes its (0, E) part."""
+        tokens = jax.ShapeDtypeStruct((self.batch_sharding.mesh.size, cfg.text.max_length), np.int32)
+        return int(jax.eval_shape(self.text_fn, params, tokens, tokens).shape[-1])
 
     def embed_texts(self, params: Any, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
         """Text embeddings of host arrays in fixed-size chunks (one compile; the tail is padded)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import av
 import numpy as np
@@ -133,24 +133,47 @@ def _stated_duration(container, stream) -> float | None:
     return None
 
 
-def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) -> DecodedVideo:
-    """Decodes `path` (MP4/AVI/WebM/MKV/GIF, or a JPEG/PNG image as a 1-frame clip).
+class Frame:
+    """One output frame of a `FrameStream`: decoded, converted to uint8 RGB (H, W, 3) only when `rgb()` is
+    called (once; a frame repeated into several slots is the same object)."""
 
-    Raises VideoDecodeError with reason missing_file, empty_file, corrupt (container or decoder error
-    before any frame), no_video_stream, zero_frames, too_few_frames (policy "fail"), or truncated
-    (policy "skip": a decoder error after some frames, or frames spanning less than TRUNCATED_BELOW of
-    the container's stated duration); under truncated_policy "keep" the frames already read are kept.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VideoDecodeError("missing_file", path)
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError("empty_file", path)
-    try:
-        container = av.open(path, mode="r")
-    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise VideoDecodeError("corrupt", path, str(e)) from None
-    with container:
+    def __init__(self, frame: "av.VideoFrame", height: int, width: int):
+        self._frame, self._size, self._rgb = frame, (height, width), None
+
+    def rgb(self) -> np.ndarray:
+        if self._rgb is None:
+            self._rgb = self._frame.reformat(width=self._size[1], height=self._size[0], format="rgb24").to_ndarray()
+            self._frame = None
+        return self._rgb
+
+
+class FrameStream:
+    """`decode_video`'s frames one at a time, before `_fit_length` (min_frames / max_frames): iterate it for
+    `Frame`s in order, one per output slot; the same VideoDecodeError is raised, from the iteration (a
+    truncated file only once the decoder reaches its end). After a full iteration `num_frames`, `fps`,
+    `source_fps`, `source_frames` and `source_size` hold what decode_video reports."""
+
+    def __init__(self, path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()):
+        self.path, self.cfg = os.fspath(path), cfg
+        self.num_frames = self.source_frames = 0
+        self.fps = self.source_fps = 0.0
+        self.source_size: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Frame]:
+        path = self.path
+        if not os.path.exists(path):
+            raise VideoDecodeError("missing_file", path)
+        if os.path.getsize(path) == 0:
+            raise VideoDecodeError("empty_file", path)
+        try:
+            container = av.open(path, mode="r")
+        except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+            raise VideoDecodeError("corrupt", path, str(e)) from None
+        with container:
+            yield from self._frames(container)
+
+    def _frames(self, container: Any) -> Iterator[Frame]:
+        path, cfg = self.path, self.cfg
         if not container.streams.video:
             raise VideoDecodeError("no_video_stream", path)
         stream = container.streams.video[0]
@@ -160,9 +183,8 @@ def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) ->
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         source_fps = float(rate) if rate else 0.0
         target_fps = cfg.fps if cfg.fps is not None else (source_fps or 1.0)
-        kept: list[np.ndarray] = []
-        decoded = 0
-        t0 = None
+        kept = decoded = 0
+        t0 = previous = None
         last_slot = -1
         size = None
         try:
@@ -180,11 +202,13 @@ def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) ->
                 slot = int(math.floor((t - t0) * target_fps + 1e-6)) if cfg.fps is not None else decoded - 1
                 if slot <= last_slot:
                     continue
-                rgb = frame.reformat(width=out_w, height=out_h, format="rgb24").to_ndarray()
                 # Fill skipped slots (target fps above the source) with the previous frame.
-                if kept and slot > last_slot + 1:
-                    kept.extend([kept[-1]] * (slot - last_slot - 1))
-                kept.append(rgb)
+                for _ in range(slot - last_slot - 1 if kept else 0):
+                    kept += 1
+                    yield previous
+                previous = Frame(frame, out_h, out_w)
+                kept += 1
+                yield previous
                 last_slot = slot
                 if is_image:
                     break
@@ -200,12 +224,57 @@ def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) ->
             covered = (t - t0) + 1.0 / (source_fps or target_fps)
             if stated and covered < TRUNCATED_BELOW * stated:
                 raise VideoDecodeError("truncated", path, f"frames cover {covered:.2f}s of the stated {stated:.2f}s")
-    if not source_fps and decoded > 1 and t0 is not None:
-        source_fps = decoded / max(t - t0, 1e-6)
-    frames = _fit_length(kept, cfg, path)
-    fps = target_fps
+        if not source_fps and decoded > 1 and t0 is not None:
+            source_fps = decoded / max(t - t0, 1e-6)
+        self.num_frames, self.fps, self.source_fps = kept, float(target_fps), source_fps
+        self.source_frames, self.source_size = decoded, size
+
+
+def estimate_num_frames(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) -> tuple[int, float] | None:
+    """(frames, fps) a `FrameStream` of `path` gives, from the packets' timestamps (demuxed, not decoded);
+    None where they cannot tell (no timestamps, an image, an unreadable file). An estimate: decoding may
+    drop or fail on frames, so a reader checks it against the stream's `num_frames`."""
+    path = os.fspath(path)
+    if path.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    try:
+        with av.open(path, mode="r") as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            target_fps = cfg.fps if cfg.fps is not None else (float(rate) if rate else 1.0)
+            pts = []
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's closing flush packet
+                    continue
+                if packet.pts is None or stream.time_base is None:
+                    return None
+                pts.append(packet.pts)
+            if not pts:
+                return None
+            times = sorted(float(p * stream.time_base) for p in pts)
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError, OSError):
+        return None
+    if cfg.fps is None:
+        return len(times), target_fps
+    return int(math.floor((times[-1] - times[0]) * target_fps + 1e-6)) + 1, target_fps
+
+
+def decode_video(path: str | os.PathLike, cfg: DecodeConfig = DecodeConfig()) -> DecodedVideo:
+    """Decodes `path` (MP4/AVI/WebM/MKV/GIF, or a JPEG/PNG image as a 1-frame clip).
+
+    Raises VideoDecodeError with reason missing_file, empty_file, corrupt (container or decoder error
+    before any frame), no_video_stream, zero_frames, too_few_frames (policy "fail"), or truncated
+    (policy "skip": a decoder error after some frames, or frames spanning less than TRUNCATED_BELOW of
+    the container's stated duration); under truncated_policy "keep" the frames already read are kept.
+    `FrameStream` gives the same frames one at a time.
+    """
+    stream = FrameStream(path, cfg)
+    kept = [frame.rgb() for frame in stream]
+    frames = _fit_length(kept, cfg, stream.path)
+    fps = stream.fps
     if cfg.max_frames is not None and len(kept) > cfg.max_frames:
-        fps = target_fps * len(frames) / len(kept)
-    return DecodedVideo(
-        frames=np.stack(frames), fps=float(fps), source_fps=source_fps, source_frames=decoded, source_size=size
-    )
+        fps = stream.fps * len(frames) / len(kept)
+    return DecodedVideo(frames=np.stack(frames), fps=float(fps), source_fps=stream.source_fps,
+                        source_frames=stream.source_frames, source_size=stream.source_size)

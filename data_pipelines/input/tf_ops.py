@@ -157,18 +157,25 @@ def crop_window(height, width, cfg: InputConfig, train: bool, seed):
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
+def eval_frame_indices(num_stored, cfg: InputConfig):
+    """int32 (V*T,) the stored frames an eval read decodes (no randomness), view-major for V > 1 views."""
+    import tensorflow as tf
+
+    if cfg.num_views > 1:
+        return tf.reshape(sample_view_indices(num_stored, cfg.num_frames, cfg.num_views, cfg.view_sampling), [-1])
+    return sample_frame_indices(num_stored, cfg.num_frames, False, None)
+
+
 def decoded_video(ex, cfg: InputConfig, train: bool, aug_seeds):
     """Sampled, decoded, cropped, resized, flipped, normalised float32 (T, S, S, 3) frames of a parsed example
     (`aug_seeds`: 3 stateless seeds for frame sampling, crop and flip); (V, T, S, S, 3) for V eval views."""
     import tensorflow as tf
 
     views = 1 if train else cfg.num_views
-    if views > 1:
-        indices = tf.reshape(sample_view_indices(ex["num_frames"], cfg.num_frames, views, cfg.view_sampling), [-1])
-    elif train:
+    if train:
         indices = train_frame_indices(ex["num_frames"], cfg, aug_seeds[0])
     else:
-        indices = sample_frame_indices(ex["num_frames"], cfg.num_frames, False, aug_seeds[0])
+        indices = eval_frame_indices(ex["num_frames"], cfg)
     jpegs = tf.gather(ex["frames"], indices)
     window = crop_window(ex["height"], ex["width"], cfg, train, aug_seeds[1])
     frames = tf.map_fn(

@@ -5,7 +5,8 @@ indexes a folder of synthetic videos written with `synthetic.write_mp4`, plus a 
 and a link leaving the folder. One build is killed with SIGKILL after its first embedded batch and rerun:
 it must end with the index an uninterrupted build writes. Then: the other weights are refused in one line,
 search prints ranked clips and an HTML page, and an update after adding 3, deleting 2 and changing 1
-file embeds exactly 4 clips.
+file embeds exactly 4 clips; then one rewritten with its old size and mtime is embedded again and a touched
+one is not (content digests).
 """
 import json
 import os
@@ -13,8 +14,10 @@ import pathlib
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -164,6 +167,43 @@ def test_clip_windows_split_a_video_into_clips_of_about_the_asked_length():
     assert clip_windows(3, 2.0, 4.0) == [(0, 3)]
 
 
+def test_a_long_video_is_streamed_window_by_window(tmp_path, monkeypatch):
+    """`ClipReader.read` streams the file once, holding at most the frames one window's eval sampling takes, and
+    gives the clips (times and model inputs) of a whole-file decode."""
+    from clover_jax import video_clips
+    from clover_jax.video_clips import ClipReader
+    from data_pipelines.build.video_io import DecodeConfig, decode_video
+    from data_pipelines.input.input_config import InputConfig
+
+    path = tmp_path / "long.mp4"
+    cfg = synthetic.SyntheticConfig(num_frames=240, size=64)  # 30 s at 8 fps
+    synthetic.write_mp4(path, synthetic.render_clip(synthetic.clip_spec(0, "test", 3, cfg), cfg), cfg.fps)
+    decode = DecodeConfig(fps=4.0, short_side=64)
+    assert len(decode_video(path, decode).frames) == 120
+    model_input = InputConfig(num_frames=4, image_size=56)
+    for clip_seconds, windows, count in ((0.0, None, 1), (5.0, None, 6), (1.0, None, 30),
+                                         (0.0, [(2.0, 4.0), (3.0, 9.5), (29.5, 40.0), (50.0, 51.0)], 4)):
+        reader = ClipReader(model_input, decode, clip_seconds, 90)
+        stats: dict = {}
+        reason, clips = reader.read(path, windows, stats=stats)
+        whole = reader._read_whole(path, windows)
+        assert reason is None and len(clips) == count
+        assert [(c.start, c.end) for c in clips] == [(c.start, c.end) for c in whole]
+        for streamed, reference in zip(clips, whole):
+            np.testing.assert_array_equal(streamed.video, reference.video)
+        overlap = 2 if windows else 1  # overlapping windows are filled side by side
+        assert stats["passes"] == 1 and 0 < stats["peak_frames"] <= overlap * model_input.num_frames, stats
+    assert ClipReader(model_input, decode, 0.0, 90).read(tmp_path / "gone.mp4")[0] == "missing_file"
+    # A frame count the packets get wrong is found by the decode, which runs again with it; none: counted first.
+    reader = ClipReader(model_input, decode, 5.0, 90)
+    for estimate in ((119, 4.0), None):
+        monkeypatch.setattr(video_clips, "estimate_num_frames", lambda path, decode: estimate)
+        stats = {}
+        reason, clips = reader.read(path, stats=stats)
+        assert reason is None and stats["passes"] == 2 and stats["peak_frames"] <= model_input.num_frames
+        assert [(c.start, c.end) for c in clips] == [(c.start, c.end) for c in reader._read_whole(path, None)]
+
+
 def test_search_prints_ranked_clips_and_writes_the_html_page(cli_env, builds, tmp_path):
     page = tmp_path / "hits.html"
     proc = _run(cli_env, "clover_jax.search", f"--index={builds['out'] / 'whole'}", "three red squares move up",
@@ -206,4 +246,44 @@ def test_an_update_embeds_only_new_and_changed_files_and_drops_deleted_ones(cli_
                            emb_before[old_rows[_name(2)]])
     assert after["generation"] == before["generation"] + 1 and json.dumps(after["identity"]) == json.dumps(
         before["identity"])
+    assert all(len(v["digest"]) == 32 for v in after["videos"] + after["skipped"])
+
+    # Content decides: a file rewritten with its old size and mtime is embedded again, a touched one is not,
+    # and an entry written before digests (none in the manifest) is compared by size and mtime.
+    rewritten, touched, undigested = library / _name(3), library / _name(5), _name(6)
+    _rewrite_keeping_size_and_mtime(rewritten)
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 5 * 10**9))
+    old_style = json.loads((index / video_index.MANIFEST).read_text())
+    next(v for v in old_style["videos"] if v["path"] == undigested).pop("digest")
+    (index / video_index.MANIFEST).write_text(json.dumps(old_style))
+    proc = subprocess.run([sys.executable, *_index_args(model_dir, library, index)], cwd=REPO, env=cli_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "this run: 1 clips embedded (1 files new or changed)" in proc.stdout, proc.stdout
+    assert "18 files unchanged, 0 dropped" in proc.stdout, proc.stdout
+    final, emb_final = _contents(index)
+    rows_then = {v["path"]: v["first_row"] for v in after["videos"]}
+    for video in final["videos"]:
+        same = np.array_equal(emb_final[video["first_row"]], emb_after[rows_then[video["path"]]])
+        assert same == (video["path"] != _name(3)), video["path"]
+    entry = {v["path"]: v for v in final["videos"]}
+    assert entry[_name(5)]["mtime_ns"] == touched.stat().st_mtime_ns and len(entry[undigested]["digest"]) == 32
+    assert entry[_name(3)]["size"] == next(v for v in after["videos"] if v["path"] == _name(3))["size"]
     shutil.rmtree(library.parent / "elsewhere", ignore_errors=True)
+
+
+def _rewrite_keeping_size_and_mtime(path: pathlib.Path) -> None:
+    """Another synthetic clip in `path`, padded to the old size with an MP4 `free` box; the old mtime restored."""
+    stat = path.stat()
+    for content in (42, 43, 44, 45, 46, 47, 48, 49):
+        scratch = pathlib.Path(tempfile.mkdtemp()) / "scratch.mp4"
+        _write_video(scratch, content)
+        data = scratch.read_bytes()
+        scratch.unlink()
+        pad = stat.st_size - len(data)
+        if pad >= 8:
+            path.write_bytes(data + struct.pack(">I", pad) + b"free" + bytes(pad - 8))
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            assert path.stat().st_size == stat.st_size
+            return
+    raise AssertionError(f"no synthetic clip is smaller than {path} ({stat.st_size} bytes)")

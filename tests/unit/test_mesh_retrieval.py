@@ -171,25 +171,122 @@ def test_bad_input_stops_with_one_line():
         assert "\n" not in str(info.value)
 
 
-def test_the_retrieval_evaluator_ranks_on_its_mesh(tied_split, tmp_path, monkeypatch):
-    """`entries.RetrievalEvaluator.run` (model passes stubbed) reports the reference's metrics and a page."""
+@pytest.fixture(scope="module")
+def small_split():
+    """2,000 captions of 500 clips (4 each, fed in shuffled order) with planted ties: 20 duplicated clips, 20
+    captions copied onto other clips, a zero clip and a zero caption; 500 rows is not a multiple of 8."""
+    rng = np.random.default_rng(5)
+    videos = exact_rows(rng, 500)
+    src, dst = rng.choice(500, (2, 20), replace=False)
+    videos[dst] = videos[src]
+    videos[3] = 0.0
+    text_to_video = np.repeat(np.arange(500), 4)
+    texts = perturbed(rng, videos[text_to_video])
+    a, b = rng.choice(2000, (2, 20), replace=False)
+    texts[b] = texts[a]
+    texts[9] = 0.0
+    return videos, texts, text_to_video
+
+
+def test_galleries_from_local_rows_rank_as_the_reference(small_split, monkeypatch):
+    """Rows given in any order with their ids (as a process gives its own chunk) make a gallery of N/8 rows a
+    device whose ranks, metrics and top-k equal the host paths and the numpy reference."""
+    videos, texts, text_to_video = small_split
+    mesh = mesh_of(8)
+    monkeypatch.setattr(mesh_retrieval, "shard_gallery", None)  # nothing here may place a host gallery
+    rng = np.random.default_rng(1)
+    v_order, t_order = rng.permutation(500), rng.permutation(2000)
+    v_gallery = mesh_retrieval.gallery_from_local(videos[v_order], v_order, mesh)
+    t_gallery = mesh_retrieval.gallery_from_local(texts[t_order], t_order, mesh)
+    for gallery, n in ((v_gallery, 500), (t_gallery, 2000)):
+        assert isinstance(gallery.embeddings, jax.Array) and gallery.num_valid == n
+        assert {s.data.shape for s in gallery.embeddings.addressable_shards} == {(-(-n // 8), DIM)}
+        assert len({s.device for s in gallery.embeddings.addressable_shards}) == 8
+        assert sorted(np.asarray(gallery.ids)[np.asarray(gallery.ids) >= 0]) == list(range(n))
+    reference = retrieval.retrieval_metrics(videos, texts, text_to_video)
+    metrics = mesh_retrieval.retrieval_metrics_of_galleries(v_gallery, t_gallery, text_to_video, query_block=64)
+    assert metrics == reference
+    np.testing.assert_array_equal(mesh_retrieval.ranks(v_gallery, t_gallery, text_to_video),
+                                  retrieval.text_to_video_ranks(videos, texts, text_to_video))
+    scores, indices = mesh_retrieval.top_k(v_gallery, t_gallery, 7)  # queries taken block by block from the mesh
+    want_scores, want_indices = reference_top_k(videos, texts, 7)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_an_opened_index_reads_only_each_device_rows(small_split, tmp_path, monkeypatch):
+    """`Index.open` reads nothing; its first search reads the tensorstore array one device shard at a time
+    (8 row ranges of N/8), never whole, and ranks as the numpy reference does."""
+    from clover_jax import video_index
+
+    videos, texts, _ = small_split
+    gallery = np.concatenate([texts, videos])  # 2,500 rows: 313 a device, the last one padded
+    video_index.write_embeddings(tmp_path / "embeddings-000001", gallery)
+    manifest = dict(format=video_index.FORMAT, version=video_index.VERSION, array="embeddings-000001",
+                    videos_root=str(tmp_path), videos=[dict(path=f"v{i:04d}.mp4", clips=[[0.0, 1.0]])
+                                                       for i in range(len(gallery))])
+    (tmp_path / video_index.MANIFEST).write_text(__import__("json").dumps(manifest))
+    reads = []
+    real_read = video_index.read_rows
+    monkeypatch.setattr(video_index, "read_rows", lambda array, a, b: reads.append((a, b)) or real_read(array, a, b))
+    monkeypatch.setattr(video_index, "read_embeddings", None)
+    index = video_index.Index.open(tmp_path)
+    assert reads == [] and len(index) == 2500
+    queries = videos[:40]
+    hits = index.search_embeddings(queries, 5)
+    assert sorted(reads) == [(313 * d, min(313 * (d + 1), 2500)) for d in range(8)]
+    assert {s.data.shape for s in index._gallery.embeddings.addressable_shards} == {(313, DIM)}
+    _, want = reference_top_k(gallery, queries, 5)
+    assert [[h.row for h in q] for q in hits] == want.tolist()
+    index.search_embeddings(queries, 5)
+    assert len(reads) == 8  # the placed gallery is reused
+
+
+def test_the_retrieval_evaluator_ranks_on_its_mesh(small_split, tmp_path, monkeypatch):
+    """`entries.RetrievalEvaluator.run` with the real `embed_split_on_mesh` (the model and the input pipeline
+    stubbed: batches fed out of order, the last one padded) keeps every embedding sharded and reports the
+    reference's metrics and a page."""
     import types
 
-    from clover_jax.evaluators import entries
+    from clover_jax.evaluators import entries, split_passes
 
-    videos, texts, text_to_video = tied_split[0][:100], tied_split[1][:400], np.arange(400) % 100
+    videos, texts, text_to_video = small_split
     mesh = mesh_of(8)
-    emb = dict(clip_ids=np.arange(100), video_emb=videos, text_emb=texts, text_to_video=text_to_video,
-               text_ids=np.tile([101, 1037, 2158, 102], (400, 1)),
-               thumbnails={i: np.zeros((2, 4, 4, 3), np.uint8) for i in range(100)})
+    passes = object.__new__(split_passes.SplitPasses)
+    passes.batch_sharding = partitioning.batch_sharding(mesh)
+    passes.replicated = partitioning.replicated(mesh)
+    passes._identity = jax.jit(lambda x: x, out_shardings=passes.replicated)
+    table = jnp.asarray(texts)
+    passes.video_fn = jax.jit(lambda p, v: v[:, 0, 0, 0], out_shardings=passes.replicated)
+    passes.text_fn = jax.jit(lambda p, i, m: table[i[:, 1] - 1000], out_shardings=passes.replicated)
+    caption_index = np.arange(2000) % 4
+
+    def batches(cfg, mode, include_video):
+        order = np.random.default_rng(2).permutation(500 if mode == "clips" else 2000)
+        for start in range(0, len(order), 16):
+            items = np.pad(order[start:start + 16], (0, 16 - len(order[start:start + 16])))
+            valid = np.arange(16) < len(order) - start
+            if mode == "clips":
+                yield dict(clip_index=items, valid=valid, video=videos[items][:, None, None, None])
+            else:
+                ids = np.stack([np.full(16, 101), 1000 + items, np.full(16, 102)], axis=1)
+                yield dict(clip_index=text_to_video[items], caption_index=caption_index[items], valid=valid,
+                           text_ids=ids, text_mask=np.ones_like(ids))
+
+    monkeypatch.setattr(split_passes, "make_eval_dataset", batches)
+    monkeypatch.setattr(split_passes, "thumbnails", lambda video, cfg: np.zeros((len(video), 2, 4, 4, 3), np.uint8))
+    monkeypatch.setattr(mesh_retrieval, "shard_gallery", None)
+    emb = passes.embed_split_on_mesh(None, None, with_thumbnails=True)
+    for gallery, n in ((emb["videos"], 500), (emb["texts"], 2000)):
+        assert {s.data.shape for s in gallery.embeddings.addressable_shards} == {(-(-n // 8), DIM)}
+    np.testing.assert_array_equal(emb["text_to_video"], text_to_video)
     calls = []
     monkeypatch.setattr(mesh_retrieval, "_ranks_fn", _counting(mesh_retrieval._ranks_fn, calls))
     evaluator = object.__new__(entries.RetrievalEvaluator)
     evaluator.name, evaluator.out_dir = "retrieval", tmp_path
     evaluator.settings = types.SimpleNamespace(report_queries=5)
     evaluator.cfg = types.SimpleNamespace(split="test", dataset="/data/synthetic/1.0.0")
-    evaluator.passes = types.SimpleNamespace(batch_sharding=partitioning.batch_sharding(mesh),
-                                             embed_split=lambda params, cfg, **kw: emb)
+    evaluator.passes = passes
     metrics = evaluator.run(params=None, step=3)
     reference = retrieval.retrieval_metrics(videos, texts, text_to_video)
     assert {k: metrics[k] for k in reference} == reference and calls == [mesh, mesh]
