@@ -2,9 +2,10 @@
 
 A checkpoint step folder holds two items: `state` (the TrainState: step, params, optimizer state) and
 `meta` (JSON: the step, the data step and the seed). orbax writes each save into a temporary folder and
-renames it when complete, so a process killed mid-save leaves the previous step intact. The newest
-`keep_checkpoints` steps live in `<workdir>/checkpoints/`; the step with the best value of
-`config.best_metric` so far lives in `<workdir>/best/` (`BestCheckpoint`).
+renames it when complete, so a process killed mid-save (or a full disk) leaves the previous step intact; the
+next start deletes such unfinished folders. The newest `keep_checkpoints` steps live in
+`<workdir>/checkpoints/`; the step with the best value of `config.best_metric` so far lives in
+`<workdir>/best/` (`BestCheckpoint`).
 
 The restore order of a training run is `clover_jax.run_setup.initial_state`'s: the workdir's newest checkpoint,
 then `config.resume` (another run's checkpoint, full state), then `config.init_from` (params only: a
@@ -33,6 +34,7 @@ import orbax.checkpoint as ocp
 from clover_jax.param_paths import flatten, unflatten
 
 T = TypeVar("T")
+UNFINISHED_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a save still being written
 
 
 class NoReadableCheckpointError(ValueError):
@@ -100,14 +102,32 @@ def set_aside(ckpt_dir: pathlib.Path, steps: Sequence[int]) -> list[pathlib.Path
     return moved
 
 
+def remove_unfinished_saves(ckpt_dir: pathlib.Path) -> list[str]:
+    """Deletes the temporary folders of saves that never finished (`<step>.orbax-checkpoint-tmp*`, left by a
+    full disk or a killed process) on process 0; returns their names."""
+    if jax.process_index() != 0 or not ckpt_dir.is_dir():
+        return []
+    removed = []
+    for path in sorted(ckpt_dir.glob(f"*{UNFINISHED_SUFFIX}*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 def make_manager(workdir: str | pathlib.Path, *, save_every: int, keep: int, async_save: bool = True,
                  folder: str = "checkpoints") -> ocp.CheckpointManager:
+    """The run's CheckpointManager over `<workdir>/<folder>`, after removing the leftovers of unfinished saves."""
+    ckpt_dir = pathlib.Path(workdir).absolute() / folder
+    removed = remove_unfinished_saves(ckpt_dir)
+    if removed:
+        print(f"clover_jax: removed {len(removed)} unfinished checkpoint save(s) from {ckpt_dir}: "
+              f"{', '.join(removed)}", flush=True)
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_every), max_to_keep=keep, enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / folder, options=options,
-                                 item_names=("state", "meta"))
+    return ocp.CheckpointManager(ckpt_dir, options=options, item_names=("state", "meta"))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax import launch
 
-    launch.prepare_process()
+    launch.prepare_process(log_native_output=True)  # C++ libraries' lines go to the log file
 
 import json
 import pathlib
@@ -34,6 +34,7 @@ from clover_jax.launch import (
     quiet_third_party_logs,
     report_user_error,
 )
+from data_pipelines.build import damaged_records
 
 
 def _set(config: ml_collections.ConfigDict, override: str) -> None:
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         return _evaluate(args, overrides)
     except USER_ERRORS as err:  # ConfigError is a ValueError
         return report_user_error(err)
+    except Exception as err:  # noqa: BLE001 - a damaged test record (raised through tf.data) is one line
+        damaged = damaged_records.failure_behind(err)
+        if damaged is None:
+            raise
+        return report_user_error(damaged)
 
 
 def _evaluate(args: Any, overrides: list[str]) -> int:
@@ -96,7 +102,8 @@ def _evaluate(args: Any, overrides: list[str]) -> int:
                                   f"valid: {', '.join(available) or 'none'}")
     names = [args.evaluator] if args.evaluator else entries.evaluator_names(config, scheduled_only=True)
     checkpoint = run_setup.checkpoint_path(workdir, args.checkpoint)
-    quiet_third_party_logs(workdir, "eval")
+    log_file = quiet_third_party_logs(workdir, "eval")
+    print(f"clover_jax: library logs: {log_file}", flush=True)  # where a crash in C++ code leaves its trace
     config.pixel_stats, why = pixel_stats.resolve(config, checkpoint=checkpoint)
     print(f"clover_jax: {pixel_stats.describe(config.pixel_stats, why)}", flush=True)
     run = run_setup.setup_run(config)

@@ -6,9 +6,10 @@
 Every video under DIR (recursively: mp4, avi, webm, mkv, mov, gif, m4v) is decoded as `prepare` decodes
 (`--fps`, `--short-side`), cut into clips of about `--clip-seconds` (default 0: the whole video is one
 clip, as evaluation sees a clip) and preprocessed as evaluation does (`video_clips`). A rerun embeds only
-new or changed files (size or mtime) and drops deleted ones; a build killed at any point continues from
-its journal. An index built by another model or other preprocessing is refused in one line. Skipped
-files (unreadable, undecodable, links leaving DIR) are counted by reason.
+new or changed files (by a blake2b digest of their bytes; an index written before digests compares size and
+mtime) and drops deleted ones; a build killed at any point continues from its journal. An index built by
+another model or other preprocessing is refused in one line. Skipped files (unreadable, undecodable, links
+leaving DIR) are counted by reason.
 """
 # ruff: noqa: E402  (the XLA flags and the allocator restart below run before the imports)
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax import launch
 
-    launch.prepare_process()
+    launch.prepare_process(log_native_output=True)  # C++ libraries' lines go to the log file
 
 import collections
 import concurrent.futures
@@ -38,7 +39,7 @@ from clover_jax.launch import (
     quiet_third_party_logs,
     report_user_error,
 )
-from clover_jax.video_clips import ClipReader, Scan, VideoFile, clip_settings, scan_videos
+from clover_jax.video_clips import ClipReader, Scan, VideoFile, clip_settings, scan_videos, with_digests
 
 JPEG_QUALITY = 90  # builder.BuildConfig's default: clips are stored as a prepared dataset stores them
 
@@ -99,6 +100,7 @@ def build(args: Any) -> int:
         journal.mkdir(exist_ok=True)
         video_index.write_atomic(journal / "identity.json", json.dumps(identity).encode())
     scan = scan_videos(videos)
+    scan.files = with_digests(videos, scan.files, args.workers)
     reader = ClipReader(model.input_cfg, decode, args.clip_seconds, JPEG_QUALITY)
     plan = _plan(scan, manifest, video_index.journal_shards(index))
     start_seq = len(list(journal.glob("*.npz")))
@@ -107,7 +109,8 @@ def build(args: Any) -> int:
           f"{len(plan['dropped'])} gone", flush=True)
     embedded = _embed(model, reader, videos, index, plan["todo"], start_seq, args.workers)
     new = {**plan["resumed"], **embedded}
-    if manifest is not None and not new and not plan["dropped"] and not plan["refused_changed"]:
+    if (manifest is not None and not new and not plan["dropped"] and not plan["refused_changed"]
+            and not plan["restamped"]):
         shutil.rmtree(journal, ignore_errors=True)
         print(f"index: up to date, {manifest['num_clips']} clips of {len(manifest['videos'])} videos -> {index}")
         _print_skips(manifest)
@@ -142,19 +145,35 @@ def _plan(scan: Scan, manifest: dict[str, Any] | None, shards: list) -> dict[str
         for entry in files:
             journaled[entry["path"]] = (entry, emb[row:row + len(entry["clips"])])
             row += len(entry["clips"])
-    kept, resumed, todo = [], {}, []
+    kept, resumed, todo, restamped = [], {}, [], []
     for f in scan.files:
-        if f.path in old and (old[f.path]["size"], old[f.path]["mtime_ns"]) == (f.size, f.mtime_ns):
+        if f.path in old and _same_file(old[f.path], f):
             kept.append(f.path)
-        elif f.path in journaled and (journaled[f.path][0]["size"], journaled[f.path][0]["mtime_ns"]) == (f.size,
-                                                                                                          f.mtime_ns):
+            if _stamp(old[f.path]) != _stamp(f):  # touched, or listed before digests: the manifest is updated
+                restamped.append(f.path)
+        elif f.path in journaled and _same_file(journaled[f.path][0], f):
             resumed[f.path] = journaled[f.path]
         else:
             todo.append(f)
     present = {f.path for f in scan.files}
     dropped = sorted(p for p in old if p not in present)
     refused_changed = manifest is None or manifest["refused"] != scan.refused
-    return dict(kept=kept, resumed=resumed, todo=todo, dropped=dropped, refused_changed=refused_changed)
+    return dict(kept=kept, resumed=resumed, todo=todo, dropped=dropped, refused_changed=refused_changed,
+                restamped=restamped)
+
+
+def _stamp(entry: dict[str, Any] | VideoFile) -> tuple[int, int, str]:
+    if isinstance(entry, VideoFile):
+        return (entry.size, entry.mtime_ns, entry.digest)
+    return (entry["size"], entry["mtime_ns"], entry.get("digest", ""))
+
+
+def _same_file(entry: dict[str, Any], f: VideoFile) -> bool:
+    """Whether a manifest or journal entry still describes `f`: the same bytes (digest), or, for an entry
+    written before digests, the same size and mtime."""
+    if entry.get("digest") and f.digest:
+        return entry["digest"] == f.digest
+    return (entry["size"], entry["mtime_ns"]) == (f.size, f.mtime_ns)
 
 
 def _decoded(reader: ClipReader, videos: pathlib.Path, todo: list[VideoFile], workers: int) -> Iterator:
@@ -222,7 +241,7 @@ def _embed(model: video_index.Model, reader: ClipReader, videos: pathlib.Path, i
         progress.update(len(done), clip_count)
 
     for f, reason, decoded in _decoded(reader, videos, todo, workers):
-        waiting.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns,
+        waiting.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, digest=f.digest,
                             clips=[[c.start, c.end] for c in decoded], skip=reason))
         clips.extend(c.video for c in decoded)
         flush(final=False)
@@ -252,9 +271,11 @@ def _finalise(index: pathlib.Path, manifest: dict[str, Any] | None, model: video
         else:
             continue
         if entry["skip"]:
-            skipped_out.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, reason=entry["skip"]))
+            skipped_out.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, digest=f.digest,
+                                    reason=entry["skip"]))
             continue
-        videos_out.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, first_row=rows, clips=entry["clips"]))
+        videos_out.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, digest=f.digest, first_row=rows,
+                               clips=entry["clips"]))
         parts.append(np.asarray(emb, np.float32))
         rows += len(entry["clips"])
     dim = _embedding_dim(model)

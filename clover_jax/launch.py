@@ -1,12 +1,17 @@
 """The process set-up of every entry point and benchmark: XLA flags and host malloc, quiet logs, one-line errors.
 
 `prepare_process()` runs first, before jax is imported: the XLA:CPU compiler flags (`xla_cpu_flags`), then a
-restart under tcmalloc or mimalloc where the host is a CPU (`host_allocator`). Then what the entry points
-print: our progress lines and results on the terminal, third-party logs in a file.
+restart under tcmalloc or mimalloc where the host is a CPU (`host_allocator`), then, for the CLIs,
+`capture_native_output()`.
+Then what the entry points print: our progress lines and results on the terminal, third-party logs in a file.
 `quiet_third_party_logs(workdir)` sends every absl-routed record (orbax, TFDS, tensorflow) and library
 warnings to `<workdir>/logs/<program>.log`; the terminal keeps other libraries' warnings (e.g. JAX's),
-warnings raised by our own code and critical records. `report_user_error` turns a user mistake into one
-`error: …` line on stderr and exit status 2 (`CLOVER_DEBUG=1` shows the traceback instead).
+warnings raised by our own code and critical records. What C++ code (TF, absl, XLA, gloo) writes straight to
+file descriptors 1 and 2 goes to the same log file: `capture_native_output` moves Python's `sys.stdout` and
+`sys.stderr` to copies of the terminal's descriptors and buffers fds 1 and 2 in a temporary file until the
+log file is known.
+`report_user_error` turns a user mistake into one `error: …` line on stderr and exit status 2
+(`CLOVER_DEBUG=1` shows the traceback instead).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import logging
 import os
 import pathlib
 import sys
+import tempfile
 import threading
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -23,14 +29,71 @@ OUR_CODE = (f"{os.sep}clover_jax{os.sep}", f"{os.sep}data_pipelines{os.sep}", f"
 MAX_ERROR_CHARS = 1000
 
 
-def prepare_process() -> None:
+def prepare_process(log_native_output: bool = False) -> None:
     """Before jax starts: its CPU compiler flags, then a restart under tcmalloc or mimalloc where one is found
-    (both only for a CPU platform; see `xla_cpu_flags.add_default_flags`, `host_allocator`)."""
+    (both only for a CPU platform; see `xla_cpu_flags.add_default_flags`, `host_allocator`). With
+    `log_native_output` (the CLIs, which all call `quiet_third_party_logs`), `capture_native_output`."""
     from clover_jax.host_allocator import reexec_with_tuned_allocator
     from clover_jax.xla_cpu_flags import add_default_flags
 
     add_default_flags()
     reexec_with_tuned_allocator()
+    if log_native_output:  # after the restart: an exec'd process starts with the terminal's fds again
+        capture_native_output()
+
+
+_native: dict[str, object] = {}  # "buffer": the temporary file holding fds 1 and 2 until the log file is known
+
+
+def capture_native_output() -> None:
+    """From now on Python's `sys.stdout` and `sys.stderr` (our progress lines, results, `error:` lines,
+    tracebacks) write to copies of the terminal's descriptors, while file descriptors 1 and 2, where C++
+    libraries print (TF's oneDNN notice, absl's "before absl::InitializeLog()" line, gloo's "[Gloo] Rank"
+    lines, XLA and coordination errors, native stack traces), fill a temporary file that
+    `quiet_third_party_logs` appends to the run's log file. Only for entry points: a process that never
+    calls this (pytest, a notebook) keeps its descriptors."""
+    if "buffer" in _native or "routed" in _native:
+        return
+    buffer = tempfile.TemporaryFile(prefix="clover_jax-native-")
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        stream.flush()
+        terminal = os.dup(fd)  # not inherited by child processes (PEP 446); fds 1 and 2 are
+        copy = os.fdopen(terminal, "w", encoding=stream.encoding, errors=stream.errors or "backslashreplace")
+        copy.reconfigure(line_buffering=stream.line_buffering or name == "stderr",
+                         write_through=getattr(stream, "write_through", False))
+        setattr(sys, name, copy)
+        os.dup2(buffer.fileno(), fd)
+    _native["buffer"] = buffer
+
+
+def route_native_output(log_file: pathlib.Path) -> None:
+    """Appends what fds 1 and 2 buffered since `capture_native_output` to `log_file` and points both at it (at
+    a new log file when called again); nothing happens where capture was never started."""
+    if "buffer" not in _native and "routed" not in _native:
+        return
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    buffer = _native.pop("buffer", None)
+    if buffer is None:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    else:
+        # fds 1 and 2 share the buffer's file offset: pread leaves it alone, so C++ writes racing with this
+        # copy are not overwritten; what lands between the copy and the dup2s is copied after them.
+        done = _copy_from(buffer.fileno(), fd, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        _copy_from(buffer.fileno(), fd, done)
+        buffer.close()
+    os.close(fd)
+    _native["routed"] = str(log_file)
+
+
+def _copy_from(src: int, dst: int, offset: int) -> int:
+    while chunk := os.pread(src, 1 << 20, offset):
+        os.write(dst, chunk)
+        offset += len(chunk)
+    return offset
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -93,6 +156,16 @@ def _route_late_callback(previous):
     return hook
 
 
+def filter_terminal_logs() -> None:
+    """Keeps INFO records of libraries (e.g. jax.distributed's "Connecting to ...") off the terminal before
+    the log file is known; `quiet_third_party_logs` calls it too."""
+    from absl import logging as absl_logging
+
+    for handler in [*logging.getLogger().handlers, absl_logging.get_absl_handler()]:
+        if not any(isinstance(f, _TerminalFilter) for f in handler.filters):
+            handler.addFilter(_TerminalFilter())
+
+
 def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pathlib.Path:
     """Routes third-party logs to `<workdir>/logs/<program>[.process<i>].log`; returns that path."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -107,9 +180,7 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
     if previous is not None:
         root.removeHandler(previous)
         previous.close()
-    for handler in [*root.handlers, absl_logging.get_absl_handler()]:
-        if not any(isinstance(f, _TerminalFilter) for f in handler.filters):
-            handler.addFilter(_TerminalFilter())
+    filter_terminal_logs()
     # Only now: asking for the process index starts JAX's backends, which log at INFO.
     suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
     path = pathlib.Path(workdir) / "logs" / f"{program}{suffix}.log"
@@ -120,6 +191,7 @@ def quiet_third_party_logs(workdir: pathlib.Path, program: str = "train") -> pat
                                                 "%(message)s"))
     root.addHandler(file_handler)
     _installed["file"] = file_handler
+    route_native_output(path)
     root.setLevel(logging.INFO)
     absl_logging.set_verbosity(absl_logging.INFO)
     logging.captureWarnings(True)

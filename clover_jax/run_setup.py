@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, partitioning, run_inputs, tasks
+from clover_jax import grad_cache, partitioning, peers, run_inputs, tasks
 from clover_jax.kernels import execution
 from clover_jax.models.clover import CloverConfig, clover_config, dummy_batch, init_params
 from clover_jax.train_step import TrainState, create_train_state
@@ -326,19 +326,23 @@ def optim_config(config: ml_collections.ConfigDict, durations: Durations) -> ml_
 
 
 def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1,
-                     auto: bool = False) -> None:
+                     auto: bool = False, timeout_s: int = peers.DEFAULT_TIMEOUT_S) -> None:
     """Joins a multi-process run. Flags win; else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID; `auto` lets JAX detect the cluster (TPU pod slices, SLURM, Open MPI). Every process
-    runs the same command; nothing happens for a single process."""
+    runs the same command; nothing happens for a single process. A process silent for `timeout_s` seconds
+    counts as lost: the service reports it instead of aborting the others (`peers.PeerWatch` ends them)."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
-    if coordinator:
-        if num_processes < 1 or process_id < 0:
-            raise ConfigError("a coordinator address needs --num_processes and --process_id "
-                              "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
-    elif auto:
-        jax.distributed.initialize()
+    if timeout_s < 1:
+        raise ConfigError(f"--coordination_timeout={timeout_s} must be at least 1 (seconds)")
+    if coordinator and (num_processes < 1 or process_id < 0):
+        raise ConfigError("a coordinator address needs --num_processes and --process_id "
+                          "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    if not coordinator and not auto:
+        return
+    jax.config.update("jax_enable_recoverability", True)
+    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
+                  process_id=process_id) if coordinator else {}
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=timeout_s)

@@ -14,7 +14,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax import launch
 
-    launch.prepare_process()
+    launch.prepare_process(log_native_output=True)  # C++ libraries' lines go to the log file
 
 import pathlib
 import time

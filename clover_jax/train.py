@@ -10,10 +10,12 @@ last step (`evaluators.entries`). Evaluation scalars go to TensorBoard and metri
 is kept in `<workdir>/best/` beside the newest checkpoints.
 
 SIGTERM / SIGINT: the current step finishes, a checkpoint is written and waited for, and the process
-exits 0; rerunning the same command resumes exactly (same batches, same rngs). A non-finite loss or
-gradient stops the run naming the step and the last good checkpoint. Restores take the newest checkpoint
-that reads (`checkpoint.restore_newest_readable`); a workdir whose config.json describes a state of
-another shape is refused (`workdir_config`); user mistakes end in one `error:` line, exit status 2.
+exits 0; rerunning the same command resumes exactly (same batches, same rngs). In a multi-process run, a
+process that stays silent for `--coordination_timeout` seconds ends the others with one line naming it and
+the step a rerun resumes from, exit status 3 (`peers`). A non-finite loss or gradient stops the run naming
+the step and the last good checkpoint. Restores take the newest checkpoint that reads
+(`checkpoint.restore_newest_readable`); a workdir whose config.json describes a state of another shape is
+refused (`workdir_config`); user mistakes end in one `error:` line, exit status 2.
 """
 # ruff: noqa: E402  (the XLA flags and the allocator restart below run before the imports)
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before jax starts: its CPU compiler flags, then a restart under tcmalloc where found
     from clover_jax import launch
 
-    launch.prepare_process()
+    launch.prepare_process(log_native_output=True)  # C++ libraries' lines go to the log file
 
 import copy
 import os
@@ -38,15 +40,32 @@ import ml_collections
 import numpy as np
 
 from clover_jax import checkpoint as ckpt_lib
-from clover_jax import grad_cache, host_allocator, losses, partitioning, pixel_stats, run_setup, tasks, weight_decay
+from clover_jax import (
+    grad_cache,
+    host_allocator,
+    losses,
+    partitioning,
+    peers,
+    pixel_stats,
+    run_setup,
+    tasks,
+    weight_decay,
+)
 from clover_jax.evaluators import entries
 from clover_jax.kernels import execution
-from clover_jax.launch import USER_ERRORS, exit_process, quiet_third_party_logs, report_user_error
+from clover_jax.launch import (
+    USER_ERRORS,
+    exit_process,
+    filter_terminal_logs,
+    quiet_third_party_logs,
+    report_user_error,
+)
 from clover_jax.metric_writer import MetricWriter
 from clover_jax.optim import make_optimizer
 from clover_jax.run_setup import ConfigError, Run
 from clover_jax.train_step import make_train_step, train_state_shardings
 from clover_jax.workdir_config import check_workdir_config
+from data_pipelines.build import damaged_records
 
 
 def _gradient_fn(run: Run, config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -152,6 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         return [name for name, e in evaluators.items() if entries.is_due(e, step, total)]
     t0, t_steps, clips = time.time(), 0, 0
     batch_size = config.data.batch_size
+    skip_damaged = bool(config.data.get("skip_damaged_records", False))
 
     def drain(upto_all: bool) -> None:
         """Fetches pending metrics (all, or all but the newest), checks finiteness, logs log_every steps and
@@ -172,9 +192,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0 and k != "finite"}
                 scalars.update(steps_per_s=rate, clips_per_s=clips / dt if dt > 0 else float("nan"),
                                epoch=(s + 1) / durations.steps_per_epoch)  # epochs of training data done
+                if skip_damaged:  # records read so far (the input pipeline runs a few batches ahead)
+                    scalars["damaged_records"] = damaged_records.records_skipped()
                 eta = (total - s - 1) / rate if rate > 0 else float("nan")
+                skipped = f" damaged_records={scalars['damaged_records']}" if scalars.get("damaged_records") else ""
                 print(f"step {s + 1}/{total} {_format_metrics(scalars)} steps/s={rate:.2f} "
-                      f"clips/s={scalars['clips_per_s']:.1f} eta={eta:.0f}s", flush=True)
+                      f"clips/s={scalars['clips_per_s']:.1f} eta={eta:.0f}s{skipped}", flush=True)
                 if due_at(s + 1):
                     held[s + 1] = scalars
                 else:
@@ -200,7 +223,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     step, results = start, {}
     try:
         while step < total:
-            _, batch = next(batches)
+            try:
+                _, batch = next(batches)
+            except Exception as err:  # noqa: BLE001 - only a damaged record is handled here
+                damaged = damaged_records.failure_behind(err)
+                if damaged is None:
+                    raise
+                drain(upto_all=True)
+                if step > (manager.latest_step() or 0):  # keep the steps done before the damaged batch
+                    ckpt_lib.save(manager, step, state, {"step": step, "data_step": step, "seed": config.seed},
+                                  force=True)
+                    manager.wait_until_finished()
+                damaged.saved_step = manager.latest_step()
+                raise damaged from None
             state, metrics = step_fn(state, batch, rng)
             pending.append((step, metrics))
             step += 1
@@ -242,15 +277,34 @@ def main(argv: list[str]) -> None:
     malloc = host_allocator.applied_allocator()
     if malloc:
         print(f"clover_jax: host malloc: {malloc}", flush=True)
+    filter_terminal_logs()  # jax.distributed logs at INFO before train() opens the log file
+    watch, code = None, 0
     try:
+        timeout = flags.FLAGS.coordination_timeout
         run_setup.init_distributed(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id,
-                         flags.FLAGS.distributed_auto)
+                                   flags.FLAGS.distributed_auto, timeout)
+        if jax.process_count() > 1:
+            print(f"clover_jax: process {jax.process_index()} of {jax.process_count()}; a process silent for "
+                  f"{timeout} s ends the run (--coordination_timeout)", flush=True)
+            watch = peers.PeerWatch(workdir, timeout)
         train(config, workdir)
     except NonFiniteLossError as err:  # the run diverged: not a usage mistake, but nothing to add to it
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except USER_ERRORS + (ConfigError,) as err:
         exit_process(report_user_error(err))
+    except Exception as err:  # noqa: BLE001 - two faults become one line; anything else keeps its traceback
+        damaged = damaged_records.failure_behind(err)  # a damaged dataset record (from tf.data or eval)
+        if damaged is not None:
+            saved = getattr(damaged, "saved_step", None)
+            resume = f"; step {saved} is saved and the same command resumes there" if saved else ""
+            exit_process(report_user_error(RuntimeError(f"{damaged}{resume}")))
+        if watch is not None:  # a step or a fetch that failed because another process is gone: one line, exit 3
+            watch.verdict(err)
+        raise
+    if watch is not None:
+        watch.finish()
+    sys.exit(code)
 
 
 def _define_flags() -> None:
@@ -263,6 +317,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("num_processes", 0, "number of processes of a multi-process run")
     flags.DEFINE_integer("process_id", -1, "this process's index in a multi-process run")
     flags.DEFINE_bool("distributed_auto", False, "let JAX detect the cluster (TPU pod, SLURM, Open MPI)")
+    flags.DEFINE_integer("coordination_timeout", peers.DEFAULT_TIMEOUT_S,
+                         "seconds a process of a multi-process run may stay silent before the others stop")
 
 
 def _one_line_flag_error(err: Exception, argv: list[str]) -> str:

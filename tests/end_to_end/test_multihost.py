@@ -9,6 +9,10 @@ devices (same mesh shape), and once more as 1 process resuming the 2-process run
 (`config.resume`). Asserted: same per-step losses, same parameters at steps 2 and 4, and the resumed run
 continues exactly (losses of steps 3-4 and the final parameters).
 
+A lost host: process 1 of a 2-process run is killed (-9) after step 3; process 0 must leave within
+`--coordination_timeout` (and a margin) with exit status 3 and one line naming process 1 and the step a
+rerun resumes from, and rerunning both processes must resume right after that checkpoint.
+
 Adam's eps is set to 1e-3 (as in test_clover_train.py): with the reference 1e-8, an entry whose gradient
 is pure rounding noise (e.g. attention key biases, which get no gradient in exact arithmetic) moves by
 about lr * sign(noise), so a reduction done in another order flips such updates. The runs here differ only
@@ -28,7 +32,7 @@ import numpy as np
 import pytest
 from conftest import TEST_XLA_FLAGS
 
-from clover_jax.checkpoint import load_params
+from clover_jax.checkpoint import finished_steps, load_params
 from clover_jax.convert.common import flatten
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -193,3 +197,67 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
     err, where = _max_param_error(_params(runs["resumed"], TOTAL_STEPS), _params(runs["one_process"], TOTAL_STEPS))
     print(f"final params max rel error resumed vs uninterrupted 1-process run {err:.2e} ({where})")
     assert err <= TOLERANCE, f"resumed run's params differ by {err:.2e} at {where}"
+
+
+LOST_TIMEOUT_S = 15  # --coordination_timeout of the lost-host run
+EXIT_MARGIN_S = 45  # on top of it: the heartbeat checks, a loaded machine
+KILL_AFTER_STEP = 3
+
+
+def test_a_lost_process_ends_the_survivor_in_one_line_and_the_rerun_resumes(synthetic_cache, tmp_path):
+    """kill -9 of process 1 after step 3: process 0 leaves with exit status 3 within the coordination
+    timeout, printing one line that names process 1 and the step a rerun resumes from (no traceback, no
+    native stack on its terminal); rerunning both processes resumes right after that checkpoint."""
+    workdir = tmp_path / "lost_host"
+    extra = (f"--coordination_timeout={LOST_TIMEOUT_S}",)
+    cmd = [sys.executable, "-m", "clover_jax.train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+           f"--config.data.cache_dir={synthetic_cache}", *OVERRIDES, *extra]
+    coordinator = f"127.0.0.1:{_free_port()}"
+    dist = [dict(JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid)) for pid in (0, 1)]
+    out0, err0, err1 = tmp_path / "p0.stdout", tmp_path / "p0.stderr", tmp_path / "p1.stderr"
+    with open(out0, "w") as o0, open(err0, "w") as e0, open(err1, "w") as e1:
+        survivor = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(2, dist[0]), stdout=o0, stderr=e0, text=True)
+        victim = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(2, dist[1]), stdout=subprocess.PIPE, stderr=e1,
+                                  text=True)
+    try:
+        victim_lines = []
+        for line in victim.stdout:
+            victim_lines.append(line)
+            if line.startswith(f"step {KILL_AFTER_STEP}/"):
+                victim.kill()
+                break
+        killed_at = time.monotonic()
+        victim.wait(timeout=60)
+        assert victim.returncode == -9, "".join(victim_lines) + err1.read_text()
+        code = survivor.wait(timeout=LOST_TIMEOUT_S + EXIT_MARGIN_S)
+        took = time.monotonic() - killed_at
+    finally:
+        for p in (survivor, victim):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    terminal = out0.read_text() + err0.read_text()
+    print(f"\nprocess 0 left {took:.1f} s after the kill with exit status {code}; its terminal:\n{terminal}")
+    assert code == 3, f"{terminal}\n{_tail(workdir / 'logs' / 'train.process0.log')}"
+    assert took <= LOST_TIMEOUT_S + EXIT_MARGIN_S
+    try:
+        step = finished_steps(workdir)[1][0]
+        resume = f"resumes from step {step} ({workdir / 'checkpoints' / str(step)})"
+    except FileNotFoundError:  # killed before the first save finished
+        step, resume = 0, "starts again from step 0"
+    lines = terminal.splitlines()
+    lost = [line for line in lines if "stopped answering" in line]
+    assert len(lost) == 1 and lost[0].startswith(f"error: process 1 stopped answering (coordination timeout "
+                                                 f"{LOST_TIMEOUT_S} s); "
+                                                 f"rerunning the same command on all hosts {resume}"), terminal
+    build = ("prepare train:", "prepare test:", "Downloading and preparing dataset", "Dataset clover_video_text")
+    ours = [line for line in lines if line.strip() and not line.startswith(build)]  # unless the dataset was built
+    assert not [line for line in ours if not line.startswith(("clover_jax: ", "step ", "error: "))], terminal
+    assert "Traceback" not in terminal and "Check failure" not in terminal and "Fatal Python error" not in terminal
+    assert "[Gloo] Rank 0" in (workdir / "logs" / "train.process0.log").read_text()  # gloo's C++ prints: there
+
+    logs = _launch(workdir, synthetic_cache, num_processes=2, devices_per_process=2, extra=extra)
+    for pid, log in enumerate(logs):
+        steps = [line.split()[1] for line in log.read_text().splitlines() if line.startswith("step ")]
+        print(f"rerun, process {pid}: first step line {steps[0] if steps else None}")
+        assert steps == [f"{s}/{TOTAL_STEPS}" for s in range(step + 1, TOTAL_STEPS + 1)], _tail(log)
