@@ -57,6 +57,15 @@ def _index_args(workdir, videos, out, weights="weights_a"):
             f"--checkpoint={workdir / weights}", "--batch-size=2"]
 
 
+def _update_reports(cli_env, workdir, videos, out, *lines: str) -> None:
+    """Runs an index update of `out` and checks that it succeeds and prints each of `lines`."""
+    proc = subprocess.run([sys.executable, *_index_args(workdir, videos, out)], cwd=REPO, env=cli_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in lines:
+        assert line in proc.stdout, proc.stdout
+
+
 def _write_video(path: pathlib.Path, index: int) -> None:
     cfg = synthetic.SyntheticConfig(num_frames=8, size=64)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,11 +239,8 @@ def test_an_update_embeds_only_new_and_changed_files_and_drops_deleted_ones(cli_
     changed = library / _name(2)
     _write_video(changed, 40)
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    proc = subprocess.run([sys.executable, *_index_args(model_dir, library, index)], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "this run: 4 clips embedded (4 files new or changed)" in proc.stdout, proc.stdout
-    assert "15 files unchanged, 2 dropped" in proc.stdout, proc.stdout
+    _update_reports(cli_env, model_dir, library, index, "this run: 4 clips embedded (4 files new or changed)",
+                    "15 files unchanged, 2 dropped")
     after, emb_after = _contents(index)
     expected = sorted(_name(i) for i in range(NUM_VIDEOS + 3) if i not in (1, 4))
     assert [v["path"] for v in after["videos"]] == expected and after["num_clips"] == len(expected)
@@ -256,11 +262,8 @@ def test_an_update_embeds_only_new_and_changed_files_and_drops_deleted_ones(cli_
     old_style = json.loads((index / video_index.MANIFEST).read_text())
     next(v for v in old_style["videos"] if v["path"] == undigested).pop("digest")
     (index / video_index.MANIFEST).write_text(json.dumps(old_style))
-    proc = subprocess.run([sys.executable, *_index_args(model_dir, library, index)], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "this run: 1 clips embedded (1 files new or changed)" in proc.stdout, proc.stdout
-    assert "18 files unchanged, 0 dropped" in proc.stdout, proc.stdout
+    _update_reports(cli_env, model_dir, library, index, "this run: 1 clips embedded (1 files new or changed)",
+                    "18 files unchanged, 0 dropped")
     final, emb_final = _contents(index)
     rows_then = {v["path"]: v["first_row"] for v in after["videos"]}
     for video in final["videos"]:
