@@ -296,9 +296,7 @@ def main(argv: list[str]) -> None:
     except Exception as err:  # noqa: BLE001 - two faults become one line; anything else keeps its traceback
         damaged = damaged_records.failure_behind(err)  # a damaged dataset record (from tf.data or eval)
         if damaged is not None:
-            saved = getattr(damaged, "saved_step", None)
-            resume = f"; step {saved} is saved and the same command resumes there" if saved else ""
-            exit_process(report_user_error(RuntimeError(f"{damaged}{resume}")))
+            exit_process(report_user_error(damaged))
         if watch is not None:  # a step or a fetch that failed because another process is gone: one line, exit 3
             watch.verdict(err)
         raise

@@ -9,7 +9,7 @@ import pathlib
 
 import numpy as np
 
-from data_pipelines.build.damaged_records import is_damage
+from data_pipelines.build.damaged_records import is_damage, read_or_reason
 
 
 def load_builder(dataset_folder: str | os.PathLike):
@@ -58,7 +58,7 @@ def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
         except Exception as err:  # noqa: BLE001 - damaged chunks: see below; anything else re-raises
             if not is_damage(err):
                 raise
-            raw = [_read_or_none(source, k) for k in keys]
+            raw = [read_or_reason(source, k)[0] for k in keys]
         good = [r for r in raw if r is not None]
         parsed = ({k: v.numpy() for k, v in tf.io.parse_example(tf.constant(good, tf.string), spec).items()}
                   if good else {})
@@ -82,16 +82,6 @@ def split_index(dataset_folder: str | os.PathLike, split: str) -> SplitIndex:
     except OSError:  # read-only dataset folder: keep it in memory only
         pass
     return index
-
-
-def _read_or_none(source, key: int) -> bytes | None:
-    """Record `key`, or None when its chunk is damaged."""
-    try:
-        return source[key]
-    except Exception as err:  # noqa: BLE001
-        if is_damage(err):
-            return None
-        raise
 
 
 def stored_tag_rule(dataset_folder: str | os.PathLike) -> str | None:

@@ -36,11 +36,17 @@ class DamagedRange:
 
 
 class DamagedRecordsError(RuntimeError):
-    """Records of a built split failed their checksum (one line: folder, split, shard, bytes, advice)."""
+    """Records of a built split failed their checksum (one line: folder, split, shard, bytes, advice, and the
+    step training saved before stopping)."""
+
+    def __str__(self) -> str:
+        saved = f"; step {self.saved_step} is saved and the same command resumes there" if self.saved_step else ""
+        return super().__str__() + saved
 
     def __init__(self, folder: str, split: str, damaged: Sequence[DamagedRange], *, skippable: bool = True,
                  limit: str = ""):
         self.folder, self.split, self.damaged = str(folder), split, tuple(damaged)
+        self.saved_step: int | None = None  # set by training once it has saved the steps done before the damage
         ranges = "; ".join(d.describe() for d in self.damaged[:3])
         more = f"; and {len(self.damaged) - 3} more damaged ranges" if len(self.damaged) > 3 else ""
         lead = limit or "damaged records"
@@ -54,6 +60,16 @@ def is_damage(err: BaseException) -> bool:
     return isinstance(err, (RuntimeError, OSError)) and any(
         marker in text for marker in ("Corrupted", "Riegeli", "hash mismatch", "DATA_LOSS", "Truncated", "truncated",
                                       "Failed to read", "ArrayRecord"))
+
+
+def read_or_reason(source: Any, key: int) -> tuple[bytes | None, str]:
+    """(record `key`, "") or, when its chunk is damaged, (None, the reader's message on one line)."""
+    try:
+        return source[key], ""
+    except Exception as err:  # noqa: BLE001 - only reader damage is answered; anything else re-raises
+        if not is_damage(err):
+            raise
+        return None, " ".join(str(err).split())
 
 
 def byte_range_of(message: str) -> tuple[int, int] | None:
@@ -156,13 +172,9 @@ class CheckedRecords:
     def _read_one(self, key: int) -> bytes | None:
         if key in self.lost:
             return None
-        try:
-            return self.source[key]
-        except Exception as err:  # noqa: BLE001
-            if not is_damage(err):
-                raise
+        record, reason = read_or_reason(self.source, key)
+        if record is None:
             shard, _ = _shard_and_position(self.source, key)
-            reason = " ".join(str(err).split())
             with _lock:
                 self.lost[key] = DamagedRange(shard, byte_range_of(reason), (key,), reason)
             return None
