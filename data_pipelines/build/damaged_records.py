@@ -177,7 +177,7 @@ class CheckedRecords:
             shard, _ = _shard_and_position(self.source, key)
             with _lock:
                 self.lost[key] = DamagedRange(shard, byte_range_of(reason), (key,), reason)
-            return None
+        return record
 
     def _raise(self, damaged: list[DamagedRange], skippable: bool = True, limit: str = "") -> None:
         error = DamagedRecordsError(self.folder, self.split, merge_ranges(damaged), skippable=skippable, limit=limit)
