@@ -39,7 +39,7 @@ from clover_jax.launch import (
     quiet_third_party_logs,
     report_user_error,
 )
-from clover_jax.video_clips import ClipReader, Scan, VideoFile, clip_settings, scan_videos, with_digests
+from clover_jax.video_clips import Clip, ClipReader, Scan, VideoFile, clip_settings, scan_videos, with_digests
 
 JPEG_QUALITY = 90  # builder.BuildConfig's default: clips are stored as a prepared dataset stores them
 
@@ -212,7 +212,7 @@ def _embed(model: video_index.Model, reader: ClipReader, videos: pathlib.Path, i
     a journal shard. Returns path -> (entry, embeddings)."""
     done: dict[str, tuple[dict, np.ndarray]] = {}
     waiting: list[dict] = []  # entries of decoded files whose embeddings are not all in `rows` yet
-    clips: list[np.ndarray] = []
+    clips: list[Clip] = []  # decoded, waiting for a batch (JPEGs: preprocessed only when their batch is embedded)
     rows: list[np.ndarray] = []
     progress = _Progress(len(todo))
     clip_count = 0
@@ -221,7 +221,7 @@ def _embed(model: video_index.Model, reader: ClipReader, videos: pathlib.Path, i
         nonlocal seq, clip_count
         batch = model.batch_size
         while len(clips) >= batch or (final and clips):
-            rows.extend(model.embed_videos(np.stack(clips[:batch])))
+            rows.extend(model.embed_videos(np.stack([c.video for c in clips[:batch]])))
             del clips[:batch]
         count = used = 0
         for entry in waiting:
@@ -243,7 +243,7 @@ def _embed(model: video_index.Model, reader: ClipReader, videos: pathlib.Path, i
     for f, reason, decoded in _decoded(reader, videos, todo, workers):
         waiting.append(dict(path=f.path, size=f.size, mtime_ns=f.mtime_ns, digest=f.digest,
                             clips=[[c.start, c.end] for c in decoded], skip=reason))
-        clips.extend(c.video for c in decoded)
+        clips.extend(decoded)
         flush(final=False)
     flush(final=True)
     return done

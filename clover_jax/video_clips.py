@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -133,11 +133,21 @@ def clip_windows(num_frames: int, clip_seconds: float, fps: float) -> list[tuple
 
 @dataclasses.dataclass
 class Clip:
-    """One clip of a video: its time range (seconds) and normalised frames (T, S, S, 3) float32."""
+    """One clip of a video: its time range (seconds) and the frames eval sampling takes, as JPEGs (the other
+    frames are empty strings); `video` preprocesses them when asked, so the clips of a long video wait in
+    memory compressed."""
 
     start: float
     end: float
-    video: np.ndarray
+    jpegs: list[bytes]
+    height: int
+    width: int
+    preprocess: Callable = dataclasses.field(repr=False)
+
+    @property
+    def video(self) -> np.ndarray:
+        """The normalised frames (T, S, S, 3) float32 that the model embeds."""
+        return np.asarray(self.preprocess(self.jpegs, len(self.jpegs), self.height, self.width))
 
 
 class ClipReader:
@@ -175,8 +185,8 @@ class ClipReader:
         return [(a, a, min(b, num_frames)) if a < num_frames else (a, num_frames - 1, num_frames) for a, b in ranges]
 
     def _clip(self, first: int, length: int, fps: float, jpegs: list[bytes], height: int, width: int) -> Clip:
-        video = self._preprocess(jpegs, length, height, width)
-        return Clip(round(first / fps, 3), round(first / fps + length / fps, 3), np.asarray(video))
+        return Clip(round(first / fps, 3), round(first / fps + length / fps, 3), jpegs, height, width,
+                    self._preprocess)
 
     def read(self, path: str | os.PathLike, windows: list[tuple[float, float]] | None = None,
              stats: dict[str, int] | None = None) -> tuple[str | None, list[Clip]]:

@@ -8,9 +8,13 @@ padded to a multiple of the device count; padding rows have id -1 and never coun
     (score descending, index ascending): the first k of a full stable sort, whatever the device count;
   * ranks: a query's positive score is the max over its own rows (pmax over devices); each device counts its
     rows scoring STRICTLY above it and the counts are summed (psum). 1 + that sum is the reference's rank,
-    with its tie rule (a tie with the positive never pushes it down).
+    with its tie rule (a tie with the positive never pushes it down). Rows whose float32 score lies within
+    float32's error bound of the positive's are re-scored in double-float (`compensated_scores`), the positive
+    too, so ranks are those of the exact cosines of the float32 rows (the reference computes them in float64)
+    whatever the device count, shard layout or matmul kernel. A device re-scores up to `near_slots` such rows
+    per query; the blocks of queries with more run again with enough slots.
 A device holds its shard and one (block, shard rows) score matrix, never the whole gallery or similarity
-matrix; the host receives (block, k) lists and (block,) ranks. Scores are float32 cosines. The queries may
+matrix; the host receives (block, k) lists and (block,) ranks. Top-k ranks by float32 cosines. The queries may
 be host rows or a sharded gallery themselves (the evaluator's captions and clips): then each block of its rows
 is copied onto every device in turn, and no process ever holds either side whole (`mesh_gallery.py`).
 """
@@ -25,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clover_jax.evaluators import retrieval
+from clover_jax.evaluators import compensated_scores, retrieval
 from clover_jax.evaluators.mesh_gallery import (  # noqa: F401  (the gallery builders are this module's API too)
     ShardedGallery,
     _axes,
@@ -40,6 +44,10 @@ DEFAULT_QUERY_BLOCK = 1024
 # One block's per-device (queries, shard rows) float32 score matrix stays under 2**25 floats (128 MiB): the query
 # block shrinks (down to 8 rows) as the shard grows.
 SCORE_BUDGET = 1 << 25
+# Rows per query and device re-scored in double-float on the first pass (near the positive's score), and the
+# most gathered floats (queries * slots * dim) per device that re-scoring holds at once.
+NEAR_SLOTS = 16
+NEAR_BUDGET = 1 << 21
 _IN_FLIGHT = 2  # query blocks dispatched ahead of the one read back (bounds the replicated query copies)
 
 
@@ -62,15 +70,55 @@ def _block_top_k(q: jax.Array, g: jax.Array, ids: jax.Array, *, k: int, local_k:
     return -neg[:, :k], index[:, :k]
 
 
-def _block_ranks(q: jax.Array, q_label: jax.Array, g: jax.Array, g_label: jax.Array, *, axes: tuple[str, ...]
-                 ) -> jax.Array:
-    # The barrier keeps one materialised score matrix: fused into its two consumers the dot could be computed
-    # twice, possibly by two kernels that round differently, and a tie with the positive would stop being one.
+def _rescored_near_rows(q: jax.Array, s: jax.Array, near: jax.Array, own: jax.Array, g: jax.Array,
+                        near_slots: int) -> tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array]:
+    """((hi, lo) double-float scores, picked, picked and own) of the first `near_slots` near rows of each query,
+    (queries, near_slots) each; `picked` is False on slots beyond a query's near rows."""
+    _, cols = jax.lax.top_k(jnp.where(near, 1.0, 0.0), near_slots)  # equal keys: lower row first
+    picked = jnp.take_along_axis(near, cols, axis=1)
+    exact = compensated_scores.dot(q[:, None, :], jnp.take(g, cols, axis=0))
+    return exact, picked, picked & jnp.take_along_axis(own, cols, axis=1)
+
+
+def _block_ranks(q: jax.Array, q_label: jax.Array, g: jax.Array, g_label: jax.Array, *, axes: tuple[str, ...],
+                 near_slots: int) -> tuple[jax.Array, jax.Array]:
+    """(ranks, near) of a query block: near is the most near rows any device found for each query; a query
+    with more than `near_slots` gets a rank that is not exact (the caller runs it again with more slots)."""
+    # The barrier keeps one materialised score matrix (fused into several consumers the dot could be computed
+    # more than once, by kernels that round differently).
     s = jax.lax.optimization_barrier(_scores(q, g))
-    own = g_label[None, :] == q_label[:, None]
-    best = jax.lax.pmax(jnp.max(jnp.where(own, s, -jnp.inf), axis=1), axes)
-    above = (s > best[:, None]) & (g_label >= 0)[None, :]
-    return 1 + jax.lax.psum(jnp.sum(above, axis=1, dtype=jnp.int32), axes)
+    valid = (g_label >= 0)[None, :]
+    owns = lambda label: g_label[None, :] == label[:, None]  # noqa: E731
+    estimate = jax.lax.pmax(jnp.max(jnp.where(owns(q_label), s, -jnp.inf), axis=1), axes)[:, None]
+    # |float32 - exact| <= bound for every score, the positive's estimate included: a row more than twice
+    # that above the estimate is above the positive, one more than twice below is not; the rest are near.
+    margin = 2.0 * compensated_scores.float32_error_bound(q.shape[-1])
+    is_near = lambda s, estimate: (jnp.abs(s - estimate) <= margin) & valid  # noqa: E731
+    surely_above = jnp.sum((s > estimate + margin) & valid, axis=1, dtype=jnp.int32)
+
+    sub_block = _sub_block(q.shape[0], near_slots, q.shape[1])
+
+    def rescore(start: jax.Array) -> tuple[Any, ...]:  # `sub_block` queries: within NEAR_BUDGET floats
+        q_, s_, estimate_, label = (jax.lax.dynamic_slice_in_dim(x, start, sub_block)  # slices, not copies of s
+                                    for x in (q, s, estimate, q_label))
+        return _rescored_near_rows(q_, s_, is_near(s_, estimate_), owns(label), g, near_slots)
+
+    starts = jnp.arange(0, q.shape[0], sub_block, dtype=jnp.int32)
+    exact, picked, picked_own = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.map(rescore, starts))
+    best_hi = jax.lax.pmax(jnp.max(jnp.where(picked_own, exact[0], -jnp.inf), axis=1), axes)[:, None]
+    best_lo = jax.lax.pmax(jnp.max(jnp.where(picked_own & (exact[0] == best_hi), exact[1], -jnp.inf), axis=1),
+                           axes)[:, None]
+    near_above = jnp.sum(picked & compensated_scores.greater(exact, (best_hi, best_lo)), axis=1, dtype=jnp.int32)
+    most_near = jax.lax.pmax(jnp.sum(is_near(s, estimate), axis=1, dtype=jnp.int32), axes)
+    return 1 + jax.lax.psum(surely_above + near_above, axes), most_near
+
+
+def _sub_block(block: int, near_slots: int, dim: int) -> int:
+    """The most queries (a divisor of `block`) whose gathered near rows fit NEAR_BUDGET floats."""
+    sub = max(1, min(block, NEAR_BUDGET // (near_slots * dim)))
+    while block % sub:
+        sub -= 1
+    return sub
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,10 +129,11 @@ def _top_k_fn(mesh: Mesh, k: int, local_k: int) -> Callable:
 
 
 @functools.lru_cache(maxsize=64)
-def _ranks_fn(mesh: Mesh) -> Callable:
+def _ranks_fn(mesh: Mesh, near_slots: int) -> Callable:
     axes = _axes(mesh)
-    body = functools.partial(_block_ranks, axes=axes)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axes, None), P(axes)), out_specs=P()))
+    body = functools.partial(_block_ranks, axes=axes, near_slots=near_slots)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(axes, None), P(axes)),
+                                 out_specs=(P(), P())))
 
 
 # ---- host side: query blocks in, small results out ----
@@ -136,46 +185,68 @@ def _take_fn(mesh: Mesh, block: int) -> Callable:
     return jax.jit(take, out_shardings=NamedSharding(mesh, P()))
 
 
-def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.ndarray | ShardedGallery,
-                labels: np.ndarray | jax.Array | None = None) -> list[tuple[np.ndarray, ...]]:
-    """`run(query block[, label block])` over the queries in blocks, a few blocks in flight; host results, each
-    led by the block's query ids. Host queries are normalised here; rows of a sharded query gallery (already
-    normalised) are copied block by block onto every device, `labels` then laid out as its rows."""
-    pending: list[tuple[Any, int, Any]] = []
-    results: list[tuple[np.ndarray, ...]] = []
+@functools.lru_cache(maxsize=64)
+def _gather_fn(mesh: Mesh, fills: tuple[Any, ...]) -> Callable:
+    """(positions, *row arrays) -> those rows of each, replicated on every device; a position past the end
+    gives a row of the array's fill value."""
+    def gather(positions: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(jnp.take(x, positions, axis=0, mode="fill", fill_value=fill) for x, fill in zip(xs, fills))
+    return jax.jit(gather, out_shardings=NamedSharding(mesh, P()))
 
-    def read(ids: Any, skip: int, out: Any) -> tuple[np.ndarray, ...]:
+
+def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.ndarray | ShardedGallery,
+                labels: np.ndarray | jax.Array | None = None, positions: np.ndarray | None = None
+                ) -> list[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+    """`run(query block[, label block])` over the query rows in blocks, a few blocks in flight: for each block,
+    its rows' positions and the host results led by their query ids. Host queries are normalised here; rows of a
+    sharded query gallery (already normalised) are copied block by block onto every device, `labels` then laid
+    out as its rows. `positions`: only these rows (of the sharded array, or of the host queries)."""
+    pending: list[tuple[np.ndarray, Any, Any]] = []
+    results: list[tuple[np.ndarray, tuple[np.ndarray, ...]]] = []
+
+    def read(where: np.ndarray, ids: Any, out: Any) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         ids = np.asarray(ids.addressable_data(0)) if isinstance(ids, jax.Array) else ids
-        keep = (ids >= 0) & (np.arange(len(ids)) >= skip)
-        return (ids[keep],) + tuple(np.asarray(x.addressable_data(0))[keep] for x in jax.tree.leaves(out))
+        keep = (ids >= 0) & (where >= 0)
+        outs = tuple(np.asarray(x.addressable_data(0))[keep] for x in jax.tree.leaves(out))
+        return where[keep], (ids[keep],) + outs
 
     sharded = isinstance(queries, ShardedGallery)
     total = queries.embeddings.shape[0] if sharded else len(queries)
-    block = min(block, total) if sharded else block
-    for start in range(0, total, block):
-        if sharded:
-            # The last block is taken flush with the end; rows it repeats are dropped by their ids.
+    todo = np.arange(total) if positions is None else np.asarray(positions)
+    block = min(block, len(todo)) if sharded else block
+    for start in range(0, len(todo), block):
+        where = _padded(todo[start:start + block], block, -1)
+        if sharded and positions is None:
+            # The last block is taken flush with the end; rows it repeats are dropped by their positions.
             first = min(start, total - block)
+            where = np.where(np.arange(first, first + block) >= start, np.arange(first, first + block), -1)
             rows = [queries.embeddings, queries.ids] + ([labels] if labels is not None else [])
             q, ids, *y = _take_fn(mesh, block)(np.int32(first), *rows)
-            args, skip = [q, *y], start - first
+            args = [q, *y]
+        elif sharded:
+            rows = [queries.embeddings, queries.ids] + ([labels] if labels is not None else [])
+            fills = (0.0, -1) + ((-2,) if labels is not None else ())
+            q, ids, *y = _gather_fn(mesh, fills)(np.where(where >= 0, where, total).astype(np.int32), *rows)
+            args = [q, *y]
         else:
-            q = _padded(_normalize_f32(queries[start:start + block]), block, 0.0)
-            ids, skip = _padded(np.arange(start, min(start + block, total)), block, -1), 0
+            picked = todo[start:start + block]
+            q = _padded(_normalize_f32(queries[picked]), block, 0.0)
+            ids = _padded(picked, block, -1)
             args = [_replicated(q, mesh)]
             if labels is not None:  # padding queries own no row (-2 is neither a label nor the padding id)
-                args.append(_replicated(_padded(labels[start:start + block], block, -2), mesh))
-        pending.append((ids, skip, run(*args)))
+                args.append(_replicated(_padded(labels[picked], block, -2), mesh))
+        pending.append((where, ids, run(*args)))
         if len(pending) > _IN_FLIGHT:
             results.append(read(*pending.pop(0)))
     results += [read(*p) for p in pending]
     return results
 
 
-def _in_query_order(parts: list[tuple[np.ndarray, ...]], num_queries: int, column: int) -> np.ndarray:
-    first = parts[0][column]
+def _in_query_order(parts: list[tuple[np.ndarray, tuple[np.ndarray, ...]]], num_queries: int, column: int
+                    ) -> np.ndarray:
+    first = parts[0][1][column]
     out = np.zeros((num_queries,) + first.shape[1:], first.dtype)
-    for part in parts:
+    for _, part in parts:
         out[part[0]] = part[column]
     return out
 
@@ -224,10 +295,23 @@ def ranks(gallery: ShardedGallery, queries: np.ndarray | jax.Array | ShardedGall
         return np.zeros(0, np.int64)
     if isinstance(queries, ShardedGallery):
         positives = row_values(queries, positives, pad=-2)
-    fn = _ranks_fn(gallery.mesh)
-    block = query_block_size(num, gallery.rows_per_device, query_block)
-    parts = _map_blocks(lambda q, y: fn(q, y, gallery.embeddings, labels), gallery.mesh, block, queries, positives)
-    return _in_query_order(parts, num, 1).astype(np.int64)
+    out = np.zeros(num, np.int64)
+    passes = [(min(NEAR_SLOTS, gallery.rows_per_device), None)]  # (near slots, query positions: None = all)
+    while passes:
+        slots, positions = passes.pop(0)
+        block = query_block_size(num if positions is None else len(positions), gallery.rows_per_device,
+                                 query_block)
+        fn = _ranks_fn(gallery.mesh, slots)
+        parts = _map_blocks(lambda q, y: fn(q, y, gallery.embeddings, labels), gallery.mesh, block, queries,
+                            positives, positions)
+        where, ids, rank, near = (np.concatenate(x) for x in zip(*[(w, *r) for w, r in parts]))
+        out[ids] = rank
+        # Queries with more near rows than slots run again, grouped by the power of two of slots they need (a
+        # whole shard never overflows).
+        over = near > slots
+        need = np.minimum(1 << np.ceil(np.log2(near[over])).astype(np.int64), gallery.rows_per_device)
+        passes += [(int(n), where[over][need == n]) for n in np.unique(need)]
+    return out
 
 
 def retrieval_metrics_on_mesh(video_emb: np.ndarray, text_emb: np.ndarray, text_to_video: np.ndarray, mesh: Mesh,
@@ -260,13 +344,15 @@ def retrieval_metrics_of_galleries(videos: ShardedGallery, texts: ShardedGallery
 def block_memory(gallery: ShardedGallery, num_queries: int, k: int | None = None,
                  query_block: int | None = None) -> dict[str, int]:
     """Per-device bytes of one query block's compiled program (XLA's memory_analysis): `argument` (shard,
-    ids/labels, block), `output`, `temp`, and `block` rows; top-k with k, else ranks. Compiles, runs nothing."""
+    ids/labels, block), `output`, `temp`, and `block` rows; top-k with k, else ranks' first pass. Compiles, runs
+    nothing."""
+    slots = min(NEAR_SLOTS, gallery.rows_per_device)
     block = query_block_size(num_queries, gallery.rows_per_device, query_block)
     replicated = NamedSharding(gallery.mesh, P())
     q = jax.ShapeDtypeStruct((block, gallery.dim), jnp.float32, sharding=replicated)
     if k is None:
         y = jax.ShapeDtypeStruct((block,), jnp.int32, sharding=replicated)
-        lowered = _ranks_fn(gallery.mesh).lower(q, y, gallery.embeddings, gallery.ids)
+        lowered = _ranks_fn(gallery.mesh, slots).lower(q, y, gallery.embeddings, gallery.ids)
     else:
         lowered = _top_k_fn(gallery.mesh, k, min(k, gallery.rows_per_device)).lower(q, gallery.embeddings,
                                                                                       gallery.ids)

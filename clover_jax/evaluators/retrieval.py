@@ -1,7 +1,9 @@
 """Dual-encoder retrieval metrics (text->video, video->text, MSRVTT-MC) on plain numpy embeddings.
 
 Conventions (clover-reference.md §5.1, `recall_for_video_text_retrieval` in the reference):
-  * Similarity is cosine: each row is divided by max(||x||, 1e-8) before the dot product.
+  * Similarity is cosine: each row is divided by max(||x||, 1e-8) before the dot product. The ranks take the
+    dot products of those (float32) unit rows in float64, so a near-tie with the correct item is decided by the
+    exact cosine, not by which float32 kernel rounded last (the mesh path re-scores near-ties to match).
   * Ranks are 1-based. The rank of the correct item is 1 + the number of candidates whose similarity
     is STRICTLY greater than the correct item's. Ties therefore resolve in the query's favour (an
     exact tie with the correct item never pushes it down). The reference argsorts instead, where tie
@@ -83,8 +85,8 @@ def text_to_video_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_vid
                         chunk_size: int = DEFAULT_CHUNK_SIZE) -> np.ndarray:
     """(Nt,) int64 1-based rank of each caption's own video among all videos (ties: strictly greater)."""
     video_emb, text_emb, text_to_video = check_pairs(video_emb, text_emb, text_to_video)
-    videos = l2_normalize(video_emb)
-    texts = l2_normalize(text_emb)
+    videos = l2_normalize(video_emb).astype(np.float64)
+    texts = l2_normalize(text_emb).astype(np.float64)
     ranks = np.empty(texts.shape[0], dtype=np.int64)
     for rows in _chunks(texts.shape[0], chunk_size):
         sims = texts[rows] @ videos.T  # (chunk, Nv)
@@ -115,8 +117,8 @@ def video_to_text_ranks(video_emb: np.ndarray, text_emb: np.ndarray, text_to_vid
     video_emb, text_emb, text_to_video = check_pairs(video_emb, text_emb, text_to_video)
     num_videos = video_emb.shape[0]
     captions_per_video = check_captions(text_to_video, num_videos)
-    videos = l2_normalize(video_emb)
-    texts = l2_normalize(text_emb)
+    videos = l2_normalize(video_emb).astype(np.float64)
+    texts = l2_normalize(text_emb).astype(np.float64)
     caption_order = np.argsort(text_to_video, kind="stable")  # captions grouped by video
     group_start = np.concatenate([[0], np.cumsum(captions_per_video)])
     ranks = np.empty(num_videos, dtype=np.int64)

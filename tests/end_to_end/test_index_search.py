@@ -202,6 +202,8 @@ def test_a_long_video_is_streamed_window_by_window(tmp_path, monkeypatch):
             np.testing.assert_array_equal(streamed.video, reference.video)
         overlap = 2 if windows else 1  # overlapping windows are filled side by side
         assert stats["passes"] == 1 and 0 < stats["peak_frames"] <= overlap * model_input.num_frames, stats
+        # A clip waits as the JPEGs of its sampled frames alone (preprocessed when embedded).
+        assert all(0 < sum(map(bool, c.jpegs)) <= model_input.num_frames for c in clips)
     assert ClipReader(model_input, decode, 0.0, 90).read(tmp_path / "gone.mp4")[0] == "missing_file"
     # A frame count the packets get wrong is found by the decode, which runs again with it; none: counted first.
     reader = ClipReader(model_input, decode, 5.0, 90)
