@@ -12,11 +12,11 @@ padded to a multiple of the device count; padding rows have id -1 and never coun
     float32's error bound of the positive's are re-scored in double-float (`compensated_scores`), the positive
     too, so ranks are those of the exact cosines of the float32 rows (the reference computes them in float64)
     whatever the device count, shard layout or matmul kernel. A device re-scores up to `near_slots` such rows
-    per query; the blocks of queries with more run again with enough slots.
-A device holds its shard and one (block, shard rows) score matrix, never the whole gallery or similarity
-matrix; the host receives (block, k) lists and (block,) ranks. Top-k ranks by float32 cosines. The queries may
+    per query; queries with more run again, alone, with enough slots.
+A device holds its shard, one (block, shard rows) score matrix and the near rows of a few queries at a time,
+never the whole gallery or similarity matrix; the host receives (block, k) lists and (block,) ranks. Top-k ranks by float32 cosines. The queries may
 be host rows or a sharded gallery themselves (the evaluator's captions and clips): then each block of its rows
-is copied onto every device in turn, and no process ever holds either side whole (`mesh_gallery.py`).
+is gathered onto every device in turn, and no process ever holds either side whole (`mesh_gallery.py`).
 """
 from __future__ import annotations
 
@@ -179,16 +179,10 @@ def _padded(x: np.ndarray, rows: int, value: Any) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _take_fn(mesh: Mesh, block: int) -> Callable:
-    """(start, *row arrays) -> rows [start, start + block) of each, replicated on every device."""
-    take = lambda start, *xs: tuple(jax.lax.dynamic_slice_in_dim(x, start, block) for x in xs)  # noqa: E731
-    return jax.jit(take, out_shardings=NamedSharding(mesh, P()))
-
-
-@functools.lru_cache(maxsize=64)
 def _gather_fn(mesh: Mesh, fills: tuple[Any, ...]) -> Callable:
     """(positions, *row arrays) -> those rows of each, replicated on every device; a position past the end
-    gives a row of the array's fill value."""
+    gives a row of the array's fill value. Each device gathers from its own shard and the rows are summed over
+    the devices: no device receives a whole sharded array (a dynamic slice of one would all-gather it)."""
     def gather(positions: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
         return tuple(jnp.take(x, positions, axis=0, mode="fill", fill_value=fill) for x, fill in zip(xs, fills))
     return jax.jit(gather, out_shardings=NamedSharding(mesh, P()))
@@ -199,7 +193,7 @@ def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.nda
                 ) -> list[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
     """`run(query block[, label block])` over the query rows in blocks, a few blocks in flight: for each block,
     its rows' positions and the host results led by their query ids. Host queries are normalised here; rows of a
-    sharded query gallery (already normalised) are copied block by block onto every device, `labels` then laid
+    sharded query gallery (already normalised) are gathered block by block onto every device, `labels` then laid
     out as its rows. `positions`: only these rows (of the sharded array, or of the host queries)."""
     pending: list[tuple[np.ndarray, Any, Any]] = []
     results: list[tuple[np.ndarray, tuple[np.ndarray, ...]]] = []
@@ -216,14 +210,7 @@ def _map_blocks(run: Callable[..., Any], mesh: Mesh, block: int, queries: np.nda
     block = min(block, len(todo)) if sharded else block
     for start in range(0, len(todo), block):
         where = _padded(todo[start:start + block], block, -1)
-        if sharded and positions is None:
-            # The last block is taken flush with the end; rows it repeats are dropped by their positions.
-            first = min(start, total - block)
-            where = np.where(np.arange(first, first + block) >= start, np.arange(first, first + block), -1)
-            rows = [queries.embeddings, queries.ids] + ([labels] if labels is not None else [])
-            q, ids, *y = _take_fn(mesh, block)(np.int32(first), *rows)
-            args = [q, *y]
-        elif sharded:
+        if sharded:  # padding rows: gathered from past the end (id -1, label -2: they own no row)
             rows = [queries.embeddings, queries.ids] + ([labels] if labels is not None else [])
             fills = (0.0, -1) + ((-2,) if labels is not None else ())
             q, ids, *y = _gather_fn(mesh, fills)(np.where(where >= 0, where, total).astype(np.int32), *rows)

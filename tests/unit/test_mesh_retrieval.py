@@ -250,6 +250,10 @@ def test_galleries_from_local_rows_rank_as_the_reference(small_split, monkeypatc
         assert {s.data.shape for s in gallery.embeddings.addressable_shards} == {(-(-n // 8), DIM)}
         assert len({s.device for s in gallery.embeddings.addressable_shards}) == 8
         assert sorted(np.asarray(gallery.ids)[np.asarray(gallery.ids) >= 0]) == list(range(n))
+    # A block of query rows reaches every device without any device receiving the whole query gallery.
+    gather = mesh_retrieval._gather_fn(mesh, (0.0, -1)).lower(np.arange(64, dtype=np.int32), t_gallery.embeddings,
+                                                              t_gallery.ids).compile()
+    assert gather.memory_analysis().temp_size_in_bytes < t_gallery.embeddings.nbytes / 8
     reference = retrieval.retrieval_metrics(videos, texts, text_to_video)
     metrics = mesh_retrieval.retrieval_metrics_of_galleries(v_gallery, t_gallery, text_to_video, query_block=64)
     assert metrics == reference
