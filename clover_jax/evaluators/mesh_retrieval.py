@@ -13,10 +13,11 @@ padded to a multiple of the device count; padding rows have id -1 and never coun
     too, so ranks are those of the exact cosines of the float32 rows (the reference computes them in float64)
     whatever the device count, shard layout or matmul kernel. A device re-scores up to `near_slots` such rows
     per query; queries with more run again, alone, with enough slots.
-A device holds its shard, one (block, shard rows) score matrix and the near rows of a few queries at a time,
-never the whole gallery or similarity matrix; the host receives (block, k) lists and (block,) ranks. Top-k ranks by float32 cosines. The queries may
-be host rows or a sharded gallery themselves (the evaluator's captions and clips): then each block of its rows
-is gathered onto every device in turn, and no process ever holds either side whole (`mesh_gallery.py`).
+Top-k orders by the float32 cosines. A device holds its shard, one (block, shard rows) score matrix and the near
+rows of a few queries at a time, never the whole gallery or similarity matrix; the host receives (block, k) lists
+and (block,) ranks. The queries may be host rows or a sharded gallery themselves (the evaluator's captions and
+clips): then each block of its rows is gathered onto every device in turn, and no process ever holds either side
+whole (`mesh_gallery.py`).
 """
 from __future__ import annotations
 
