@@ -96,13 +96,19 @@ def _block_ranks(q: jax.Array, q_label: jax.Array, g: jax.Array, g_label: jax.Ar
     margin = 2.0 * compensated_scores.float32_error_bound(q.shape[-1])
     is_near = lambda s, estimate: (jnp.abs(s - estimate) <= margin) & valid  # noqa: E731
     surely_above = jnp.sum((s > estimate + margin) & valid, axis=1, dtype=jnp.int32)
+    near_here = jnp.sum(is_near(s, estimate), axis=1, dtype=jnp.int32)
+    near_total = jax.lax.psum(near_here, axes)
 
     sub_block = _sub_block(q.shape[0], near_slots, q.shape[1])
 
     def rescore(start: jax.Array) -> tuple[Any, ...]:  # `sub_block` queries: within NEAR_BUDGET floats
-        q_, s_, estimate_, label = (jax.lax.dynamic_slice_in_dim(x, start, sub_block)  # slices, not copies of s
-                                    for x in (q, s, estimate, q_label))
-        return _rescored_near_rows(q_, s_, is_near(s_, estimate_), owns(label), g, near_slots)
+        q_, s_, estimate_, label, total = (jax.lax.dynamic_slice_in_dim(x, start, sub_block)  # slices, not copies
+                                           for x in (q, s, estimate, q_label, near_total))
+        run = lambda: _rescored_near_rows(q_, s_, is_near(s_, estimate_), owns(label), g, near_slots)  # noqa: E731
+        # A query whose one near row (over all devices) is its positive ranks by the float32 counts alone; the
+        # condition is the same on every device (a psum), so all skip or none.
+        skip = lambda: jax.tree.map(jnp.zeros_like, jax.eval_shape(run))  # noqa: E731
+        return jax.lax.cond(jnp.any(total > 1), run, skip)
 
     starts = jnp.arange(0, q.shape[0], sub_block, dtype=jnp.int32)
     exact, picked, picked_own = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), jax.lax.map(rescore, starts))
@@ -110,8 +116,7 @@ def _block_ranks(q: jax.Array, q_label: jax.Array, g: jax.Array, g_label: jax.Ar
     best_lo = jax.lax.pmax(jnp.max(jnp.where(picked_own & (exact[0] == best_hi), exact[1], -jnp.inf), axis=1),
                            axes)[:, None]
     near_above = jnp.sum(picked & compensated_scores.greater(exact, (best_hi, best_lo)), axis=1, dtype=jnp.int32)
-    most_near = jax.lax.pmax(jnp.sum(is_near(s, estimate), axis=1, dtype=jnp.int32), axes)
-    return 1 + jax.lax.psum(surely_above + near_above, axes), most_near
+    return 1 + jax.lax.psum(surely_above + near_above, axes), jax.lax.pmax(near_here, axes)
 
 
 def _sub_block(block: int, near_slots: int, dim: int) -> int:
