@@ -54,8 +54,7 @@ def dot(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     if size != width:
         pad = [(0, 0)] * (hi.ndim - 1) + [(0, size - width)]
         hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)
-    hi, lo = _add((hi, jnp.zeros_like(hi)), (lo, jnp.zeros_like(lo)))
-    while size > 1:
+    while size > 1:  # each product (p, e) is already renormalised: p = round(p + e)
         size //= 2
         hi, lo = _add((hi[..., :size], lo[..., :size]), (hi[..., size:], lo[..., size:]))
     return hi[..., 0], lo[..., 0]
